@@ -1,0 +1,261 @@
+//! Guest memory: one or more memfd-backed regions mapped shared into this process.
+//!
+//! Guest memory is written by running vCPUs while ferry reads it, so it is never exposed as a
+//! Rust slice: every access is a raw-pointer copy into or out of a buffer the caller owns
+//! (STYLE 11). Addresses are guest-physical (`gpa`) and checked against the region map
+//! before any copy.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// Size of a guest page. ferry tracks, sends and verifies memory at this granularity.
+pub const PAGE_SIZE: usize = 4096;
+/// `log2(PAGE_SIZE)`.
+pub const PAGE_SHIFT: u32 = 12;
+
+/// Errors from guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// creating the memfd for a region of {len} bytes
+    #[error("creating the memfd for a region of {len} bytes")]
+    Memfd {
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// mapping a region of {len} bytes
+    #[error("mapping a region of {len} bytes")]
+    Map {
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest range gpa={gpa:#x} len={len:#x} is outside guest memory")]
+    OutOfRange { gpa: u64, len: u64 },
+    #[error("region layout is invalid: {0}")]
+    Layout(String),
+}
+
+/// One contiguous region of guest-physical memory.
+pub struct Region {
+    gpa: u64,
+    len: u64,
+    map: MmapRaw,
+    _file: File,
+}
+
+impl Region {
+    /// Guest-physical address of the first byte.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+    /// Length in bytes (a multiple of [`PAGE_SIZE`]).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether the region is empty (never true for a constructed region).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Host virtual address of the first byte, for `KVM_SET_USER_MEMORY_REGION`.
+    pub fn host_addr(&self) -> u64 {
+        self.map.as_mut_ptr() as u64
+    }
+    /// Index of this region's first page among all guest pages.
+    pub fn first_page(&self) -> u64 {
+        self.gpa >> PAGE_SHIFT
+    }
+    /// Number of pages in this region.
+    pub fn pages(&self) -> u64 {
+        self.len >> PAGE_SHIFT
+    }
+}
+
+/// Layout of guest memory: `(gpa, len)` of each region, sorted, page aligned, disjoint.
+pub type Layout = Vec<(u64, u64)>;
+
+/// Guest memory made of memfd-backed regions.
+pub struct GuestMemory {
+    regions: Vec<Region>,
+}
+
+impl GuestMemory {
+    /// Maps fresh, zero-filled regions for `layout`.
+    pub fn new(layout: &[(u64, u64)]) -> Result<Self, MemoryError> {
+        let mut regions = Vec::with_capacity(layout.len());
+        let mut end = 0u64;
+        for &(gpa, len) in layout {
+            if len == 0 || gpa % PAGE_SIZE as u64 != 0 || len % PAGE_SIZE as u64 != 0 {
+                return Err(MemoryError::Layout(format!(
+                    "region gpa={gpa:#x} len={len:#x} is empty or not page aligned"
+                )));
+            }
+            if gpa < end {
+                return Err(MemoryError::Layout(format!(
+                    "region gpa={gpa:#x} overlaps or precedes the previous one"
+                )));
+            }
+            end = gpa
+                .checked_add(len)
+                .ok_or_else(|| MemoryError::Layout("region end overflows".into()))?;
+            regions.push(Region::new(gpa, len)?);
+        }
+        if regions.is_empty() {
+            return Err(MemoryError::Layout("no regions".into()));
+        }
+        Ok(Self { regions })
+    }
+
+    /// A layout of `total` bytes starting at gpa 0, split in regions of at most `max_region`.
+    pub fn simple_layout(total: u64, max_region: u64) -> Layout {
+        let mut out = Vec::new();
+        let mut gpa = 0;
+        while gpa < total {
+            let len = max_region.min(total - gpa);
+            out.push((gpa, len));
+            gpa += len;
+        }
+        out
+    }
+
+    /// The regions, sorted by address.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// The layout these regions were made from.
+    pub fn layout(&self) -> Layout {
+        self.regions.iter().map(|r| (r.gpa, r.len)).collect()
+    }
+
+    /// Total bytes of guest memory.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Highest guest page number + 1 (pages between regions count as holes).
+    pub fn page_span(&self) -> u64 {
+        self.regions
+            .last()
+            .map(|r| (r.gpa + r.len) >> PAGE_SHIFT)
+            .unwrap_or(0)
+    }
+
+    /// Host pointer for `len` bytes at `gpa`, if the whole range lies inside one region.
+    pub fn host_ptr(&self, gpa: u64, len: u64) -> Result<*mut u8, MemoryError> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
+        let off = gpa - r.gpa;
+        if len > r.len - off {
+            return Err(MemoryError::OutOfRange { gpa, len });
+        }
+        // SAFETY: `off < r.len` was checked above, so the pointer stays inside the mapping.
+        Ok(unsafe { r.map.as_mut_ptr().add(off as usize) })
+    }
+
+    /// Whether `[gpa, gpa+len)` lies entirely inside one region.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        self.host_ptr(gpa, len).is_ok()
+    }
+
+    /// Copies guest memory at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let p = self.host_ptr(gpa, buf.len() as u64)?;
+        // SAFETY: `host_ptr` checked that `buf.len()` bytes at `p` are mapped; `buf` is
+        // caller-owned and cannot overlap the guest mapping. A vCPU may write concurrently:
+        // the copy then holds a mix of old and new bytes, which dirty tracking resends.
+        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let p = self.host_ptr(gpa, data.len() as u64)?;
+        // SAFETY: `host_ptr` checked that `data.len()` bytes at `p` are mapped; `data` is
+        // caller-owned and cannot overlap the guest mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
+    }
+
+    /// Fills `len` bytes at `gpa` with zero.
+    pub fn zero(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        let p = self.host_ptr(gpa, len)?;
+        // SAFETY: `host_ptr` checked that `len` bytes at `p` are mapped.
+        unsafe { std::ptr::write_bytes(p, 0, len as usize) };
+        Ok(())
+    }
+
+    /// Reads a little-endian u64 at `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian u64 at `gpa`.
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+impl Region {
+    fn new(gpa: u64, len: u64) -> Result<Self, MemoryError> {
+        // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
+        let fd = unsafe { libc::memfd_create(c"ferry-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd {
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len)
+            .map_err(|source| MemoryError::Memfd { len, source })?;
+        let map = MmapOptions::new()
+            .len(len as usize)
+            .map_raw(&file)
+            .map_err(|source| MemoryError::Map { len, source })?;
+        Ok(Self {
+            gpa,
+            len,
+            map,
+            _file: file,
+        })
+    }
+}
+
+// SAFETY: the mapping is shared memory accessed only through raw-pointer copies; moving or
+// sharing the handle between threads is as safe as sharing the mapping with vCPU threads.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above; no method hands out references into the mapping.
+unsafe impl Sync for GuestMemory {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_checked() {
+        let m = GuestMemory::new(&[(0, 1 << 20), (2 << 20, 1 << 20)]).unwrap();
+        assert!(m.contains(0, 4096));
+        assert!(!m.contains(1 << 20, 1));
+        assert!(!m.contains((1 << 20) - 1, 2));
+        assert!(m.contains(2 << 20, 1 << 20));
+        assert!(!m.contains(3 << 20, 1));
+        m.write_u64(0x1000, 0xdead_beef).unwrap();
+        assert_eq!(m.read_u64(0x1000).unwrap(), 0xdead_beef);
+        assert!(matches!(
+            m.write(3 << 20, &[1]),
+            Err(MemoryError::OutOfRange { .. })
+        ));
+        assert_eq!(m.page_span(), 768);
+        assert!(GuestMemory::new(&[(0, 4096), (0, 4096)]).is_err());
+        assert!(GuestMemory::new(&[(0, 100)]).is_err());
+    }
+}
