@@ -1,11 +1,21 @@
 //! ferry's engine: everything about a VM and its migration.
 //!
 //! The micro-VM ([`vm`]) runs guest programs ([`guest`]) in memfd-backed memory ([`memory`]),
-//! with KVM's dirty log ([`dirty`]). The source ([`source`]) encodes pages ([`encode`]) and sends
-//! them over transport lanes as the coordinator ([`coordinator`]) decides; the destination
-//! ([`dest`]) validates, decodes and writes them, and resumes the VM.
+//! with KVM's dirty log ([`dirty`]). The source ([`source`]) encodes pages ([`encode`]) and
+//! sends them over transport lanes as the coordinator ([`coordinator`]) decides; the
+//! destination ([`dest`]) validates, decodes and writes them, compares digests ([`digest`])
+//! and resumes the VM. Every migration produces a [`report::Report`].
 
+pub mod bitmap;
 pub mod coordinator;
+// pub mod dest; (enabled once transport lands)
+pub mod digest;
+pub mod dirty;
 pub mod encode;
 pub mod guest;
+pub mod host;
 pub mod memory;
+pub mod proto;
+// pub mod report;
+// pub mod source;
+pub mod vm;

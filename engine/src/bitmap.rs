@@ -1,0 +1,193 @@
+//! A plain page bitmap, one bit per guest page.
+
+/// A fixed-size bitmap of pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bitmap {
+    words: Vec<u64>,
+    len: u64,
+    ones: u64,
+}
+
+impl Bitmap {
+    /// A bitmap of `len` bits, all clear.
+    pub fn new(len: u64) -> Self {
+        Self {
+            words: vec![0; len.div_ceil(64) as usize],
+            len,
+            ones: 0,
+        }
+    }
+
+    /// A bitmap of `len` bits, all set.
+    pub fn full(len: u64) -> Self {
+        let mut b = Self {
+            words: vec![u64::MAX; len.div_ceil(64) as usize],
+            len,
+            ones: len,
+        };
+        b.trim();
+        b
+    }
+
+    fn trim(&mut self) {
+        let rem = self.len % 64;
+        if rem != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << rem) - 1;
+            }
+        }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the bitmap has no bits at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The words, bit `i` is bit `i % 64` of word `i / 64`.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// ORs `words` into the bitmap starting at word `base` (bits past `len` are dropped).
+    pub fn or_words(&mut self, base: usize, words: &[u64]) {
+        for (w, o) in self.words.iter_mut().skip(base).zip(words) {
+            self.ones += u64::from((o & !*w).count_ones());
+            *w |= o;
+        }
+        let before = self.words.last().copied();
+        self.trim();
+        if let (Some(b), Some(a)) = (before, self.words.last()) {
+            self.ones -= u64::from((b & !a).count_ones());
+        }
+    }
+
+    /// Whether bit `i` is set.
+    pub fn get(&self, i: u64) -> bool {
+        i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets bit `i`.
+    pub fn set(&mut self, i: u64) {
+        assert!(i < self.len, "bit {i} outside bitmap of {}", self.len);
+        let w = &mut self.words[(i / 64) as usize];
+        self.ones += u64::from(*w & (1 << (i % 64)) == 0);
+        *w |= 1 << (i % 64);
+    }
+
+    /// Clears bit `i`.
+    pub fn clear(&mut self, i: u64) {
+        if i < self.len {
+            let w = &mut self.words[(i / 64) as usize];
+            self.ones -= u64::from(*w & (1 << (i % 64)) != 0);
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    /// Number of set bits (kept up to date, O(1)).
+    pub fn count(&self) -> u64 {
+        self.ones
+    }
+
+    /// Clears every bit.
+    pub fn clear_all(&mut self) {
+        self.words.fill(0);
+        self.ones = 0;
+    }
+
+    /// `self |= other & mask`, returning how many bits became newly set.
+    pub fn or_masked(&mut self, other: &Bitmap, mask: &Bitmap) -> u64 {
+        let mut added = 0;
+        for ((w, o), m) in self.words.iter_mut().zip(&other.words).zip(&mask.words) {
+            let new = o & m & !*w;
+            added += u64::from(new.count_ones());
+            *w |= new;
+        }
+        self.ones += added;
+        added
+    }
+
+    /// Finds, clears and returns up to `max` set bits at or after `*cursor`, wrapping around
+    /// once; `*cursor` moves past the last bit taken so repeated calls sweep the bitmap.
+    pub fn take(&mut self, cursor: &mut u64, max: usize, out: &mut Vec<u64>) -> usize {
+        let mut taken = 0;
+        if self.len == 0 || max == 0 {
+            return 0;
+        }
+        let nwords = self.words.len();
+        let start_word = ((*cursor % self.len) / 64) as usize;
+        for step in 0..=nwords {
+            let wi = (start_word + step) % nwords;
+            let mut w = self.words[wi];
+            if step == 0 {
+                // Only bits at or after the cursor on the first word; the rest on wrap.
+                w &= u64::MAX << (*cursor % 64);
+            }
+            while w != 0 && taken < max {
+                let bit = w.trailing_zeros() as u64;
+                w &= w - 1;
+                let i = wi as u64 * 64 + bit;
+                self.words[wi] &= !(1 << bit);
+                self.ones -= 1;
+                out.push(i);
+                taken += 1;
+                *cursor = i + 1;
+            }
+            if taken == max {
+                break;
+            }
+        }
+        taken
+    }
+
+    /// Iterates over the set bits in ascending order.
+    pub fn iter_ones(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(wi as u64 * 64 + b)
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn full_is_trimmed() {
+        let b = Bitmap::full(70);
+        assert_eq!(b.count(), 70);
+        assert!(b.get(69));
+        assert!(!b.get(70));
+    }
+
+    proptest! {
+        /// Repeated `take` from any cursor returns every set bit exactly once.
+        #[test]
+        fn take_covers_every_bit_once(bits in proptest::collection::btree_set(0u64..1000, 0..300),
+                                      cursor in 0u64..1000, chunk in 1usize..130) {
+            let mut b = Bitmap::new(1000);
+            for &i in &bits { b.set(i); }
+            prop_assert_eq!(b.count(), bits.len() as u64);
+            let mut cur = cursor;
+            let mut got = Vec::new();
+            while b.take(&mut cur, chunk, &mut got) > 0 {}
+            got.sort_unstable();
+            prop_assert_eq!(got, bits.iter().copied().collect::<Vec<_>>());
+            prop_assert_eq!(b.count(), 0);
+            prop_assert!(b.words().iter().all(|&w| w == 0));
+        }
+    }
+}

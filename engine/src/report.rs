@@ -1,0 +1,153 @@
+//! The migration report (one JSON object per migration) and the progress events a running
+//! migration emits.
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::VerifyMode;
+use crate::encode::BatchStats;
+
+/// Phases of a migration, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Handshake, VM description, bandwidth probe.
+    Setup,
+    /// The VM runs on the source while pages are sent.
+    Live,
+    /// The VM is paused; the last dirty pages go.
+    StopAndCopy,
+    /// Digests are compared and the destination resumes.
+    Switchover,
+    /// The VM runs on the destination.
+    Done,
+}
+
+impl Phase {
+    /// Short name for progress output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Setup => "setup",
+            Self::Live => "live",
+            Self::StopAndCopy => "stop-and-copy",
+            Self::Switchover => "switchover",
+            Self::Done => "done",
+        }
+    }
+}
+
+/// A progress event, emitted about ten times a second while a migration runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProgressEvent {
+    pub phase: Phase,
+    pub elapsed_ms: f64,
+    /// Fraction of the work done, from the policy's own model (0..=1).
+    pub fraction: f64,
+    /// Expected remaining time, from the policy's model.
+    pub eta_ms: f64,
+    pub wire_bytes: u64,
+    pub pages_sent: u64,
+    pub never_sent_pages: u64,
+    pub dirty_pages: u64,
+    pub epoch: u32,
+    /// Recent wire throughput.
+    pub bytes_per_s: f64,
+    pub bound_ms: Option<f64>,
+}
+
+/// Everything measured about one migration (DESIGN §2).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// Digests were equal at switchover (or verification was off) and the destination resumed.
+    pub verified: bool,
+    pub verify: VerifyMode,
+    pub policy: String,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub total_ms: f64,
+    pub live_ms: f64,
+    pub downtime_ms: f64,
+    pub eviction_ms: f64,
+    /// The time promised before starting; `None` when the policy promises none.
+    pub bound_ms: Option<f64>,
+    pub within_bound: Option<bool>,
+    pub wire_bytes: u64,
+    /// Page records sent (a page sent twice counts twice).
+    pub pages_sent: u64,
+    pub pages: BatchStats,
+    /// Guest bytes sent ÷ wire bytes.
+    pub compression_ratio: f64,
+    pub epochs: u32,
+    /// Average wire throughput over the whole migration.
+    pub throughput_bytes_per_s: f64,
+    /// Measured before starting, from the lane probe and the encoder sample.
+    pub probe_bytes_per_s: f64,
+    pub probe_wire_bytes_per_page: f64,
+    /// Pages sent during the stop-and-copy.
+    pub final_pages: u64,
+    pub digest_ranges: usize,
+    pub digest_ms: f64,
+    pub lanes: Vec<LaneReport>,
+}
+
+/// Per-lane figures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LaneReport {
+    pub lane: usize,
+    pub bytes: u64,
+    pub messages: u64,
+    pub throughput_bytes_per_s: f64,
+    pub failed: bool,
+}
+
+impl Report {
+    /// A human summary, a few lines.
+    pub fn summary(&self) -> String {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let bound = match self.bound_ms {
+            Some(b) => format!(
+                "{:.0} ms ({})",
+                b,
+                if self.within_bound == Some(true) {
+                    "kept"
+                } else {
+                    "EXCEEDED"
+                }
+            ),
+            None => "none promised".into(),
+        };
+        format!(
+            "migration {}: policy {}, {} MiB, {} vCPU(s)\n\
+             total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms); bound {}\n\
+             wire {:.1} MiB at {:.1} MiB/s, compression {:.2}x, {} epochs, {} pages sent ({} in stop-and-copy)\n\
+             pages: {} zero, {} duplicate, {} compressed, {} raw\n\
+             memory {} at switchover (verify={}, {} ranges, {:.1} ms)",
+            if self.verified { "verified" } else { "NOT verified" },
+            self.policy,
+            mib(self.mem_bytes),
+            self.vcpus,
+            self.total_ms,
+            self.live_ms,
+            self.downtime_ms,
+            self.eviction_ms,
+            bound,
+            mib(self.wire_bytes),
+            self.throughput_bytes_per_s / (1 << 20) as f64,
+            self.compression_ratio,
+            self.epochs,
+            self.pages_sent,
+            self.final_pages,
+            self.pages.zero,
+            self.pages.duplicate,
+            self.pages.compressed,
+            self.pages.raw,
+            match (self.verify, self.verified) {
+                (VerifyMode::Off, _) => "not compared",
+                (_, true) => "identical",
+                (_, false) => "DIFFERENT",
+            },
+            self.verify,
+            self.digest_ranges,
+            self.digest_ms,
+        )
+    }
+}

@@ -1,0 +1,96 @@
+//! Micro-VM integration tests: real KVM (needs /dev/kvm and root; fails loudly without).
+
+use std::time::Duration;
+
+use ferry_engine::bitmap::Bitmap;
+use ferry_engine::dirty::DirtyTracker;
+use ferry_engine::guest::{self, Fill, GuestParams, Workload};
+use ferry_engine::host::{self, GuestSpec};
+use ferry_engine::memory::PAGE_SIZE;
+use ferry_engine::vm::{Serial, Vm, VmState};
+
+fn require_kvm() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm (KVM) and root; they do not skip"
+    );
+}
+
+fn spec(workload: Workload, vcpus: u32) -> GuestSpec {
+    GuestSpec {
+        mem_bytes: 64 << 20,
+        guest: GuestParams {
+            workload,
+            vcpus,
+            fill: Fill::Mixed { seed: 7 },
+            report_interval_ms: 200,
+            ..GuestParams::default()
+        },
+    }
+}
+
+/// Pause, save, copy memory into a fresh VM in the same process, restore, resume: the guest
+/// continues where it was with its self-check intact.
+#[test]
+fn state_moves_to_a_fresh_vm() {
+    require_kvm();
+    let src = host::launch(&spec(Workload::Random, 2), Serial::new(None, "")).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    src.vm.pause().unwrap();
+    let before = guest::status(src.vm.memory()).unwrap();
+    assert!(before.iter().all(|s| s.writes > 0), "guest made no progress: {before:?}");
+    let state = VmState::from_bytes(&src.vm.save_state().unwrap().to_bytes()).unwrap();
+
+    let serial = Serial::new(None, "");
+    let mut dst = Vm::new(&src.vm.memory().layout(), 2, serial.clone()).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for gpa in (0..src.vm.memory().size()).step_by(PAGE_SIZE) {
+        src.vm.memory().read(gpa, &mut page).unwrap();
+        dst.memory().write(gpa, &page).unwrap();
+    }
+    dst.restore_state(&state).unwrap();
+    dst.start().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    dst.pause().unwrap();
+    let after = guest::status(dst.memory()).unwrap();
+    for (a, b) in after.iter().zip(&before) {
+        assert!(a.writes > b.writes, "guest did not continue: {before:?} -> {after:?}");
+        assert_eq!(a.fails, 0, "self-check failed after restore: {after:?}");
+    }
+    assert!(guest::audit(dst.memory()).unwrap().bad_pages == 0);
+    assert!(
+        serial.recent().iter().any(|l| l.contains("writes")),
+        "no serial output on the new VM: {:?}",
+        serial.recent()
+    );
+}
+
+/// The dirty log reports pages the guest writes, and clearing re-arms it.
+#[test]
+fn dirty_log_sees_guest_writes() {
+    require_kvm();
+    let l = host::launch(&spec(Workload::Seq, 1), Serial::new(None, "")).unwrap();
+    let span = l.vm.memory().page_span();
+    let mut all: Vec<u64> = (0..span).collect();
+    // Initially every page is dirty (manual protect, initially set).
+    let mut b = Bitmap::new(span);
+    l.tracker.harvest(&mut b).unwrap();
+    assert_eq!(b.count(), span);
+    l.tracker.clear(&all).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    l.vm.pause().unwrap();
+    let mut b = Bitmap::new(span);
+    l.tracker.harvest(&mut b).unwrap();
+    let n = b.count();
+    assert!(n > 10 && n < span, "dirty pages after clear: {n} of {span}");
+    // With the VM paused, a clear leaves nothing dirty.
+    all.retain(|&p| b.get(p));
+    l.tracker.clear(&all).unwrap();
+    let mut b2 = Bitmap::new(span);
+    l.tracker.harvest(&mut b2).unwrap();
+    assert_eq!(b2.count(), 0);
+    // VMM writes are merged.
+    l.vmm_dirty.mark(0x5000, 1);
+    l.tracker.harvest(&mut b2).unwrap();
+    assert_eq!(b2.iter_ones().collect::<Vec<_>>(), vec![5]);
+}

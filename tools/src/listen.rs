@@ -1,0 +1,105 @@
+//! `ferry listen`: the destination. Accepts one VM, resumes it, and runs it (serial output on
+//! stdout) until interrupted or, with `--exit-after`, for a while; it then checks the
+//! guest's self-check and memory and reports.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use ferry_engine::guest;
+use ferry_engine::vm::Serial;
+use ferry_transport::{Key, Listener};
+use serde_json::json;
+
+use crate::net;
+use crate::opts::parse_secs;
+use crate::vmrun::{serial_sink, stop_flag};
+
+#[derive(Args)]
+pub struct ListenArgs {
+    /// Address and port to accept the migration on (port 0: any free port).
+    #[arg(long, default_value = "0.0.0.0:7878")]
+    listen: String,
+    /// Shared key file (see `ferry key new`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Write the guest's serial output to FILE instead of stdout.
+    #[arg(long)]
+    serial: Option<PathBuf>,
+    /// Prefix for every serial line.
+    #[arg(long, default_value = "")]
+    prefix: String,
+    /// Run the resumed VM this long (seconds), then check it and exit (0 if its self-check
+    /// passed and its memory audit is clean).
+    #[arg(long, value_parser = parse_secs)]
+    exit_after: Option<Duration>,
+    /// Machine-readable output: `{"listening": ADDR}` once bound, then one JSON result.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
+    let stop = stop_flag()?;
+    let key = Key::load(&a.key)?;
+    let listener =
+        Listener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener.local_addr()?;
+    if a.json {
+        println!("{}", json!({ "listening": addr.to_string() }));
+    }
+    eprintln!("ferry: listening on {addr}");
+    let serial = Serial::new(Some(serial_sink(a.serial.as_deref())?), a.prefix.clone());
+    let (mut vm, dest_report) = match net::receive(&listener, &key, serial) {
+        Ok(v) => v,
+        Err(e) => {
+            if a.json {
+                println!("{}", json!({ "error": format!("{e:#}") }));
+            }
+            return Err(e);
+        }
+    };
+    let resumed_at = Instant::now();
+    let at_resume = guest::status(vm.memory())?;
+    eprintln!("ferry: VM resumed here");
+    while !stop.load(Ordering::Relaxed)
+        && a.exit_after.is_none_or(|d| resumed_at.elapsed() < d)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.pause()?;
+    let at_exit = guest::status(vm.memory())?;
+    let audit = guest::audit(vm.memory())?;
+    vm.shutdown();
+    let fails: u64 = at_exit.iter().map(|s| s.fails).sum();
+    let progressed = at_exit
+        .iter()
+        .zip(&at_resume)
+        .all(|(e, r)| e.writes + e.checks > r.writes + r.checks);
+    let ok = fails == 0 && audit.bad_pages == 0;
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "resumed": true,
+                "self_check_ok": ok,
+                "progressed": progressed,
+                "ran_ms": resumed_at.elapsed().as_secs_f64() * 1e3,
+                "receive": dest_report,
+                "guest_at_resume": at_resume,
+                "guest_at_exit": at_exit,
+                "audit": audit,
+            })
+        );
+    } else {
+        eprintln!(
+            "ferry: guest self-check {} ({} fails, {} bad pages in audit); guest progress {}",
+            if ok { "passed" } else { "FAILED" },
+            fails,
+            audit.bad_pages,
+            if progressed { "continued" } else { "STALLED" }
+        );
+    }
+    Ok(if ok { 0 } else { 1 })
+}

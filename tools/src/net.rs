@@ -1,0 +1,64 @@
+//! Connecting the engine to transport lanes: the source side of `migrate`/`demo` and the
+//! destination side of `listen`.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_engine::dest::{self, DestConfig, DestReport};
+use ferry_engine::host::Launched;
+use ferry_engine::report::{ProgressEvent, Report};
+use ferry_engine::source;
+use ferry_engine::vm::{Serial, Vm};
+use ferry_transport::{Key, Listener, SessionConfig, SessionReceiver, SessionSender};
+
+use crate::opts::MigrateOpts;
+
+/// How long connecting and the handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn resolve(to: &str) -> anyhow::Result<SocketAddr> {
+    to.to_socket_addrs()
+        .with_context(|| format!("resolving destination {to:?}"))?
+        .next()
+        .with_context(|| format!("destination {to:?} resolves to no address"))
+}
+
+/// Migrates the launched VM to `to`. On error the VM is running here again.
+pub fn migrate_to(
+    launched: &Launched,
+    to: &str,
+    key: &Path,
+    opts: &MigrateOpts,
+    progress: &mut dyn FnMut(&ProgressEvent),
+) -> anyhow::Result<Report> {
+    let cfg = opts.source_config()?;
+    let key = Key::load(key)?;
+    let addr = resolve(to)?;
+    let session = SessionConfig {
+        handshake_timeout: CONNECT_TIMEOUT,
+        ..SessionConfig::default()
+    };
+    let tx = SessionSender::connect(&[(None, addr)], &key, &session)
+        .with_context(|| format!("connecting to the destination {addr}"))?;
+    let report = source::migrate(&launched.vm, &launched.tracker, &tx, &cfg, progress)
+        .context("migration failed and was rolled back")?;
+    Ok(report)
+}
+
+/// Accepts one migration on `listener` and returns the VM running here.
+pub fn receive(
+    listener: &Listener,
+    key: &Key,
+    serial: std::sync::Arc<Serial>,
+) -> anyhow::Result<(Vm, DestReport)> {
+    let session = SessionConfig {
+        handshake_timeout: CONNECT_TIMEOUT,
+        ..SessionConfig::default()
+    };
+    let rx = SessionReceiver::accept(listener, key, &session).context("accepting a migration")?;
+    let out = dest::receive(&rx, serial, &DestConfig::default())
+        .context("receiving the VM failed; nothing was resumed here")?;
+    Ok(out)
+}
