@@ -1,0 +1,495 @@
+//! The coordinator: migration policies as plain state machines (STYLE 1).
+//!
+//! The executor runs the migration (harvests dirty logs, encodes and sends pages) and, between
+//! steps, asks the policy what to do next, passing what it measured ([`Progress`]). The policy
+//! answers with a [`Decision`]; it never touches memory, sockets or clocks itself, so it is
+//! tested with a virtual clock and simulated bandwidth and dirty rates ([`sim`]).
+//!
+//! Two policies:
+//!
+//! - [`Membound`] — memory-bound pre-copy (MPLM, Chanchio & Yaothanee). No downtime knob: the
+//!   never-sent and dirty groups are multiplexed, and the live phase ends exactly when the
+//!   never-sent group is empty. Its total migration time is bounded by the memory size whatever
+//!   the dirty rate (see [`bound`]).
+//! - [`Precopy`] — classic iterative pre-copy, the baseline: a first pass over all memory, then
+//!   passes over the dirty set until the estimated downtime fits `max_downtime`, or a limit
+//!   (`max_epochs`, `timeout`) forces the switchover or an abort.
+//!
+//! ## Contract with the executor
+//!
+//! - `Send { never_sent, dirty }`: send at most `never_sent` never-sent pages and at most `dirty`
+//!   dirty pages (fewer if fewer exist), then ask again. The bound assumes the executor never
+//!   sends more than it is asked to.
+//! - `Harvest`: harvest (and clear) the dirty log; pages sent and written since move into the
+//!   dirty group; `epoch` goes up by one and `since_harvest` restarts.
+//! - `Switchover`: pause the VM, harvest once more, send every dirty page (the stop-and-copy),
+//!   drain the lanes, compare digests, send the vCPU/device state, resume on the destination.
+//!   Neither policy returns it while `never_sent > 0`.
+//! - `Abort(reason)`: give up and keep the VM running on the source.
+
+mod membound;
+mod precopy;
+pub mod sim;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::encode::{BATCH_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::memory::PAGE_SIZE;
+
+pub use membound::Membound;
+pub use precopy::Precopy;
+
+/// Wire bytes of one page in the worst case: a raw page, its record header and (for a batch of
+/// one page) the batch header. The encoder never emits a larger record: a page that zstd does
+/// not shrink is sent raw.
+pub const WORST_WIRE_BYTES_PER_PAGE: u64 =
+    (PAGE_SIZE + RECORD_HEADER_LEN + BATCH_HEADER_LEN) as u64;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// What the executor measured, passed to [`Policy::decide`] before every decision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Time since the migration started (virtual in tests).
+    pub elapsed: Duration,
+    /// Time since the last dirty-log harvest (or since the start if none yet).
+    pub since_harvest: Duration,
+    /// Harvests done so far (0 = none yet).
+    pub epoch: u32,
+    /// Guest pages in total.
+    pub total_pages: u64,
+    /// Pages never sent yet.
+    pub never_sent: u64,
+    /// Pages sent and dirtied since, as of the last harvest, minus those resent since.
+    pub dirty: u64,
+    /// Pages sent so far (first sends and resends).
+    pub pages_sent: u64,
+    /// Wire bytes sent so far.
+    pub bytes_sent: u64,
+    /// Measured wire bytes per second over a recent window; 0 if unknown yet.
+    pub bandwidth: f64,
+    /// Measured wire bytes per page sent (after compression); 0 if unknown yet.
+    pub bytes_per_page: f64,
+    /// Pages newly put in the dirty group by the last harvest.
+    pub dirtied_last_epoch: u64,
+}
+
+/// What the executor should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Send up to `never_sent` never-sent pages and up to `dirty` dirty pages, then ask again.
+    Send { never_sent: u64, dirty: u64 },
+    /// Harvest the dirty log (starts a new epoch), then ask again.
+    Harvest,
+    /// End the live phase: pause, harvest, send every dirty page, resume on the destination.
+    Switchover,
+    /// Give up; the VM keeps running on the source. The string says why.
+    Abort(String),
+}
+
+/// A policy's view of what is left, for progress bars, reports and schedulers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Forecast {
+    /// Expected time until the VM runs on the destination (live phase left + downtime).
+    /// [`Duration::MAX`] while the bandwidth is unknown.
+    pub remaining: Duration,
+    /// Expected downtime of the stop-and-copy at this policy's switchover, as forecast now
+    /// (page transfer only: the fixed switchover costs are not included). For precopy after
+    /// its first pass, this is the quantity it compares to `max_downtime`: the downtime if it
+    /// switched over now. [`Duration::MAX`] while the bandwidth is unknown.
+    pub downtime: Duration,
+    /// Fraction of the expected page transfers done, in `[0, 1]`.
+    pub fraction_done: f64,
+}
+
+impl Forecast {
+    /// Whether the forecast has numbers (the bandwidth was known).
+    pub fn is_known(&self) -> bool {
+        self.remaining != Duration::MAX
+    }
+}
+
+/// A migration policy: a state machine fed with [`Progress`], answering [`Decision`]s.
+pub trait Policy: Send {
+    /// Short name, as accepted by [`PolicyKind::from_str`].
+    fn name(&self) -> &'static str;
+    /// Decides the next step from what the executor measured.
+    fn decide(&mut self, p: &Progress) -> Decision;
+    /// Forecasts what is left, from this policy's own model.
+    fn forecast(&self, p: &Progress) -> Forecast;
+    /// Whether a limit (`timeout`, or `max_epochs` for precopy) has forced the policy's hand
+    /// (a switchover before convergence, a hurried live phase, or an abort). The report calls
+    /// a migration that completed without this "converged".
+    fn limit_reached(&self) -> bool {
+        false
+    }
+}
+
+/// What to do when a limit (`max_epochs`, `timeout`) is reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLimit {
+    /// Switch over anyway (the downtime may exceed `max_downtime`).
+    #[default]
+    Switchover,
+    /// Abort the migration; the VM keeps running on the source.
+    Abort,
+}
+
+/// Tuning of the policies (STYLE 16). Every field has a documented default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicyConfig {
+    /// Pages per decision (one multiplexing cycle for membound, one chunk for precopy).
+    /// Default 100. Values below 1 are treated as 1.
+    pub cycle_pages: u64,
+    /// Membound: share of each cycle given to dirty pages once the first harvest is done; the
+    /// rest goes to never-sent pages. Default 0.5 (MPLM's 50/50). Clamped so that at least one
+    /// page per cycle is a never-sent one (else the live phase would never end).
+    pub dirty_share: f64,
+    /// Membound: time between dirty-log harvests during the live phase. Default 3 s.
+    pub epoch: Duration,
+    /// Precopy: switch over once the dirty set would take at most this long to send.
+    /// Default 300 ms. Membound has no downtime knob and ignores it.
+    pub max_downtime: Duration,
+    /// Precopy: the most harvests before [`on_limit`](Self::on_limit) applies. Default 30.
+    /// Membound ignores it (its time is bounded anyway).
+    pub max_epochs: u32,
+    /// Both: once the migration has run this long, [`on_limit`](Self::on_limit) applies
+    /// (membound then sends only never-sent pages so the live phase ends as soon as possible,
+    /// or aborts). Default none.
+    pub timeout: Option<Duration>,
+    /// What a limit does. Default [`OnLimit::Switchover`].
+    pub on_limit: OnLimit,
+    /// Bound: fixed allowance for what is not page transfer (handshake, harvest calls, vCPU and
+    /// device state, lane drain and acknowledgements, resume). Default 2 s.
+    pub bound_fixed: Duration,
+    /// Bound: allowance per GiB of guest memory, for the final digest comparison (`--verify
+    /// full` hashes all memory on both sides) and dirty-log harvests. Default 1 s per GiB.
+    pub bound_per_gib: Duration,
+    /// Bound: factor on the page-transfer time, for framing, acknowledgements and bandwidth
+    /// jitter around the measured rate. Default 1.10.
+    pub bound_slack: f64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            cycle_pages: 100,
+            dirty_share: 0.5,
+            epoch: Duration::from_secs(3),
+            max_downtime: Duration::from_millis(300),
+            max_epochs: 30,
+            timeout: None,
+            on_limit: OnLimit::Switchover,
+            bound_fixed: Duration::from_secs(2),
+            bound_per_gib: Duration::from_secs(1),
+            bound_slack: 1.10,
+        }
+    }
+}
+
+/// A [`PolicyConfig`] value that makes no sense.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cycle_pages must be at least 1")]
+    CyclePages,
+    #[error("dirty_share must be in [0, 1), got {0}")]
+    DirtyShare(f64),
+    #[error("epoch must be longer than zero")]
+    Epoch,
+    #[error("bound_slack must be a finite number >= 1, got {0}")]
+    BoundSlack(f64),
+}
+
+impl PolicyConfig {
+    /// Checks the values an operator may get wrong. The policies also work (clamping) with an
+    /// unchecked config; this is for the CLI to report a clear error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cycle_pages == 0 {
+            return Err(ConfigError::CyclePages);
+        }
+        if !(0.0..1.0).contains(&self.dirty_share) {
+            return Err(ConfigError::DirtyShare(self.dirty_share));
+        }
+        if self.epoch.is_zero() {
+            return Err(ConfigError::Epoch);
+        }
+        if !(self.bound_slack.is_finite() && self.bound_slack >= 1.0) {
+            return Err(ConfigError::BoundSlack(self.bound_slack));
+        }
+        Ok(())
+    }
+
+    /// Pages per cycle, at least 1.
+    fn cycle(&self) -> u64 {
+        self.cycle_pages.max(1)
+    }
+
+    /// Membound's split of a cycle: `(dirty quota, never-sent quota)`, the never-sent quota
+    /// being at least 1.
+    fn split(&self) -> (u64, u64) {
+        let cycle = self.cycle();
+        let share = if self.dirty_share.is_finite() {
+            self.dirty_share.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        let q_dirty = ((cycle as f64 * share).round() as u64).min(cycle - 1);
+        (q_dirty, cycle - q_dirty)
+    }
+
+    fn timed_out(&self, p: &Progress) -> bool {
+        self.timeout.is_some_and(|t| p.elapsed > t)
+    }
+}
+
+/// The policies ferry implements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Memory-bound pre-copy (MPLM); the default.
+    #[default]
+    Membound,
+    /// Classic iterative pre-copy with a downtime target.
+    Precopy,
+}
+
+impl PolicyKind {
+    /// The name used on the command line, in config files and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Membound => "membound",
+            PolicyKind::Precopy => "precopy",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A policy name that is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown policy {0:?} (expected \"membound\" or \"precopy\")")]
+pub struct UnknownPolicy(pub String);
+
+impl FromStr for PolicyKind {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "membound" => Ok(PolicyKind::Membound),
+            "precopy" => Ok(PolicyKind::Precopy),
+            other => Err(UnknownPolicy(other.to_owned())),
+        }
+    }
+}
+
+/// Builds a fresh policy of the given kind.
+pub fn make_policy(kind: PolicyKind, cfg: &PolicyConfig) -> Box<dyn Policy> {
+    match kind {
+        PolicyKind::Membound => Box::new(Membound::new(cfg.clone())),
+        PolicyKind::Precopy => Box::new(Precopy::new(cfg.clone())),
+    }
+}
+
+/// The most pages a migration of `total_pages` pages sends under this policy (live phase and
+/// stop-and-copy), or `None` if the policy makes no such promise. See [`bound`] for the
+/// derivation.
+pub fn bound_pages(kind: PolicyKind, total_pages: u64, cfg: &PolicyConfig) -> Option<u64> {
+    let n = total_pages;
+    match kind {
+        PolicyKind::Membound => Some(
+            n.saturating_add(membound::resend_budget(n, cfg))
+                .saturating_add(n),
+        ),
+        PolicyKind::Precopy => match cfg.on_limit {
+            OnLimit::Abort => None,
+            OnLimit::Switchover => {
+                let passes = u64::from(cfg.max_epochs.max(1)) + 1;
+                Some(n.saturating_mul(passes))
+            }
+        },
+    }
+}
+
+/// The time ferry promises before it starts: by then the VM runs on the destination. `None`
+/// when there is no bound (the bandwidth is unknown, or the policy may abort before it
+/// completes).
+///
+/// `bandwidth` is the rate the whole pipeline sustains in wire bytes/s: the measured lane
+/// bandwidth, or the encoders' throughput if that is lower. `bytes_per_page` is the wire cost of
+/// a page; pass 0 (unknown) to use the worst case ([`WORST_WIRE_BYTES_PER_PAGE`], a raw page
+/// with its headers), which makes the promise hold whatever the guest writes. A measured
+/// compression ratio holds only as long as the content stays as compressible.
+///
+/// `bound = pages × bytes_per_page / bandwidth × bound_slack + bound_fixed + bound_per_gib ×
+/// GiB`, where `pages` is [`bound_pages`]:
+///
+/// ## Membound
+///
+/// Let `N` be the number of guest pages, `c` = `cycle_pages`, `q_d` = round(`c` ×
+/// `dirty_share`) the dirty quota of a cycle and `q_n = c − q_d ≥ 1` the never-sent quota.
+///
+/// - Never-sent pages: each is sent exactly once while live (sending it moves it out of the
+///   group for good, and the live phase ends when the group is empty): `N` pages. This covers
+///   the epoch-0 phase, which sends only never-sent pages.
+/// - Resends while live: after the first harvest a cycle sends at most `q_d` dirty pages and,
+///   while at least `c − (dirty sent)` never-sent pages are left, at least `q_n` never-sent ones;
+///   so resends ≤ `q_d / q_n` × never-sent pages sent, plus the last cycle's fill. The policy
+///   does not rely on that sum: it counts resends from `Progress` (`pages_sent − (total_pages −
+///   never_sent)`) and never asks for more than the budget `⌈N × q_d / q_n⌉` (`N` with the
+///   default 50/50 split), so the live phase sends at most `N + ⌈N q_d / q_n⌉` pages (`2N`).
+///   With the timeout and `on_limit = switchover` it only sends fewer.
+/// - Stop-and-copy: only pages that were sent can be dirty, each once: at most `N`.
+///
+/// Hence at most `2N + ⌈N q_d / q_n⌉` pages (`3N` by default), whatever the dirty rate. The
+/// live phase is link-bound (every decision sends a full cycle or ends the phase), so the time
+/// is that many pages at `bandwidth`; what is not page transfer (harvests, the digest
+/// comparison, state, resume) is the allowance. With `timeout` and `on_limit = abort`, a
+/// timeout shorter than the bound may abort it, and the bound is `None`.
+///
+/// ## Precopy
+///
+/// With `on_limit = abort`: `None` (it may give up). With `on_limit = switchover`: the first
+/// pass sends each page once (`N`); a dirty pass happens after harvest `k` only while `k <
+/// max_epochs` and sends at most the `≤ N` pages dirty at that harvest (the policy counts them);
+/// then the stop-and-copy sends at most `N`: `(max_epochs + 1) × N` pages (`max_epochs` taken
+/// as at least 1). With a `timeout` the live phase also ends at the first decision after
+/// `max(timeout, first pass)`, so the bound is the smaller of that and `timeout + (2N + c) ×
+/// page time + allowance`.
+pub fn bound(
+    kind: PolicyKind,
+    mem_bytes: u64,
+    bandwidth: f64,
+    bytes_per_page: f64,
+    cfg: &PolicyConfig,
+) -> Option<Duration> {
+    if !(bandwidth.is_finite() && bandwidth > 0.0) {
+        return None;
+    }
+    let n = mem_bytes.div_ceil(PAGE_SIZE as u64);
+    let bpp = if bytes_per_page.is_finite() && bytes_per_page > 0.0 {
+        bytes_per_page
+    } else {
+        WORST_WIRE_BYTES_PER_PAGE as f64
+    };
+    let slack = if cfg.bound_slack.is_finite() {
+        cfg.bound_slack.max(1.0)
+    } else {
+        1.0
+    };
+    let transfer = |pages: u64| pages as f64 * bpp / bandwidth * slack;
+    let allowance =
+        cfg.bound_fixed.as_secs_f64() + cfg.bound_per_gib.as_secs_f64() * mem_bytes as f64 / GIB;
+    let mut secs = transfer(bound_pages(kind, n, cfg)?) + allowance;
+    if let Some(t) = cfg.timeout {
+        match (kind, cfg.on_limit) {
+            (PolicyKind::Precopy, OnLimit::Switchover) => {
+                let by_timeout = t.as_secs_f64()
+                    + transfer(n.saturating_mul(2).saturating_add(cfg.cycle()))
+                    + allowance;
+                secs = secs.min(by_timeout);
+            }
+            (PolicyKind::Membound, OnLimit::Abort) if t.as_secs_f64() < secs => return None,
+            _ => {}
+        }
+    }
+    Some(secs_to_duration(secs))
+}
+
+/// Converts seconds to a [`Duration`], saturating (NaN and negatives become zero).
+fn secs_to_duration(secs: f64) -> Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        Duration::ZERO
+    } else {
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+    }
+}
+
+/// Seconds to send one page, from the measured rates; `None` while the bandwidth is unknown.
+fn page_time(p: &Progress) -> Option<f64> {
+    if !(p.bandwidth.is_finite() && p.bandwidth > 0.0) {
+        return None;
+    }
+    let bpp = if p.bytes_per_page.is_finite() && p.bytes_per_page > 0.0 {
+        p.bytes_per_page
+    } else {
+        PAGE_SIZE as f64
+    };
+    Some(bpp / p.bandwidth)
+}
+
+/// Weight of the newest epoch in the smoothed dirty rate. Single epochs are noisy (a sweep that
+/// happens to write only never-sent pages during an epoch puts nothing in the dirty group).
+const RATE_SMOOTHING: f64 = 0.5;
+
+/// Follows harvests to estimate the dirty rate (pages newly dirtied per second), for forecasts.
+#[derive(Debug, Clone, Default)]
+struct EpochTracker {
+    seen_epoch: u32,
+    /// Seconds since the start at which the last harvest happened.
+    last_harvest_at: f64,
+    /// Smoothed pages put in the dirty group per second; `None` before the first harvest.
+    rate: Option<f64>,
+}
+
+impl EpochTracker {
+    /// Updates from the progress of a decision; returns whether a harvest happened since the
+    /// previous call.
+    fn observe(&mut self, p: &Progress) -> bool {
+        if p.epoch == self.seen_epoch {
+            return false;
+        }
+        let at = p.elapsed.saturating_sub(p.since_harvest).as_secs_f64();
+        let len = at - self.last_harvest_at;
+        if len > 0.0 {
+            let rate = p.dirtied_last_epoch as f64 / len;
+            self.rate = Some(match self.rate {
+                Some(old) => old + RATE_SMOOTHING * (rate - old),
+                None => rate,
+            });
+        }
+        self.last_harvest_at = at;
+        self.seen_epoch = p.epoch;
+        true
+    }
+
+    /// Pages newly dirtied per second (0 before the first harvest).
+    fn dirty_rate(&self) -> f64 {
+        self.rate.unwrap_or(0.0)
+    }
+}
+
+/// Builds a [`Forecast`] from pages left to send live and in the stop-and-copy.
+fn forecast_from(p: &Progress, live_pages: f64, final_pages: f64) -> Forecast {
+    let left = live_pages.max(0.0) + final_pages.max(0.0);
+    let done = p.pages_sent as f64;
+    let fraction_done = if done + left > 0.0 {
+        (done / (done + left)).clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
+    match page_time(p) {
+        Some(t) => Forecast {
+            remaining: secs_to_duration(left * t),
+            downtime: secs_to_duration(final_pages.max(0.0) * t),
+            fraction_done,
+        },
+        None => Forecast {
+            remaining: Duration::MAX,
+            downtime: Duration::MAX,
+            fraction_done,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,399 @@
+//! A deterministic migration simulator, for tests and benches.
+//!
+//! A simulated VM of `pages` pages is written by a dirty model (uniform, sequential sweep or
+//! hot/cold over a working set, from a seeded RNG); a simulated link carries `bandwidth` wire
+//! bytes/s at `bytes_per_page` wire bytes per page; a virtual clock advances by one page time per
+//! page sent. The simulator plays the executor: it asks a [`Policy`] for decisions and carries
+//! them out with the same semantics as the real one (dirty log cleared by each harvest, pages
+//! read when sent, a final harvest and pass after the pause), and checks at the end that every
+//! page on the destination has its last version.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::{secs_to_duration, Decision, Policy, Progress};
+
+/// How the simulated guest writes its memory. Rates are page writes per second.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DirtyModel {
+    /// Writes nothing.
+    Idle,
+    /// Each write hits a uniformly random page among the first `working_set` pages.
+    Uniform { rate: f64, working_set: u64 },
+    /// Writes sweep the first `working_set` pages in order, over and over (the MG-like sweep;
+    /// with the whole memory as working set, the case pre-copy never converges on).
+    Sequential { rate: f64, working_set: u64 },
+    /// A share `hot_share` of the writes hits the first `hot_pages` pages, the rest the other
+    /// pages of the working set, uniformly within each part.
+    HotCold {
+        rate: f64,
+        working_set: u64,
+        hot_pages: u64,
+        hot_share: f64,
+    },
+}
+
+impl DirtyModel {
+    fn rate(&self) -> f64 {
+        match *self {
+            DirtyModel::Idle => 0.0,
+            DirtyModel::Uniform { rate, .. }
+            | DirtyModel::Sequential { rate, .. }
+            | DirtyModel::HotCold { rate, .. } => rate.max(0.0),
+        }
+    }
+}
+
+/// The simulated VM and link.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Guest pages.
+    pub pages: u64,
+    /// Link rate in wire bytes per second.
+    pub bandwidth: f64,
+    /// Wire bytes per page sent.
+    pub bytes_per_page: f64,
+    /// How the guest writes.
+    pub dirty: DirtyModel,
+    /// Seed of the dirty model's RNG.
+    pub seed: u64,
+    /// Time a live harvest takes (the guest keeps running). Default 1 ms.
+    pub harvest_cost: Duration,
+    /// Time the switchover adds to the downtime besides sending pages (digests, state,
+    /// resume). Default 0.
+    pub switchover_cost: Duration,
+    /// Give up (stalled) after this many decisions. Default 10 million.
+    pub max_decisions: u64,
+    /// Give up (stalled) after this much virtual time. Default 1 hour.
+    pub max_time: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            pages: 4096,
+            bandwidth: 4096.0 * 4096.0,
+            bytes_per_page: 4096.0,
+            dirty: DirtyModel::Idle,
+            seed: 1,
+            harvest_cost: Duration::from_millis(1),
+            switchover_cost: Duration::ZERO,
+            max_decisions: 10_000_000,
+            max_time: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// How a simulated migration ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimEnd {
+    /// The VM runs on the destination.
+    Completed,
+    /// The policy aborted, with its reason.
+    Aborted(String),
+    /// The simulator gave up (decision or time cap): the policy did not make progress.
+    Stalled,
+}
+
+/// What a simulated migration did, in the words of the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimOutcome {
+    pub end: SimEnd,
+    /// Total migration time (virtual).
+    pub total: Duration,
+    /// Live time: until the pause.
+    pub live: Duration,
+    /// Downtime: from the pause to the end (zero unless completed).
+    pub downtime: Duration,
+    /// Pages sent in all (first sends and resends, live and stop-and-copy).
+    pub pages_sent: u64,
+    /// Pages sent while the VM ran.
+    pub live_pages: u64,
+    /// Pages sent in the stop-and-copy.
+    pub final_pages: u64,
+    /// Dirty-log harvests during the live phase.
+    pub epochs: u32,
+    /// Completed without a limit forcing the policy's hand.
+    pub converged: bool,
+    /// Decisions asked for.
+    pub decisions: u64,
+    /// `Send` decisions that sent nothing.
+    pub empty_sends: u64,
+    /// Every page on the destination holds its last version (checked when completed).
+    pub consistent: bool,
+}
+
+/// SplitMix64: small, fast and the same on every platform and crate version.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (`n > 0`).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The simulated VM, link and clock, playing the executor.
+#[derive(Debug, Clone)]
+pub struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    /// Virtual time in seconds.
+    now: f64,
+    last_harvest: f64,
+    page_secs: f64,
+    /// Fractional writes carried to the next time step.
+    write_carry: f64,
+    sweep_cursor: u64,
+    paused: bool,
+
+    version: Vec<u32>,
+    sent_version: Vec<u32>,
+    sent: Vec<bool>,
+    /// Written since the last harvest (the KVM dirty log), with the list of such pages.
+    logged: Vec<bool>,
+    log: Vec<u32>,
+    in_dirty: Vec<bool>,
+    dirty: VecDeque<u32>,
+    never_cursor: u64,
+    never_sent: u64,
+
+    epoch: u32,
+    dirtied_last_epoch: u64,
+    pages_sent: u64,
+}
+
+impl Sim {
+    /// A VM whose pages are all never-sent, at time zero.
+    ///
+    /// # Panics
+    /// If `pages` does not fit in `u32`, or the bandwidth or bytes per page are not positive.
+    pub fn new(cfg: SimConfig) -> Self {
+        let n = usize::try_from(cfg.pages).expect("page count fits in memory");
+        assert!(
+            u32::try_from(cfg.pages).is_ok(),
+            "at most 2^32 simulated pages"
+        );
+        assert!(
+            cfg.bandwidth > 0.0 && cfg.bytes_per_page > 0.0,
+            "positive link rates"
+        );
+        Self {
+            rng: Rng(cfg.seed),
+            now: 0.0,
+            last_harvest: 0.0,
+            page_secs: cfg.bytes_per_page / cfg.bandwidth,
+            write_carry: 0.0,
+            sweep_cursor: 0,
+            paused: false,
+            version: vec![0; n],
+            sent_version: vec![0; n],
+            sent: vec![false; n],
+            logged: vec![false; n],
+            log: Vec::new(),
+            in_dirty: vec![false; n],
+            dirty: VecDeque::new(),
+            never_cursor: 0,
+            never_sent: cfg.pages,
+            epoch: 0,
+            dirtied_last_epoch: 0,
+            pages_sent: 0,
+            cfg,
+        }
+    }
+
+    /// Seconds one page takes on the link.
+    pub fn page_secs(&self) -> f64 {
+        self.page_secs
+    }
+
+    /// What the executor would measure now.
+    pub fn progress(&self) -> Progress {
+        let known = self.pages_sent > 0;
+        Progress {
+            elapsed: secs_to_duration(self.now),
+            since_harvest: secs_to_duration(self.now - self.last_harvest),
+            epoch: self.epoch,
+            total_pages: self.cfg.pages,
+            never_sent: self.never_sent,
+            dirty: self.dirty.len() as u64,
+            pages_sent: self.pages_sent,
+            bytes_sent: (self.pages_sent as f64 * self.cfg.bytes_per_page) as u64,
+            bandwidth: if known { self.cfg.bandwidth } else { 0.0 },
+            bytes_per_page: if known { self.cfg.bytes_per_page } else { 0.0 },
+            dirtied_last_epoch: self.dirtied_last_epoch,
+        }
+    }
+
+    /// One guest write to a page chosen by the dirty model.
+    fn write_one(&mut self) {
+        let n = self.cfg.pages;
+        let page = match self.cfg.dirty {
+            DirtyModel::Idle => return,
+            DirtyModel::Uniform { working_set, .. } => self.rng.below(working_set.clamp(1, n)),
+            DirtyModel::Sequential { working_set, .. } => {
+                let ws = working_set.clamp(1, n);
+                let p = self.sweep_cursor % ws;
+                self.sweep_cursor = (p + 1) % ws;
+                p
+            }
+            DirtyModel::HotCold {
+                working_set,
+                hot_pages,
+                hot_share,
+                ..
+            } => {
+                let ws = working_set.clamp(1, n);
+                let hot = hot_pages.min(ws);
+                if hot == ws || (hot > 0 && self.rng.unit() < hot_share) {
+                    self.rng.below(hot.max(1))
+                } else {
+                    hot + self.rng.below(ws - hot)
+                }
+            }
+        } as usize;
+        self.version[page] = self.version[page].wrapping_add(1);
+        if !self.logged[page] {
+            self.logged[page] = true;
+            self.log.push(page as u32);
+        }
+    }
+
+    /// Advances the clock; the guest writes meanwhile unless paused.
+    fn advance(&mut self, secs: f64) {
+        self.now += secs;
+        if self.paused {
+            return;
+        }
+        let due = self.cfg.dirty.rate() * secs + self.write_carry;
+        let writes = due.floor();
+        self.write_carry = due - writes;
+        for _ in 0..writes as u64 {
+            self.write_one();
+        }
+    }
+
+    /// Reads and sends one page (its content is the version at the time of reading).
+    fn send_page(&mut self, page: usize) {
+        self.sent_version[page] = self.version[page];
+        self.sent[page] = true;
+        self.pages_sent += 1;
+        self.advance(self.page_secs);
+    }
+
+    fn send_never_sent(&mut self, max: u64) -> u64 {
+        let n = max.min(self.never_sent);
+        for _ in 0..n {
+            let page = self.never_cursor as usize;
+            self.never_cursor += 1;
+            self.never_sent -= 1;
+            self.send_page(page);
+        }
+        n
+    }
+
+    fn send_dirty(&mut self, max: u64) -> u64 {
+        let mut sent = 0;
+        while sent < max {
+            let Some(page) = self.dirty.pop_front() else {
+                break;
+            };
+            self.in_dirty[page as usize] = false;
+            self.send_page(page as usize);
+            sent += 1;
+        }
+        sent
+    }
+
+    /// Clears the dirty log; sent pages written since join the dirty group.
+    fn harvest(&mut self) {
+        let mut newly = 0;
+        for page in std::mem::take(&mut self.log) {
+            let page = page as usize;
+            self.logged[page] = false;
+            if self.sent[page] && !self.in_dirty[page] {
+                self.in_dirty[page] = true;
+                self.dirty.push_back(page as u32);
+                newly += 1;
+            }
+        }
+        self.epoch += 1;
+        self.dirtied_last_epoch = newly;
+        self.last_harvest = self.now;
+    }
+
+    /// Runs a whole migration under `policy`.
+    pub fn run(&mut self, policy: &mut dyn Policy) -> SimOutcome {
+        let mut decisions = 0;
+        let mut empty_sends = 0;
+        let max_time = self.cfg.max_time.as_secs_f64();
+        let end = loop {
+            if decisions >= self.cfg.max_decisions || self.now > max_time {
+                break SimEnd::Stalled;
+            }
+            decisions += 1;
+            match policy.decide(&self.progress()) {
+                Decision::Send { never_sent, dirty } => {
+                    let sent = self.send_never_sent(never_sent) + self.send_dirty(dirty);
+                    if sent == 0 {
+                        // A real executor would spin; let time pass so the caps apply.
+                        empty_sends += 1;
+                        self.advance(self.page_secs);
+                    }
+                }
+                Decision::Harvest => {
+                    self.harvest();
+                    self.advance(self.cfg.harvest_cost.as_secs_f64());
+                }
+                Decision::Switchover => break SimEnd::Completed,
+                Decision::Abort(why) => break SimEnd::Aborted(why),
+            }
+        };
+        let live = self.now;
+        let live_pages = self.pages_sent;
+        let epochs = self.epoch;
+        let mut consistent = false;
+        if end == SimEnd::Completed {
+            self.paused = true;
+            self.harvest();
+            let left = self.never_sent;
+            self.send_never_sent(left);
+            let dirty = self.dirty.len() as u64;
+            self.send_dirty(dirty);
+            self.advance(self.cfg.switchover_cost.as_secs_f64());
+            consistent = self.version == self.sent_version && self.never_sent == 0;
+        }
+        let converged = end == SimEnd::Completed && !policy.limit_reached();
+        SimOutcome {
+            total: secs_to_duration(self.now),
+            live: secs_to_duration(live),
+            downtime: secs_to_duration(self.now - live),
+            pages_sent: self.pages_sent,
+            live_pages,
+            final_pages: self.pages_sent - live_pages,
+            epochs,
+            converged,
+            decisions,
+            empty_sends,
+            consistent,
+            end,
+        }
+    }
+}
+
+/// Simulates one migration of `cfg` under `policy`.
+pub fn simulate(cfg: SimConfig, policy: &mut dyn Policy) -> SimOutcome {
+    Sim::new(cfg).run(policy)
+}
