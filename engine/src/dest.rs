@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_transport::{Incoming, SessionReceiver, TransportError};
+use ferry_transport::{Incoming, SessionReceiver};
 
 use crate::digest;
 use crate::encode::{self, DecodeError};
@@ -47,7 +47,7 @@ impl Default for DestConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
     #[error("transport failed")]
-    Transport(#[from] TransportError),
+    Transport(#[from] ferry_transport::Error),
     #[error("protocol error")]
     Proto(#[from] ProtoError),
     #[error("rejected a page batch (seq {seq})")]
@@ -103,7 +103,7 @@ pub fn receive(
     let result = run(rx, serial, cfg, &mut report);
     if let Err(e) = &result {
         // Tell the source why, so it rolls back at once; it may already be gone.
-        let _ = rx.reply(Tag::Failed as u16, error_chain(e).into_bytes());
+        let _ = rx.reply(Tag::Failed as u16, error_chain(e).as_bytes());
     }
     result.map(|vm| (vm, report))
 }
@@ -146,7 +146,7 @@ fn run(
                 )?;
                 let epochs = vec![0u32; vm.memory().page_span() as usize];
                 rx.ack(&msg)?;
-                rx.reply(Tag::Ready as u16, Vec::new())?;
+                rx.reply(Tag::Ready as u16, &[])?;
                 State::Receiving { vm, epochs }
             }
             (s @ State::Receiving { .. }, Tag::Probe) => {
@@ -174,7 +174,7 @@ fn run(
                 report.hash_ms = t.elapsed().as_secs_f64() * 1e3;
                 rx.reply(
                     Tag::Digests as u16,
-                    proto::to_json(&Digests {
+                    &proto::to_json(&Digests {
                         digests,
                         hash_ms: report.hash_ms,
                     }),
@@ -184,7 +184,7 @@ fn run(
             (State::AwaitCommit { mut vm }, Tag::Commit) => {
                 rx.ack(&msg)?;
                 vm.start()?;
-                rx.reply(Tag::Resumed as u16, Vec::new())?;
+                rx.reply(Tag::Resumed as u16, &[])?;
                 return Ok(vm);
             }
             (s, tag) => {

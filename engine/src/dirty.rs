@@ -81,7 +81,11 @@ impl VmmDirty {
 
     /// Moves the marks into `out` and clears them.
     pub fn drain_into(&self, out: &mut Bitmap) {
-        let words: Vec<u64> = self.bits.iter().map(|w| w.swap(0, Ordering::Relaxed)).collect();
+        let words: Vec<u64> = self
+            .bits
+            .iter()
+            .map(|w| w.swap(0, Ordering::Relaxed))
+            .collect();
         out.or_words(0, &words);
     }
 }

@@ -8,7 +8,7 @@
 
 pub mod bitmap;
 pub mod coordinator;
-// pub mod dest; (enabled once transport lands)
+pub mod dest;
 pub mod digest;
 pub mod dirty;
 pub mod encode;
@@ -16,6 +16,6 @@ pub mod guest;
 pub mod host;
 pub mod memory;
 pub mod proto;
-// pub mod report;
-// pub mod source;
+pub mod report;
+pub mod source;
 pub mod vm;

@@ -96,7 +96,8 @@ pub struct LaneReport {
     pub bytes: u64,
     pub messages: u64,
     pub throughput_bytes_per_s: f64,
-    pub failed: bool,
+    /// Why the lane failed, if it did.
+    pub failed: Option<String>,
 }
 
 impl Report {
@@ -136,10 +137,10 @@ impl Report {
             self.epochs,
             self.pages_sent,
             self.final_pages,
-            self.pages.zero,
-            self.pages.duplicate,
-            self.pages.compressed,
-            self.pages.raw,
+            self.pages.zero.pages,
+            self.pages.duplicate.pages,
+            self.pages.compressed.pages,
+            self.pages.raw.pages,
             match (self.verify, self.verified) {
                 (VerifyMode::Off, _) => "not compared",
                 (_, true) => "identical",

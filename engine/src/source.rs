@@ -18,13 +18,13 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_transport::{SessionSender, TransportError};
+use ferry_transport::SessionSender;
 
 use crate::bitmap::Bitmap;
 use crate::coordinator::{self, Decision, PolicyConfig, PolicyKind, Progress};
 use crate::digest::{self, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
-use crate::encode::{BatchEncoder, BatchStats, EncoderConfig};
+use crate::encode::{BatchEncoder, BatchStats, EncodeError, EncoderConfig};
 use crate::memory::{MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
 use crate::report::{LaneReport, Phase, ProgressEvent, Report};
@@ -42,8 +42,6 @@ pub struct SourceConfig {
     /// Threads hashing at switchover (default: available cores).
     pub digest_threads: usize,
     pub encoder: EncoderConfig,
-    /// Pages per batch message (default 256, i.e. at most 1 MiB of guest memory).
-    pub batch_pages: usize,
     /// Longest the bandwidth probe runs before the migration (default 300 ms).
     pub probe_time: Duration,
     /// How long to wait for each reply of the destination (default 60 s).
@@ -61,7 +59,6 @@ impl Default for SourceConfig {
             digest_range: 64 << 20,
             digest_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             encoder: EncoderConfig::default(),
-            batch_pages: 256,
             probe_time: Duration::from_millis(300),
             reply_timeout: Duration::from_secs(60),
             fault: None,
@@ -84,7 +81,7 @@ pub enum Fault {
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("transport failed")]
-    Transport(#[from] TransportError),
+    Transport(#[from] ferry_transport::Error),
     #[error("the destination failed: {0}")]
     Destination(String),
     #[error("protocol error")]
@@ -95,6 +92,8 @@ pub enum MigrateError {
     Memory(#[from] MemoryError),
     #[error("VM operation failed")]
     Vm(#[from] VmError),
+    #[error("encoding a page")]
+    Encode(#[from] EncodeError),
     #[error("the policy aborted the migration: {0}")]
     Policy(String),
     #[error("guest memory differs at switchover in {ranges} of {total} digest ranges (first at gpa {first_gpa:#x})")]
@@ -135,9 +134,7 @@ impl Meter {
     }
     fn add(&mut self, now: Instant, total: u64) {
         self.samples.push_back((now, total));
-        while self.samples.len() > 2
-            && now.duration_since(self.samples[0].0) > self.window
-        {
+        while self.samples.len() > 2 && now.duration_since(self.samples[0].0) > self.window {
             self.samples.pop_front();
         }
     }
@@ -387,7 +384,7 @@ impl Migration<'_> {
                 bytes: l.bytes,
                 messages: l.messages,
                 throughput_bytes_per_s: l.bytes as f64 / (total / 1e3).max(1e-9),
-                failed: l.failed,
+                failed: l.failed.clone(),
             });
         }
         let mut ev = self.event(Phase::Done);
@@ -457,7 +454,7 @@ impl Migration<'_> {
                 self.page_buf[100] ^= 0x5a;
             }
             let page: &[u8; PAGE_SIZE] = self.page_buf[..].try_into().expect("one page");
-            self.enc.push(gpa, self.epoch, page);
+            self.enc.push(gpa, self.epoch, page)?;
             self.sent.set(p);
             self.pages_sent += 1;
             if self.enc.is_full() {
@@ -490,7 +487,7 @@ impl Migration<'_> {
             Fault::GpaOutsideMemory => {
                 let mut e = BatchEncoder::new(self.cfg.encoder.clone());
                 let outside = self.vm.memory().page_span() << PAGE_SHIFT;
-                e.push(outside + (1 << 30), self.epoch, &[0x42; PAGE_SIZE]);
+                e.push(outside + (1 << 30), self.epoch, &[0x42; PAGE_SIZE])?;
                 self.tx.send(Tag::Pages as u16, e.finish().0)?;
             }
             Fault::TruncatedBatch => {
@@ -508,10 +505,7 @@ impl Migration<'_> {
         let mem = self.vm.memory();
         let span = mem.page_span();
         let step = (span / 1024).max(1);
-        let mut enc = BatchEncoder::new(EncoderConfig {
-            max_pages: usize::MAX.min(4096),
-            ..self.cfg.encoder.clone()
-        });
+        let mut enc = BatchEncoder::new(self.cfg.encoder.clone());
         let t = Instant::now();
         let mut n = 0u64;
         let mut bytes = 0u64;
@@ -519,7 +513,7 @@ impl Migration<'_> {
         while p < span {
             if mem.read(p << PAGE_SHIFT, &mut self.page_buf).is_ok() {
                 let page: &[u8; PAGE_SIZE] = self.page_buf[..].try_into().expect("one page");
-                enc.push(p << PAGE_SHIFT, 0, page);
+                enc.push(p << PAGE_SHIFT, 0, page)?;
                 n += 1;
                 if enc.is_full() {
                     bytes += enc.finish().0.len() as u64;
@@ -548,9 +542,10 @@ impl Migration<'_> {
 
     /// Fails fast if the destination has reported a failure.
     fn check_destination(&mut self) -> Result<(), MigrateError> {
-        match self.tx.try_recv_reply()? {
-            None => Ok(()),
-            Some((tag, payload)) => Err(unexpected_reply(tag, &payload)),
+        match self.tx.recv_reply(Duration::ZERO) {
+            Err(e) if e.is_timeout() => Ok(()),
+            Err(e) => Err(e.into()),
+            Ok((tag, payload)) => Err(unexpected_reply(tag, &payload)),
         }
     }
 

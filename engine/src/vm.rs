@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
+    Msrs, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -533,7 +533,8 @@ fn restore_vcpu(v: &VcpuFd, vcpu: u32, s: &VcpuState) -> Result<()> {
     })?;
     v.set_msrs(&msrs).map_err(e("KVM_SET_MSRS"))?;
     v.set_lapic(&s.lapic).map_err(e("KVM_SET_LAPIC"))?;
-    v.set_vcpu_events(&s.events).map_err(e("KVM_SET_VCPU_EVENTS"))?;
+    v.set_vcpu_events(&s.events)
+        .map_err(e("KVM_SET_VCPU_EVENTS"))?;
     v.set_debug_regs(&s.debugregs)
         .map_err(e("KVM_SET_DEBUGREGS"))?;
     v.set_mp_state(s.mp_state).map_err(e("KVM_SET_MP_STATE"))?;

@@ -38,7 +38,10 @@ fn state_moves_to_a_fresh_vm() {
     std::thread::sleep(Duration::from_millis(700));
     src.vm.pause().unwrap();
     let before = guest::status(src.vm.memory()).unwrap();
-    assert!(before.iter().all(|s| s.writes > 0), "guest made no progress: {before:?}");
+    assert!(
+        before.iter().all(|s| s.writes > 0),
+        "guest made no progress: {before:?}"
+    );
     let state = VmState::from_bytes(&src.vm.save_state().unwrap().to_bytes()).unwrap();
 
     let serial = Serial::new(None, "");
@@ -54,7 +57,10 @@ fn state_moves_to_a_fresh_vm() {
     dst.pause().unwrap();
     let after = guest::status(dst.memory()).unwrap();
     for (a, b) in after.iter().zip(&before) {
-        assert!(a.writes > b.writes, "guest did not continue: {before:?} -> {after:?}");
+        assert!(
+            a.writes > b.writes,
+            "guest did not continue: {before:?} -> {after:?}"
+        );
         assert_eq!(a.fails, 0, "self-check failed after restore: {after:?}");
     }
     assert!(guest::audit(dst.memory()).unwrap().bad_pages == 0);

@@ -36,11 +36,9 @@ impl Console {
     pub fn start_bar(&self) {
         let b = ProgressBar::with_draw_target(Some(1000), ProgressDrawTarget::stderr());
         b.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>13} [{bar:30}] {percent:>3}% {msg}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix:>13} [{bar:30}] {percent:>3}% {msg}")
+                .expect("static template")
+                .progress_chars("=> "),
         );
         b.enable_steady_tick(Duration::from_millis(200));
         *self.bar.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);

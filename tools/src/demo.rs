@@ -52,7 +52,14 @@ pub fn run(a: DemoArgs) -> anyhow::Result<i32> {
     ferry_transport::Key::generate(&key)?;
     let exe = std::env::current_exe().context("finding the ferry executable")?;
     let mut child = Command::new(exe)
-        .args(["listen", "--listen", "127.0.0.1:0", "--json", "--serial", "/dev/stderr"])
+        .args([
+            "listen",
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--serial",
+            "/dev/stderr",
+        ])
         .args(["--prefix", "[destination] ", "--exit-after"])
         .arg(a.after.as_secs_f64().to_string())
         .arg("--key")
@@ -135,8 +142,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<i32> {
         println!(
             "destination: guest ran {:.1} s after resume, self-check {}, progress {}",
             dest["ran_ms"].as_f64().unwrap_or(0.0) / 1e3,
-            if dest["self_check_ok"].as_bool() == Some(true) { "passed" } else { "FAILED" },
-            if dest["progressed"].as_bool() == Some(true) { "continued" } else { "STALLED" },
+            if dest["self_check_ok"].as_bool() == Some(true) {
+                "passed"
+            } else {
+                "FAILED"
+            },
+            if dest["progressed"].as_bool() == Some(true) {
+                "continued"
+            } else {
+                "STALLED"
+            },
         );
     }
     Ok(if ok && report.verified { 0 } else { 1 })

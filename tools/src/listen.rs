@@ -43,9 +43,9 @@ pub struct ListenArgs {
 pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
     let stop = stop_flag()?;
     let key = Key::load(&a.key)?;
-    let listener =
-        Listener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
-    let addr = listener.local_addr()?;
+    let listener = Listener::bind(net::resolve(&a.listen)?)
+        .with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener.local_addr();
     if a.json {
         println!("{}", json!({ "listening": addr.to_string() }));
     }
@@ -63,9 +63,7 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
     let resumed_at = Instant::now();
     let at_resume = guest::status(vm.memory())?;
     eprintln!("ferry: VM resumed here");
-    while !stop.load(Ordering::Relaxed)
-        && a.exit_after.is_none_or(|d| resumed_at.elapsed() < d)
-    {
+    while !stop.load(Ordering::Relaxed) && a.exit_after.is_none_or(|d| resumed_at.elapsed() < d) {
         std::thread::sleep(Duration::from_millis(50));
     }
     vm.pause()?;

@@ -63,9 +63,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Demo(a) => demo::run(a),
-        Cmd::Vm {
-            cmd: VmCmd::Run(a),
-        } => vmrun::run(a),
+        Cmd::Vm { cmd: VmCmd::Run(a) } => vmrun::run(a),
         Cmd::Listen(a) => listen::run(a),
         Cmd::Migrate(a) => migrate::run(a),
         Cmd::Key {

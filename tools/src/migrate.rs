@@ -35,8 +35,8 @@ pub struct MigrateArgs {
 }
 
 pub fn run(a: MigrateArgs) -> anyhow::Result<i32> {
-    let key = std::fs::canonicalize(&a.key)
-        .with_context(|| format!("key file {}", a.key.display()))?;
+    let key =
+        std::fs::canonicalize(&a.key).with_context(|| format!("key file {}", a.key.display()))?;
     let mut conn = UnixStream::connect(&a.control)
         .with_context(|| format!("connecting to control socket {}", a.control.display()))?;
     let req = Request::Migrate {
@@ -57,8 +57,14 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<i32> {
                 println!("{line}");
             } else {
                 let ev: ProgressEvent = serde_json::from_value(ev.clone())?;
-                if let Some(b) = ev.bound_ms.filter(|_| ev.phase == ferry_engine::report::Phase::Setup) {
-                    console.line(&format!("ferry: bound {:.1} s (the time this migration promises)", b / 1e3));
+                if let Some(b) = ev
+                    .bound_ms
+                    .filter(|_| ev.phase == ferry_engine::report::Phase::Setup)
+                {
+                    console.line(&format!(
+                        "ferry: bound {:.1} s (the time this migration promises)",
+                        b / 1e3
+                    ));
                 }
                 console.progress(&ev);
             }

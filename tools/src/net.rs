@@ -18,7 +18,15 @@ use crate::opts::MigrateOpts;
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn resolve(to: &str) -> anyhow::Result<SocketAddr> {
+fn session_config() -> SessionConfig {
+    let mut c = SessionConfig::default();
+    c.lane.connect_timeout = CONNECT_TIMEOUT;
+    c.lane.handshake_timeout = CONNECT_TIMEOUT;
+    c
+}
+
+/// Resolves `ADDR:PORT` (names allowed) to the first address.
+pub fn resolve(to: &str) -> anyhow::Result<SocketAddr> {
     to.to_socket_addrs()
         .with_context(|| format!("resolving destination {to:?}"))?
         .next()
@@ -36,11 +44,7 @@ pub fn migrate_to(
     let cfg = opts.source_config()?;
     let key = Key::load(key)?;
     let addr = resolve(to)?;
-    let session = SessionConfig {
-        handshake_timeout: CONNECT_TIMEOUT,
-        ..SessionConfig::default()
-    };
-    let tx = SessionSender::connect(&[(None, addr)], &key, &session)
+    let tx = SessionSender::connect(addr, &[None], &key, session_config())
         .with_context(|| format!("connecting to the destination {addr}"))?;
     let report = source::migrate(&launched.vm, &launched.tracker, &tx, &cfg, progress)
         .context("migration failed and was rolled back")?;
@@ -53,11 +57,8 @@ pub fn receive(
     key: &Key,
     serial: std::sync::Arc<Serial>,
 ) -> anyhow::Result<(Vm, DestReport)> {
-    let session = SessionConfig {
-        handshake_timeout: CONNECT_TIMEOUT,
-        ..SessionConfig::default()
-    };
-    let rx = SessionReceiver::accept(listener, key, &session).context("accepting a migration")?;
+    let rx = SessionReceiver::accept(listener, key, session_config(), None)
+        .context("accepting a migration")?;
     let out = dest::receive(&rx, serial, &DestConfig::default())
         .context("receiving the VM failed; nothing was resumed here")?;
     Ok(out)

@@ -172,7 +172,6 @@ impl MigrateOpts {
             policy: self.policy,
             policy_cfg,
             verify: self.verify,
-            batch_pages: self.batch_pages,
             fault: self.inject_fault,
             ..SourceConfig::default()
         };

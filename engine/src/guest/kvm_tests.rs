@@ -1,0 +1,376 @@
+//! Runs the guest program under real KVM. These tests need `/dev/kvm` (and fail, loudly, if
+//! it is missing): a minimal runner with an in-kernel irqchip, one thread per vCPU, the
+//! serial port collected per vCPU, and stops between runs so that memory can be tampered
+//! with while the vCPUs are out of the guest.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Once;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::*;
+
+const MIB: u64 = 1 << 20;
+const COM1: u16 = 0x3f8;
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN() + 2
+}
+
+struct TestVm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    vcpus: Vec<VcpuFd>,
+    mem: GuestMemory,
+    layout: GuestLayout,
+    /// Serial output of each vCPU.
+    serial: Vec<Vec<u8>>,
+}
+
+impl TestVm {
+    /// A VM of `mem_bytes` (in two memory slots) with the guest program installed.
+    /// `scratch_sregs` boots from [`BootState::sregs`] instead of the vCPUs' own.
+    fn new(mem_bytes: u64, p: GuestParams, scratch_sregs: bool) -> Self {
+        static HANDLER: Once = Once::new();
+        HANDLER.call_once(|| register_signal_handler(kick_signal(), kick_handler).unwrap());
+        let kvm = Kvm::new().unwrap_or_else(|e| {
+            panic!("this test runs the guest under KVM and needs /dev/kvm (as root): {e}")
+        });
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+        let mem = GuestMemory::new(&GuestMemory::simple_layout(mem_bytes, mem_bytes / 2)).unwrap();
+        for (slot, r) in mem.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.gpa(),
+                memory_size: r.len(),
+                userspace_addr: r.host_addr(),
+            };
+            // SAFETY: the region maps `r.len()` bytes at `r.host_addr()`; `mem` outlives the
+            // VM (fields drop in order: vCPUs and VM before memory).
+            unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
+        }
+        vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+        let vcpus: Vec<VcpuFd> = (0..p.vcpus)
+            .map(|i| vm.create_vcpu(i.into()).expect("KVM_CREATE_VCPU"))
+            .collect();
+        let tsc_khz = vcpus[0].get_tsc_khz().expect("KVM_GET_TSC_KHZ");
+        let layout = install(&mem, &GuestParams { tsc_khz, ..p }).unwrap();
+        for (i, fd) in vcpus.iter().enumerate() {
+            let boot = layout.boot_state(i as u32);
+            if scratch_sregs {
+                fd.set_sregs(&boot.sregs()).unwrap();
+                fd.set_regs(&boot.regs()).unwrap();
+                let runnable = kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                };
+                fd.set_mp_state(runnable).unwrap();
+            } else {
+                boot.configure(fd).unwrap();
+            }
+        }
+        let serial = vec![Vec::new(); vcpus.len()];
+        Self {
+            _kvm: kvm,
+            _vm: vm,
+            vcpus,
+            mem,
+            layout,
+            serial,
+        }
+    }
+
+    /// Runs every vCPU for `d`, then kicks them out of the guest and waits for them.
+    fn run_for(&mut self, d: Duration) {
+        let stop = AtomicBool::new(false);
+        let finished = AtomicUsize::new(0);
+        let tids: Vec<AtomicU64> = self.vcpus.iter().map(|_| AtomicU64::new(0)).collect();
+        let errors = thread::scope(|s| {
+            let handles: Vec<_> = self
+                .vcpus
+                .iter_mut()
+                .zip(&mut self.serial)
+                .zip(&tids)
+                .enumerate()
+                .map(|(i, ((fd, out), tid))| {
+                    let (stop, finished) = (&stop, &finished);
+                    s.spawn(move || {
+                        // SAFETY: pthread_self has no preconditions.
+                        tid.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+                        let r = run_vcpu(i, fd, out, stop);
+                        finished.fetch_add(1, Ordering::SeqCst);
+                        r
+                    })
+                })
+                .collect();
+            thread::sleep(d);
+            stop.store(true, Ordering::SeqCst);
+            // Kick until every thread is out: a kick that lands just before KVM_RUN is lost.
+            while finished.load(Ordering::SeqCst) < handles.len() {
+                for t in &tids {
+                    let t = t.load(Ordering::SeqCst);
+                    if t != 0 {
+                        // SAFETY: `t` is a thread of this scope, alive until joined below.
+                        unsafe { libc::pthread_kill(t as libc::pthread_t, kick_signal()) };
+                    }
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().expect("vCPU thread").err())
+                .collect::<Vec<_>>()
+        });
+        assert!(errors.is_empty(), "vCPU errors: {errors:?}");
+    }
+
+    fn lines(&self, vcpu: usize) -> Vec<String> {
+        String::from_utf8_lossy(&self.serial[vcpu])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn bump_ledger(&self, page: u64) {
+        let le = self.layout.ledger_entry_gpa(page);
+        let mut c = [0u8; 4];
+        self.mem.read(le, &mut c).unwrap();
+        let c = u32::from_le_bytes(c) + 1;
+        self.mem.write(le, &c.to_le_bytes()).unwrap();
+    }
+}
+
+fn run_vcpu(i: usize, fd: &mut VcpuFd, out: &mut Vec<u8>, stop: &AtomicBool) -> Result<(), String> {
+    while !stop.load(Ordering::SeqCst) {
+        match fd.run() {
+            Ok(VcpuExit::IoOut(COM1, data)) => out.extend_from_slice(data),
+            Ok(exit) => {
+                let exit = format!("{exit:?}");
+                return Err(format!("vCPU {i}: exit {exit}, regs {:?}", fd.get_regs()));
+            }
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(format!("vCPU {i}: KVM_RUN: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// Parses "vcpu N: writes W checks C fails F" into (N, W, C, F).
+fn parse_report(line: &str) -> Option<(u64, u64, u64, u64)> {
+    let w: Vec<&str> = line.split(' ').collect();
+    match w[..] {
+        ["vcpu", n, "writes", wr, "checks", c, "fails", f] => Some((
+            n.strip_suffix(':')?.parse().ok()?,
+            wr.parse().ok()?,
+            c.parse().ok()?,
+            f.parse().ok()?,
+        )),
+        _ => None,
+    }
+}
+
+fn params(workload: Workload, vcpus: u32) -> GuestParams {
+    GuestParams {
+        workload,
+        vcpus,
+        fill: Fill::Mixed { seed: 9 },
+        wss_bytes: 4 * MIB,
+        report_interval_ms: 100,
+        ..Default::default()
+    }
+}
+
+/// Runs `workload` on `vcpus` vCPUs for 0.6 s and checks progress, reports and self-checks.
+fn runs_clean(workload: Workload, vcpus: u32, scratch_sregs: bool) {
+    let mut vm = TestVm::new(64 * MIB, params(workload, vcpus), scratch_sregs);
+    let run = Duration::from_millis(600);
+    let t = Instant::now();
+    vm.run_for(run);
+    let secs = t.elapsed().as_secs_f64();
+    let st = status(&vm.mem).unwrap();
+    for (i, s) in st.iter().enumerate() {
+        eprintln!(
+            "{workload} vcpus={vcpus} vcpu {i}: {:.0} writes/s, {:.0} checks/s, {s:?}",
+            s.writes as f64 / secs,
+            s.checks as f64 / secs
+        );
+        assert_eq!(s.fails, 0, "vCPU {i}: {:?}", vm.lines(i));
+        if workload == Workload::Idle {
+            assert_eq!(s.writes, 0);
+            // 1000 checks/s by default.
+            assert!((200..=700).contains(&s.checks), "vCPU {i}: {s:?}");
+        } else {
+            assert!(s.writes > 1000, "vCPU {i}: {s:?}");
+            // A stop can fall between the two counter updates.
+            assert!(s.writes.abs_diff(s.checks) <= 1, "vCPU {i}: {s:?}");
+        }
+        let lines = vm.lines(i);
+        assert!(
+            s.reports >= 2 && lines.len() as u64 >= s.reports,
+            "vCPU {i}: {lines:?}"
+        );
+        let (n, w, c, f) = parse_report(&lines[0]).unwrap_or_else(|| panic!("{lines:?}"));
+        assert_eq!((n, f), (i as u64, 0));
+        assert!(w <= s.writes && c <= s.checks && c > 0);
+    }
+    let a = audit(&vm.mem).unwrap();
+    assert!(a.is_clean(), "{a:?}");
+    assert!(a.in_flight.len() <= vcpus as usize);
+}
+
+#[test]
+fn idle_runs_under_kvm() {
+    runs_clean(Workload::Idle, 1, false);
+    runs_clean(Workload::Idle, 2, true);
+}
+
+#[test]
+fn dirty_all_runs_under_kvm() {
+    runs_clean(Workload::DirtyAll, 1, false);
+    runs_clean(Workload::DirtyAll, 2, false);
+}
+
+#[test]
+fn seq_runs_under_kvm() {
+    runs_clean(Workload::Seq, 1, true);
+    runs_clean(Workload::Seq, 2, false);
+}
+
+#[test]
+fn random_runs_under_kvm() {
+    runs_clean(Workload::Random, 1, false);
+    runs_clean(Workload::Random, 2, true);
+}
+
+#[test]
+fn hotcold_runs_under_kvm() {
+    runs_clean(Workload::HotCold, 1, false);
+    runs_clean(Workload::HotCold, 2, false);
+}
+
+/// A ledger entry bumped while the VM is stopped is caught by the guest on its next visit.
+#[test]
+fn guest_detects_corruption() {
+    for (workload, vcpus) in [(Workload::Seq, 2), (Workload::Idle, 1)] {
+        let p = GuestParams {
+            wss_bytes: 64 * 4096,
+            // idle: sweep the whole share several times a second.
+            rate_pages_per_s: if workload == Workload::Idle {
+                100_000
+            } else {
+                0
+            },
+            ..params(workload, vcpus)
+        };
+        let mut vm = TestVm::new(64 * MIB, p, false);
+        vm.run_for(Duration::from_millis(200));
+        assert!(status(&vm.mem)
+            .unwrap()
+            .iter()
+            .all(|s| s.fails == 0 && s.checks > 0));
+        // A page the owner visits soon: seq sweeps 64 pages; idle's cursor is at
+        // `checks % share`.
+        let owner = vcpus as usize - 1;
+        let share = vm.layout.shares()[owner];
+        let ahead = match workload {
+            Workload::Idle => (status(&vm.mem).unwrap()[owner].checks + 200) % share.pages,
+            _ => 10,
+        };
+        let victim = share.first_page + ahead;
+        vm.bump_ledger(victim);
+        assert!(!audit(&vm.mem).unwrap().is_clean());
+        vm.run_for(Duration::from_millis(400));
+        let st = status(&vm.mem).unwrap();
+        assert!(st[owner].fails > 0, "{workload}: {st:?}");
+        let gfn = vm.layout.data_page_gpa(victim) >> 12;
+        let want = format!("FAIL vcpu {owner} page {gfn}");
+        assert!(vm.lines(owner).contains(&want), "{:?}", vm.lines(owner));
+        if workload == Workload::Seq {
+            // The guest rewrote the page, consistent again.
+            assert_eq!(st[owner].fails, 1);
+            assert!(audit(&vm.mem).unwrap().is_clean());
+            assert_eq!(st[0].fails, 0);
+        }
+    }
+}
+
+/// At a rate limit, the guest keeps the rate, and does not burst to catch up after the VM
+/// was stopped for a while (as during a migration).
+#[test]
+fn rate_limit_holds_across_a_stop() {
+    let p = GuestParams {
+        rate_pages_per_s: 2000,
+        ..params(Workload::DirtyAll, 1)
+    };
+    let mut vm = TestVm::new(64 * MIB, p, false);
+    vm.run_for(Duration::from_millis(500));
+    let first = status(&vm.mem).unwrap()[0].writes;
+    assert!(
+        (600..=1100).contains(&first),
+        "{first} writes in 0.5 s at 2000/s"
+    );
+    thread::sleep(Duration::from_millis(1000));
+    vm.run_for(Duration::from_millis(300));
+    let second = status(&vm.mem).unwrap()[0].writes - first;
+    assert!(
+        (300..=700).contains(&second),
+        "{second} writes in 0.3 s at 2000/s after a stop"
+    );
+    let lines = vm.lines(0);
+    let reports = lines.iter().filter_map(|l| parse_report(l)).count();
+    // ~8 intervals of 100 ms ran; a burst of catch-up reports would add ~10.
+    assert!((5..=11).contains(&reports), "{lines:?}");
+}
+
+#[test]
+fn zz_rates() {
+    for w in Workload::ALL {
+        for vcpus in [1u32, 2] {
+            let p = GuestParams {
+                wss_bytes: 0,
+                ..params(w, vcpus)
+            };
+            let mut vm = TestVm::new(256 * MIB, p, false);
+            vm.run_for(Duration::from_millis(1500));
+            let a: Vec<_> = status(&vm.mem).unwrap();
+            let t = Instant::now();
+            vm.run_for(Duration::from_millis(1000));
+            let b = status(&vm.mem).unwrap();
+            let secs = t.elapsed().as_secs_f64();
+            let r: Vec<String> = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| {
+                    format!(
+                        "{:.0}/{:.0}",
+                        (b.writes - a.writes) as f64 / secs,
+                        (b.checks - a.checks) as f64 / secs
+                    )
+                })
+                .collect();
+            eprintln!("RATE {w} vcpus={vcpus} (whole share of 256 MiB): writes/checks per s {r:?}");
+        }
+    }
+    for w in [Workload::Seq, Workload::Random] {
+        let p = GuestParams {
+            wss_bytes: 4 * MIB,
+            ..params(w, 1)
+        };
+        let mut vm = TestVm::new(256 * MIB, p, false);
+        vm.run_for(Duration::from_millis(500));
+        let a = status(&vm.mem).unwrap()[0];
+        let t = Instant::now();
+        vm.run_for(Duration::from_millis(1000));
+        let b = status(&vm.mem).unwrap()[0];
+        eprintln!(
+            "RATE {w} wss 4 MiB: {:.0} writes/s",
+            (b.writes - a.writes) as f64 / t.elapsed().as_secs_f64()
+        );
+    }
+}
