@@ -96,6 +96,15 @@ pub struct Share {
 /// data_start..end   data pages (from the ledger's end rounded up to 2 MiB), split evenly
 ///                   into one contiguous share per vCPU
 /// ```
+///
+/// The parameter block (little-endian u64 fields): `0x00` magic `FERRYGST`, `0x08` workload
+/// code (0 idle, 1 dirty-all, 2 seq, 3 random, 4 hotcold), `0x10` data start, `0x18` data
+/// pages, `0x20` ledger gpa, `0x28` working-set pages per vCPU, `0x30` rate (steps per second
+/// per vCPU, 0 = unlimited), `0x38` TSC kHz, `0x40` vCPUs, `0x48` report interval in TSC
+/// ticks, `0x50` hot pages per vCPU, `0x58` seed. vCPU `i`'s block at `0x2100 + i*0x40`:
+/// `0x00` first data page index of its share and `0x08` its pages (written by the VMM);
+/// `0x10` writes, `0x18` self-check failures, `0x20` checks, `0x28` reports printed and
+/// `0x30` its index (written by the guest).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestLayout {
     mem_bytes: u64,

@@ -18,9 +18,14 @@
 //! `h0 == gpa ^ HEADER_SIG && h1 == c`. A check+write verifies the page (counting a failure
 //! and printing `FAIL vcpu N page P` with `P` the guest frame number `gpa >> 12` if it is
 //! invalid), then writes `h0 = gpa ^ HEADER_SIG`, `h1 = c + 1`, ledger `c + 1` (wrapping at
-//! 2^32). The rest of the page is left alone, so the fill keeps its compressibility. A
-//! migration that loses a page write or a ledger write is caught by the guest the next time
-//! it touches the page, and by [`audit`] on a paused VM.
+//! 2^32); a page whose `h0` already holds that value is not stored to again. The rest of the
+//! page is left alone, so the fill keeps its compressibility. A migration that loses a page
+//! write or a ledger write is caught by the guest the next time it touches the page, and by
+//! [`audit`] on a paused VM.
+//!
+//! **Speed.** On this project's KVM (a PVM flavour, guest code largely emulated) one vCPU
+//! alone on a core measured about 110–125 k page writes/s for `dirty-all` and `seq`, 70–80 k
+//! for `random` and `hotcold`; two vCPUs on two busy cores about half that each.
 //!
 //! **Reports.** Every report interval each vCPU prints `vcpu N: writes W checks C fails F`
 //! on COM1 (port 0x3f8, one `out` per byte) and keeps the same counters in its per-vCPU
