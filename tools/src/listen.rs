@@ -25,7 +25,7 @@ pub struct ListenArgs {
     /// Shared key file (see `ferry key new`).
     #[arg(long)]
     key: PathBuf,
-    /// Write the guest's serial output to FILE instead of stdout.
+    /// Write the guest's serial output to FILE instead of stdout (stderr with --json).
     #[arg(long)]
     serial: Option<PathBuf>,
     /// Prefix for every serial line.
@@ -50,7 +50,10 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
         println!("{}", json!({ "listening": addr.to_string() }));
     }
     eprintln!("ferry: listening on {addr}");
-    let serial = Serial::new(Some(serial_sink(a.serial.as_deref())?), a.prefix.clone());
+    let serial = Serial::new(
+        Some(serial_sink(a.serial.as_deref(), a.json)?),
+        a.prefix.clone(),
+    );
     let (mut vm, dest_report) = match net::receive(&listener, &key, serial) {
         Ok(v) => v,
         Err(e) => {

@@ -29,7 +29,7 @@ pub struct RunArgs {
     /// Control socket path (a Unix socket `ferry migrate --control` connects to).
     #[arg(long)]
     control: PathBuf,
-    /// Write the guest's serial output to FILE instead of stdout.
+    /// Write the guest's serial output to FILE instead of stdout (stderr with --json).
     #[arg(long)]
     serial: Option<PathBuf>,
     /// Prefix for every serial line.
@@ -61,8 +61,8 @@ impl Drop for SocketFile {
     }
 }
 
-/// Opens the serial sink: a file, or stdout.
-pub fn serial_sink(path: Option<&Path>) -> anyhow::Result<Box<dyn Write + Send>> {
+/// Opens the serial sink: a file, or stdout (stderr when stdout carries JSON).
+pub fn serial_sink(path: Option<&Path>, json: bool) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(match path {
         Some(p) => Box::new(
             std::fs::OpenOptions::new()
@@ -71,6 +71,7 @@ pub fn serial_sink(path: Option<&Path>) -> anyhow::Result<Box<dyn Write + Send>>
                 .open(p)
                 .with_context(|| format!("opening serial output {}", p.display()))?,
         ),
+        None if json => Box::new(std::io::stderr()),
         None => Box::new(std::io::stdout()),
     })
 }
@@ -100,7 +101,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("binding control socket {}", a.control.display()))?;
     let _socket = SocketFile(a.control.clone());
     listener.set_nonblocking(true)?;
-    let serial = Serial::new(Some(serial_sink(a.serial.as_deref())?), a.prefix.clone());
+    let serial = Serial::new(
+        Some(serial_sink(a.serial.as_deref(), a.json)?),
+        a.prefix.clone(),
+    );
     let mut launched = host::launch(&a.guest.spec(), serial).context("starting the VM")?;
     eprintln!(
         "ferry: VM running ({} MiB, {} vCPU(s), workload {}); control socket {}",

@@ -1,0 +1,267 @@
+//! Whole migrations through the `ferry` binary, with real KVM, real processes and real TCP on
+//! loopback. Needs /dev/kvm and root; fails loudly without them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+fn require_kvm() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm (KVM) and root; they do not skip"
+    );
+}
+
+/// Kills and reaps a child process on every path.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn demo(args: &[&str]) -> (Value, Output) {
+    let out = Command::new(FERRY)
+        .args([
+            "demo", "--json", "--mem", "128M", "--warmup", "0.5", "--after", "1",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running ferry demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON report from ferry demo {args:?}: status {:?}\nstdout: {stdout}\nstderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    (v, out)
+}
+
+fn assert_migrated(v: &Value, out: &Output, what: &str) {
+    let ctx = || {
+        format!(
+            "{what}: {v:#}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    assert!(out.status.success(), "ferry demo failed: {}", ctx());
+    assert_eq!(v["verified"], true, "digests not equal: {}", ctx());
+    assert_eq!(v["verify"], "full", "{}", ctx());
+    let d = &v["destination"];
+    assert_eq!(
+        d["self_check_ok"],
+        true,
+        "guest self-check failed on the destination: {}",
+        ctx()
+    );
+    assert_eq!(
+        d["progressed"],
+        true,
+        "guest stalled on the destination: {}",
+        ctx()
+    );
+    assert_eq!(d["audit"]["bad_pages"], 0, "{}", ctx());
+    let mem = v["mem_bytes"].as_u64().unwrap();
+    assert_eq!(mem, 128 << 20);
+    // Every page went at least once (zero pages included) and the report adds up.
+    let pages_sent = v["pages_sent"].as_u64().unwrap();
+    assert!(pages_sent >= mem / 4096, "{}", ctx());
+    let by_class: u64 = ["zero", "duplicate", "compressed", "raw"]
+        .iter()
+        .map(|c| v["pages"][c]["pages"].as_u64().unwrap())
+        .sum();
+    assert_eq!(by_class, pages_sent, "{}", ctx());
+    for k in [
+        "total_ms",
+        "live_ms",
+        "downtime_ms",
+        "eviction_ms",
+        "wire_bytes",
+        "epochs",
+    ] {
+        assert!(v[k].as_f64().is_some(), "report lacks {k}: {}", ctx());
+    }
+    let total = v["total_ms"].as_f64().unwrap();
+    let live = v["live_ms"].as_f64().unwrap();
+    let down = v["downtime_ms"].as_f64().unwrap();
+    assert!((live + down - total).abs() < 1.0, "{}", ctx());
+}
+
+/// Every workload under both policies, through `ferry demo`.
+#[test]
+fn every_workload_under_both_policies() {
+    require_kvm();
+    for workload in ["idle", "dirty-all", "seq", "random", "hotcold"] {
+        let (v, out) = demo(&[
+            "--workload",
+            workload,
+            "--policy",
+            "membound",
+            "--epoch",
+            "0.3",
+        ]);
+        assert_migrated(&v, &out, &format!("membound {workload}"));
+        assert_eq!(v["policy"], "membound");
+        // Memory-bound: at most 3 sends per page in all (2N live + N final, by default).
+        let pages = v["mem_bytes"].as_u64().unwrap() / 4096;
+        assert!(v["pages_sent"].as_u64().unwrap() <= 3 * pages, "{v:#}");
+        assert_eq!(
+            v["within_bound"], true,
+            "membound exceeded its bound: {v:#}"
+        );
+
+        let (v, out) = demo(&[
+            "--workload",
+            workload,
+            "--policy",
+            "precopy",
+            "--max-epochs",
+            "4",
+        ]);
+        assert_migrated(&v, &out, &format!("precopy {workload}"));
+        assert_eq!(v["policy"], "precopy");
+    }
+}
+
+/// Two vCPUs, zero fill, sampled verification.
+#[test]
+fn two_vcpus_zero_fill_sampled_verify() {
+    require_kvm();
+    let (v, out) = demo(&[
+        "--vcpus",
+        "2",
+        "--fill",
+        "zero",
+        "--workload",
+        "random",
+        "--wss",
+        "4M",
+        "--verify",
+        "sample",
+    ]);
+    assert!(out.status.success(), "{v:#}");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["verify"], "sample");
+    assert_eq!(v["vcpus"], 2);
+    assert!(
+        v["pages"]["zero"]["pages"].as_u64().unwrap() > 20_000,
+        "{v:#}"
+    );
+    assert_eq!(v["destination"]["self_check_ok"], true);
+}
+
+/// The three-process flow: `vm run` owns the VM, `listen` is the destination, `migrate`
+/// asks the VM's process to migrate over its control socket.
+#[test]
+fn vm_run_listen_migrate() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let sock = dir.path().join("vm.sock");
+    let serial = dir.path().join("serial.log");
+    assert!(Command::new(FERRY)
+        .arg("key")
+        .arg("new")
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+
+    let mut dest = Proc(
+        Command::new(FERRY)
+            .args([
+                "listen",
+                "--listen",
+                "127.0.0.1:0",
+                "--json",
+                "--exit-after",
+                "1",
+                "--key",
+            ])
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut dest_out = BufReader::new(dest.0.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&dest_out.next().unwrap().unwrap()).unwrap();
+    let addr = first["listening"].as_str().unwrap().to_string();
+
+    let _vm = Proc(
+        Command::new(FERRY)
+            .args([
+                "vm",
+                "run",
+                "--mem",
+                "128M",
+                "--workload",
+                "seq",
+                "--control",
+            ])
+            .arg(&sock)
+            .arg("--serial")
+            .arg(&serial)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "vm run did not open its control socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The guest runs and reports on the source before the migration.
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = control(&sock, r#"{"status":null}"#);
+    assert_eq!(status["status"]["running"], true, "{status}");
+
+    let out = Command::new(FERRY)
+        .args(["migrate", "--json", "--to", &addr, "--control"])
+        .arg(&sock)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true, "{report:#}");
+    let result: Value = serde_json::from_str(&dest_out.next().unwrap().unwrap()).unwrap();
+    assert_eq!(result["self_check_ok"], true, "{result:#}");
+    assert_eq!(result["progressed"], true, "{result:#}");
+    assert!(dest.0.wait().unwrap().success());
+    let log = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        log.contains("vcpu 0: writes"),
+        "no guest output on the source: {log}"
+    );
+}
+
+fn control(sock: &std::path::Path, req: &str) -> Value {
+    let mut c = UnixStream::connect(sock).unwrap();
+    writeln!(c, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
