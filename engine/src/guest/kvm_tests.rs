@@ -206,7 +206,7 @@ fn runs_clean(workload: Workload, vcpus: u32, scratch_sregs: bool) {
             // 1000 checks/s by default.
             let most = 1000.0 * secs + 2.0;
             assert!(
-                s.checks as f64 <= most && s.checks >= 200,
+                s.checks as f64 <= most && s.checks >= 100,
                 "vCPU {i}: {s:?}"
             );
         } else {
@@ -314,11 +314,13 @@ fn rate_limit_holds_across_a_stop() {
     };
     let mut vm = TestVm::new(64 * MIB, p, false);
     // Writes expected at 2000/s while running for `secs` (the wall time of `run_for`, which
-    // includes starting and kicking the threads, so a little more than the guest ran).
+    // includes starting and kicking the threads, so a little more than the guest ran). On a
+    // loaded host the vCPU thread may not get the CPU for a while and, by design, does not
+    // catch up: the lower bound is loose.
     let expect = |writes: u64, secs: f64| {
         let max = 2000.0 * secs + 2.0;
         assert!(
-            writes as f64 <= max && writes as f64 >= 0.6 * max,
+            writes as f64 <= max && writes as f64 >= 0.2 * max,
             "{writes} writes in {secs:.3} s at 2000/s"
         );
     };
@@ -337,7 +339,7 @@ fn rate_limit_holds_across_a_stop() {
     let lines = vm.lines(0);
     let reports = lines.iter().filter_map(|l| parse_report(l)).count() as f64;
     let most = (first_secs + second_secs) * 10.0 + 1.0;
-    assert!(reports >= 5.0 && reports <= most, "{lines:?}");
+    assert!(reports >= 3.0 && reports <= most, "{lines:?}");
 }
 
 /// [`BootState::sregs`] (built without a vCPU) equals a fresh vCPU's own special registers
