@@ -454,7 +454,7 @@ impl Shared {
 
     /// Resends orphaned messages on lanes with room, lowest seq first.
     fn pump(&self, st: &mut State) {
-        if true || !matches!(st.phase, Phase::Open) {
+        if !matches!(st.phase, Phase::Open) {
             return;
         }
         while let Some(&seq) = st.orphans.first() {
