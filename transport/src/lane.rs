@@ -455,6 +455,12 @@ mod tests {
         let local = Some("127.0.0.1:0".parse().unwrap());
         let mut lane = connect(local, addr, &key(), info, &LaneConfig::default()).unwrap();
         assert_eq!(lane.index(), 0);
+        assert_eq!(
+            lane.stream().read_timeout().unwrap(),
+            None,
+            "handshake timeout cleared"
+        );
+        assert_eq!(lane.stream().write_timeout().unwrap(), None);
         lane.send(Kind::Data, 3, 17, b"payload").unwrap();
         let ack = lane.recv().unwrap();
         assert_eq!((ack.kind, ack.seq), (Kind::Ack, 17));

@@ -128,8 +128,11 @@ pub struct LaneStats {
     /// Sender: messages acknowledged while assigned to this lane. Receiver: acks written
     /// on this lane.
     pub acked: u64,
-    /// Sender: messages moved here from a failed lane. Receiver: duplicates dropped.
-    pub resent_or_duplicate: u64,
+    /// Sender: messages moved here from a failed lane. Receiver: always 0.
+    pub resent: u64,
+    /// Receiver: duplicate copies dropped (resends of messages already delivered).
+    /// Sender: always 0.
+    pub duplicates: u64,
     /// Sender: messages assigned to this lane and not yet acknowledged.
     pub in_flight: usize,
     /// Why the lane failed (whole error chain), if it did.
@@ -164,7 +167,8 @@ struct Counters {
     bytes: AtomicU64,
     messages: AtomicU64,
     acked: AtomicU64,
-    extra: AtomicU64,
+    resent: AtomicU64,
+    duplicates: AtomicU64,
 }
 
 impl Counters {
@@ -178,7 +182,8 @@ impl Counters {
             bytes: self.bytes.load(Ordering::Relaxed),
             messages: self.messages.load(Ordering::Relaxed),
             acked: self.acked.load(Ordering::Relaxed),
-            resent_or_duplicate: self.extra.load(Ordering::Relaxed),
+            resent: self.resent.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
             in_flight: 0,
             failed: None,
         }
@@ -201,6 +206,12 @@ fn check_lane_set(infos: &[LaneInfo]) -> Result<u64> {
             return Err(Error::LaneSet(format!(
                 "lane {} belongs to session {:#x}, lane {} to session {:#x}",
                 first.lane, first.session, i.lane, i.session
+            )));
+        }
+        if i.lanes != first.lanes {
+            return Err(Error::LaneSet(format!(
+                "lane {} says the session has {} lanes, lane {} says {}",
+                first.lane, first.lanes, i.lane, i.lanes
             )));
         }
         if !seen.insert(i.lane) {

@@ -284,8 +284,7 @@ impl SessionReceiver {
         sh.send_any(start, Kind::Data, tag, seq, payload)
     }
 
-    /// Per-lane counters (`acked` = acks written, `resent_or_duplicate` = duplicates
-    /// dropped).
+    /// Per-lane counters (`acked` = acks written, `duplicates` = resent copies dropped).
     pub fn stats(&self) -> Vec<LaneStats> {
         let st = lock(&self.shared.state);
         st.lanes
@@ -511,11 +510,11 @@ fn reader_loop<S: Stream>(
                     Ok(())
                 }
                 Ok(Admit::Duplicate) => {
-                    Counters::add(&counters.extra, 1);
+                    Counters::add(&counters.duplicates, 1);
                     Ok(())
                 }
                 Ok(Admit::ReAck) => {
-                    Counters::add(&counters.extra, 1);
+                    Counters::add(&counters.duplicates, 1);
                     let r = sh.write(slot, Kind::Ack, 0, frame.seq, &[]);
                     if r.is_ok() {
                         Counters::add(&counters.acked, 1);

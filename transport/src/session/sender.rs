@@ -469,7 +469,7 @@ impl Shared {
                 tag: p.tag,
                 payload: p.payload.clone(),
             };
-            Counters::add(&self.counters[slot].extra, 1);
+            Counters::add(&self.counters[slot].resent, 1);
             self.dispatch(st, slot, cmd);
         }
     }

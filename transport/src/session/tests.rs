@@ -148,7 +148,7 @@ fn ten_thousand_messages_over_one_and_three_tcp_lanes() {
         );
         let rs = rx.stats();
         assert_eq!(sum(&rs, |l| l.messages), N);
-        assert_eq!(sum(&rs, |l| l.resent_or_duplicate), 0);
+        assert_eq!(sum(&rs, |l| l.duplicates), 0);
         assert_eq!(sum(&rs, |l| l.acked), N);
     }
 }
@@ -274,7 +274,7 @@ fn failed_lane_messages_are_resent_lowest_seq_first_within_windows() {
     tx.barrier_timeout(LONG).unwrap();
     let st = tx.stats();
     assert!(st[0].failed.is_some());
-    assert_eq!(st[1].resent_or_duplicate, 2);
+    assert_eq!(st[1].resent, 2);
     assert_eq!(st[1].acked + st[0].acked, 4);
 }
 
@@ -312,7 +312,7 @@ fn receiver_drops_duplicates_reacks_and_closes_lanes_with_bad_frames() {
     raw[0].send(Kind::Data, 2, 2, b"two").unwrap();
     let m2 = rx.recv(LONG).unwrap();
     raw[1].send(Kind::Data, 2, 2, b"two").unwrap();
-    eventually("the duplicate", || rx.stats()[1].resent_or_duplicate == 2);
+    eventually("the duplicate", || rx.stats()[1].duplicates == 2);
     rx.ack(&m2).unwrap();
     let f = raw[1].recv().unwrap();
     assert_eq!((f.kind, f.seq), (Kind::Ack, 2));
