@@ -115,7 +115,7 @@ impl Bitmap {
     /// once; `*cursor` moves past the last bit taken so repeated calls sweep the bitmap.
     pub fn take(&mut self, cursor: &mut u64, max: usize, out: &mut Vec<u64>) -> usize {
         let mut taken = 0;
-        if self.len == 0 || max == 0 {
+        if self.ones == 0 || max == 0 {
             return 0;
         }
         let nwords = self.words.len();

@@ -10,13 +10,15 @@ use crate::guest::{self, GuestError, GuestParams};
 use crate::memory::GuestMemory;
 use crate::vm::{Serial, Vm, VmError};
 
-/// Largest memory region (and KVM slot); larger guests get several regions.
-pub const MAX_REGION_BYTES: u64 = 1 << 30;
+/// Default largest memory region (and KVM slot); larger guests get several regions.
+pub const DEFAULT_REGION_BYTES: u64 = 1 << 30;
 
 /// What to run: memory size and the guest program with its parameters.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GuestSpec {
     pub mem_bytes: u64,
+    /// Largest memory region (KVM slot), a multiple of 2 MiB; default 1 GiB.
+    pub region_bytes: u64,
     pub guest: GuestParams,
 }
 
@@ -29,6 +31,8 @@ pub enum LaunchError {
     Guest(#[from] GuestError),
     #[error("setting up dirty tracking")]
     Dirty(#[from] DirtyError),
+    #[error("region size {0} is not a non-zero multiple of 2 MiB")]
+    RegionSize(u64),
 }
 
 /// A running VM and its dirty tracker.
@@ -40,7 +44,10 @@ pub struct Launched {
 
 /// Creates the VM, installs and boots the guest program, and starts the vCPUs.
 pub fn launch(spec: &GuestSpec, serial: Arc<Serial>) -> Result<Launched, LaunchError> {
-    let layout = GuestMemory::simple_layout(spec.mem_bytes, MAX_REGION_BYTES);
+    if spec.region_bytes == 0 || spec.region_bytes % (2 << 20) != 0 {
+        return Err(LaunchError::RegionSize(spec.region_bytes));
+    }
+    let layout = GuestMemory::simple_layout(spec.mem_bytes, spec.region_bytes);
     let mut vm = Vm::new(&layout, spec.guest.vcpus, serial)?;
     let mut params = spec.guest.clone();
     params.tsc_khz = vm.tsc_khz()?;

@@ -61,6 +61,9 @@ pub struct Report {
     pub verified: bool,
     pub verify: VerifyMode,
     pub policy: String,
+    /// The policy reached its switchover condition by itself (no `max_epochs` or `timeout`
+    /// forced its hand).
+    pub converged: bool,
     pub mem_bytes: u64,
     pub vcpus: u32,
     pub total_ms: f64,
@@ -117,13 +120,14 @@ impl Report {
             None => "none promised".into(),
         };
         format!(
-            "migration {}: policy {}, {} MiB, {} vCPU(s)\n\
+            "migration {}: policy {}{}, {} MiB, {} vCPU(s)\n\
              total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms); bound {}\n\
              wire {:.1} MiB at {:.1} MiB/s, compression {:.2}x, {} epochs, {} pages sent ({} in stop-and-copy)\n\
              pages: {} zero, {} duplicate, {} compressed, {} raw\n\
              memory {} at switchover (verify={}, {} ranges, {:.1} ms)",
             if self.verified { "verified" } else { "NOT verified" },
             self.policy,
+            if self.converged { "" } else { " (did not converge: a limit forced the switchover)" },
             mib(self.mem_bytes),
             self.vcpus,
             self.total_ms,

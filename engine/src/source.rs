@@ -356,6 +356,7 @@ impl Migration<'_> {
             verified: true,
             verify: self.cfg.verify,
             policy: self.cfg.policy.to_string(),
+            converged: !policy.limit_reached(),
             mem_bytes: mem.size(),
             vcpus: self.vm.vcpu_count() as u32,
             total_ms: total,

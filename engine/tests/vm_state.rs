@@ -19,6 +19,7 @@ fn require_kvm() {
 fn spec(workload: Workload, vcpus: u32) -> GuestSpec {
     GuestSpec {
         mem_bytes: 64 << 20,
+        region_bytes: 32 << 20,
         guest: GuestParams {
             workload,
             vcpus,

@@ -47,6 +47,9 @@ pub struct GuestOpts {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// Largest memory region (one KVM slot each; a multiple of 2 MiB).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub region: u64,
     /// What the guest does: idle, dirty-all, seq, random, hotcold.
     #[arg(long, default_value = "hotcold")]
     pub workload: Workload,
@@ -75,6 +78,7 @@ impl GuestOpts {
         };
         GuestSpec {
             mem_bytes: self.mem,
+            region_bytes: self.region,
             guest: GuestParams {
                 workload: self.workload,
                 wss_bytes: self.wss,

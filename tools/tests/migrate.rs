@@ -150,6 +150,8 @@ fn two_vcpus_zero_fill_sampled_verify() {
         "random",
         "--wss",
         "4M",
+        "--region",
+        "32M",
         "--verify",
         "sample",
     ]);
