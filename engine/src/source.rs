@@ -367,7 +367,7 @@ impl Migration<'_> {
             within_bound: self.bound.map(|b| total <= b.as_secs_f64() * 1e3),
             wire_bytes: self.wire_bytes,
             pages_sent: self.pages_sent,
-            pages: self.stats.clone(),
+            pages: self.stats,
             compression_ratio: (self.pages_sent * PAGE_SIZE as u64) as f64
                 / self.wire_bytes.max(1) as f64,
             epochs: self.epoch,
@@ -470,12 +470,12 @@ impl Migration<'_> {
         if self.enc.is_empty() {
             return Ok(());
         }
-        let (mut payload, stats) = self.enc.finish();
+        let (payload, stats) = self.enc.finish();
         self.wire_bytes += payload.len() as u64;
         self.stats += stats;
         if !self.fault_sent {
             if let Some(f) = self.cfg.fault {
-                self.fault_sent = self.inject(f, &mut payload)?;
+                self.fault_sent = self.inject(f, &payload)?;
             }
         }
         self.tx.send(Tag::Pages as u16, payload)?;
@@ -483,7 +483,7 @@ impl Migration<'_> {
     }
 
     /// Sends one bad batch before `payload` for the faults that need one.
-    fn inject(&mut self, f: Fault, payload: &mut Vec<u8>) -> Result<bool, MigrateError> {
+    fn inject(&mut self, f: Fault, payload: &[u8]) -> Result<bool, MigrateError> {
         match f {
             Fault::GpaOutsideMemory => {
                 let mut e = BatchEncoder::new(self.cfg.encoder.clone());
