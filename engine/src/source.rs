@@ -67,7 +67,8 @@ impl Default for SourceConfig {
 }
 
 /// Faults a test can inject into an otherwise correct migration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Fault {
     /// After the first batch, send a page whose address lies outside guest memory.
     GpaOutsideMemory,
@@ -222,10 +223,22 @@ pub fn migrate(
         fault_sent: false,
         corrupt_next: false,
     };
-    let result = m.run(progress);
+    let mut result = m.run(progress);
+    if let Err(MigrateError::Transport(_)) = &result {
+        // A destination that rejects something replies `Failed` and then closes the
+        // connection; report its reason rather than the closed connection.
+        while let Ok((tag, payload)) = tx.recv_reply(Duration::ZERO) {
+            if tag == Tag::Failed as u16 {
+                result = Err(unexpected_reply(tag, &payload));
+                break;
+            }
+        }
+    }
     if result.is_err() {
         // Best effort: tell the destination to discard what it has; it may already be gone.
-        let _ = tx.send(Tag::Abort as u16, b"source rolled back".to_vec());
+        // A session Abort frame, written before this returns: a queued message would be
+        // dropped unwritten when the caller drops the session.
+        tx.abort("source rolled back");
     }
     result
 }

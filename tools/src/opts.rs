@@ -131,7 +131,7 @@ pub struct MigrateOpts {
     pub zstd_level: i32,
     /// Deliberate fault, for testing rollback: gpa-outside-memory, truncated-batch, corrupt-page.
     #[arg(long, hide = true, value_parser = parse_fault)]
-    #[serde(skip)]
+    #[serde(default)]
     pub inject_fault: Option<ferry_engine::source::Fault>,
 }
 
