@@ -54,7 +54,7 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
         Some(serial_sink(a.serial.as_deref(), a.json)?),
         a.prefix.clone(),
     );
-    let (mut vm, dest_report) = match net::receive(&listener, &key, serial) {
+    let (mut vm, dest_report) = match net::receive(&listener, &key, serial, &stop) {
         Ok(v) => v,
         Err(e) => {
             if a.json {

@@ -3,6 +3,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,6 +16,8 @@ use ferry_transport::{Key, Listener, SessionConfig, SessionReceiver, SessionSend
 
 use crate::opts::MigrateOpts;
 
+/// How often a waiting listener checks for a stop signal.
+const POLL: Duration = Duration::from_millis(250);
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,14 +54,21 @@ pub fn migrate_to(
     Ok(report)
 }
 
-/// Accepts one migration on `listener` and returns the VM running here.
+/// Waits for a migration on `listener` (until `stop` is set) and returns the VM running here.
 pub fn receive(
     listener: &Listener,
     key: &Key,
     serial: std::sync::Arc<Serial>,
+    stop: &AtomicBool,
 ) -> anyhow::Result<(Vm, DestReport)> {
-    let rx = SessionReceiver::accept(listener, key, session_config(), None)
-        .context("accepting a migration")?;
+    let rx = loop {
+        match SessionReceiver::accept(listener, key, session_config(), Some(POLL)) {
+            Ok(rx) => break rx,
+            Err(e) if e.is_timeout() && !stop.load(Ordering::Relaxed) => continue,
+            Err(_) if stop.load(Ordering::Relaxed) => anyhow::bail!("interrupted while waiting"),
+            Err(e) => return Err(e).context("accepting a migration"),
+        }
+    };
     let out = dest::receive(&rx, serial, &DestConfig::default())
         .context("receiving the VM failed; nothing was resumed here")?;
     Ok(out)

@@ -76,10 +76,13 @@ pub fn serial_sink(path: Option<&Path>, json: bool) -> anyhow::Result<Box<dyn Wr
     })
 }
 
-/// Sets a flag on SIGINT and SIGTERM.
+/// Sets a flag on the first SIGINT or SIGTERM (the program then stops cleanly); a second
+/// one ends the process at once.
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))
+            .context("installing signal handler")?;
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
     }
     Ok(stop)
