@@ -123,19 +123,32 @@ impl SessionSender {
         key: &Key,
         config: SessionConfig,
     ) -> Result<SessionSender> {
-        let lanes = u16::try_from(locals.len())
+        let routes: Vec<_> = locals.iter().map(|&l| (l, remote)).collect();
+        Self::connect_routes(&routes, key, config)
+    }
+
+    /// Opens one lane per `(local, remote)` pair, lane `i` from the `i`-th pair: bound to
+    /// `local` if given, connected to its own `remote` (one pair per NIC pair, each with
+    /// its own addresses; the receiver's listener must accept on all of them, e.g. on
+    /// `0.0.0.0`). Lanes are opened under a fresh random session id, in order.
+    pub fn connect_routes(
+        routes: &[(Option<SocketAddr>, SocketAddr)],
+        key: &Key,
+        config: SessionConfig,
+    ) -> Result<SessionSender> {
+        let lanes = u16::try_from(routes.len())
             .ok()
             .filter(|&n| n > 0)
-            .ok_or_else(|| Error::Config(format!("cannot open {} lanes", locals.len())))?;
+            .ok_or_else(|| Error::Config(format!("cannot open {} lanes", routes.len())))?;
         let session = random_session_id();
-        let mut opened = Vec::with_capacity(locals.len());
-        for (lane, local) in (0..lanes).zip(locals) {
+        let mut opened = Vec::with_capacity(routes.len());
+        for (lane, &(local, remote)) in (0..lanes).zip(routes) {
             let info = LaneInfo {
                 session,
                 lane,
                 lanes,
             };
-            opened.push(lane::connect(*local, remote, key, info, &config.lane)?);
+            opened.push(lane::connect(local, remote, key, info, &config.lane)?);
         }
         Self::new(opened, config)
     }

@@ -75,6 +75,15 @@ fn mem_lanes(n: u16) -> (Vec<Lane<MemStream>>, Vec<Lane<MemStream>>) {
     (client, server)
 }
 
+/// The test's end of raw lanes: reads give up after [`LONG`] so that a missing frame
+/// fails the test instead of hanging it.
+fn bounded_reads(lanes: Vec<Lane<MemStream>>) -> Vec<Lane<MemStream>> {
+    for l in &lanes {
+        l.stream().set_io_timeouts(Some(LONG), None).unwrap();
+    }
+    lanes
+}
+
 /// Message `i`: a tag and a payload of varying length that encodes `i`.
 fn message(i: u64) -> (u16, Vec<u8>) {
     let len = 8 + (i * 37 % 3000) as usize;
@@ -248,7 +257,8 @@ fn all_lanes_killed_gives_all_lanes_failed_everywhere() {
 
 #[test]
 fn failed_lane_messages_are_resent_lowest_seq_first_within_windows() {
-    let (c, mut raw) = mem_lanes(2);
+    let (c, raw) = mem_lanes(2);
+    let mut raw = bounded_reads(raw);
     let tx = SessionSender::new(c, config(2)).unwrap();
     for i in 0..4 {
         let (tag, p) = message(i);
@@ -289,7 +299,8 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[test]
 fn receiver_drops_duplicates_reacks_and_closes_lanes_with_bad_frames() {
-    let (mut raw, s) = mem_lanes(2);
+    let (raw, s) = mem_lanes(2);
+    let mut raw = bounded_reads(raw);
     let rx = SessionReceiver::new(s, config(16)).unwrap();
 
     // First copy delivered and acked on its lane.
@@ -361,7 +372,8 @@ fn receiver_drops_duplicates_reacks_and_closes_lanes_with_bad_frames() {
 
 #[test]
 fn send_blocks_when_every_window_is_full_until_an_ack() {
-    let (c, mut raw) = mem_lanes(1);
+    let (c, raw) = mem_lanes(1);
+    let mut raw = bounded_reads(raw);
     let tx = std::sync::Arc::new(SessionSender::new(c, config(2)).unwrap());
     tx.send(1, vec![1]).unwrap();
     tx.send(1, vec![2]).unwrap();
@@ -392,7 +404,8 @@ fn send_blocks_when_every_window_is_full_until_an_ack() {
 
 #[test]
 fn acks_for_unsent_seqs_close_the_lane() {
-    let (c, mut raw) = mem_lanes(2);
+    let (c, raw) = mem_lanes(2);
+    let mut raw = bounded_reads(raw);
     let tx = SessionSender::new(c, config(4)).unwrap();
     raw[0].send(Kind::Ack, 0, 77, &[]).unwrap();
     eventually("lane 0 to fail", || tx.live_lanes() == 1);
@@ -505,4 +518,50 @@ fn connect_and_accept_build_a_whole_session() {
     assert_eq!(tx.recv_reply(LONG).unwrap(), (2, b"bye".to_vec()));
     let rx = dest.join().unwrap();
     assert_eq!(rx.session(), tx.session());
+}
+
+#[test]
+fn connect_routes_sends_each_lane_to_its_own_remote_from_its_own_local() {
+    // One listener on every address; lanes aimed at two different loopback addresses.
+    let listener = Listener::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    let port = listener.local_addr().port();
+    let dest = thread::spawn(move || {
+        let mut lanes: Vec<_> = (0..2).map(|_| listener.accept(&key()).unwrap()).collect();
+        lanes.sort_by_key(Lane::index);
+        let ends: Vec<_> = lanes
+            .iter()
+            .map(|l| {
+                let s = l.stream();
+                (s.local_addr().unwrap().ip(), s.peer_addr().unwrap().ip())
+            })
+            .collect();
+        let rx = SessionReceiver::new(lanes, SessionConfig::default()).unwrap();
+        for _ in 0..20 {
+            let m = rx.recv(LONG).unwrap();
+            check(&m);
+            rx.ack(&m).unwrap();
+        }
+        (rx, ends)
+    });
+    let a: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let b: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let routes = [
+        (Some(SocketAddr::new(a, 0)), SocketAddr::new(b, port)),
+        (Some(SocketAddr::new(b, 0)), SocketAddr::new(a, port)),
+    ];
+    let tx = SessionSender::connect_routes(&routes, &key(), SessionConfig::default()).unwrap();
+    assert_eq!(tx.lanes(), 2);
+    for i in 0..20 {
+        let (tag, p) = message(i);
+        tx.send(tag, p).unwrap();
+    }
+    tx.barrier_timeout(LONG).unwrap();
+    let (rx, ends) = dest.join().unwrap();
+    assert_eq!(rx.session(), tx.session());
+    // (destination address, source address) of lanes 0 and 1.
+    assert_eq!(ends, vec![(b, a), (a, b)]);
+    assert!(tx.stats().iter().all(|l| l.messages > 0), "both lanes used");
+
+    let err = SessionSender::connect_routes(&[], &key(), SessionConfig::default()).unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
 }
