@@ -14,14 +14,15 @@
 //! byte of it is written; a bad batch writes nothing, is reported to the source as `Failed`
 //! with the reason, and ends the migration here. The source then resumes its VM.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_transport::{Incoming, SessionReceiver};
 
 use crate::digest;
-use crate::encode::{self, DecodeError};
-use crate::memory::{MemoryError, PAGE_SHIFT, PAGE_SIZE};
+use crate::encode::{BatchDecoder, DecodeError};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::{self, Describe, Digests, ProtoError, Tag};
 use crate::vm::{Serial, Vm, VmError, VmState};
 
@@ -32,6 +33,8 @@ pub struct DestConfig {
     pub digest_threads: usize,
     /// Longest silence from the source before giving up (default 60 s).
     pub idle_timeout: Duration,
+    /// Threads that decode and write page batches (default: available cores).
+    pub workers: usize,
 }
 
 impl Default for DestConfig {
@@ -39,6 +42,7 @@ impl Default for DestConfig {
         Self {
             digest_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             idle_timeout: Duration::from_secs(60),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -66,6 +70,9 @@ pub enum ReceiveError {
     State(#[source] bincode::Error),
 }
 
+/// How often the receiving loop looks at the decode threads' errors while waiting.
+const APPLIER_POLL: Duration = Duration::from_millis(100);
+
 /// What the destination measured.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct DestReport {
@@ -79,8 +86,127 @@ pub struct DestReport {
 /// The states of the receiver (see the module diagram).
 enum State {
     AwaitDescribe,
-    Receiving { vm: Vm, epochs: Vec<u32> },
-    AwaitCommit { vm: Vm },
+    Receiving {
+        vm: Arc<Vm>,
+        pages: Arc<PageVersions>,
+    },
+    AwaitCommit {
+        vm: Arc<Vm>,
+    },
+}
+
+/// The newest epoch written to each page, with striped locks so that two records of the
+/// same page applied on two threads cannot interleave (DESIGN §4.1).
+struct PageVersions {
+    /// Epoch + 1 of the newest record written (0: none yet).
+    epochs: Vec<AtomicU32>,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl PageVersions {
+    const STRIPES: usize = 1024;
+
+    fn new(pages: u64) -> Self {
+        Self {
+            epochs: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            stripes: (0..Self::STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Writes `page` unless a newer epoch of it is already there; returns whether it wrote.
+    fn apply(
+        &self,
+        mem: &GuestMemory,
+        gpa: u64,
+        epoch: u32,
+        page: &[u8],
+    ) -> Result<bool, MemoryError> {
+        let p = (gpa >> PAGE_SHIFT) as usize;
+        let _g = self.stripes[p % Self::STRIPES]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let slot = &self.epochs[p];
+        if epoch + 1 < slot.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        mem.write(gpa, page)?;
+        slot.store(epoch + 1, Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+/// Decode workers: page batches are decoded, written and acknowledged on several threads.
+struct Appliers {
+    queue: Option<crossbeam_channel::Sender<(Arc<Vm>, Arc<PageVersions>, Incoming)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    error: Arc<Mutex<Option<ReceiveError>>>,
+    counts: Arc<Mutex<DestReport>>,
+}
+
+impl Appliers {
+    fn start(rx: &Arc<SessionReceiver>, n: usize) -> Self {
+        let (tx, queue) =
+            crossbeam_channel::bounded::<(Arc<Vm>, Arc<PageVersions>, Incoming)>(2 * n);
+        let error = Arc::new(Mutex::new(None));
+        let counts = Arc::new(Mutex::new(DestReport::default()));
+        let threads = (0..n.max(1))
+            .map(|i| {
+                let (queue, error, counts, rx) = (
+                    queue.clone(),
+                    Arc::clone(&error),
+                    Arc::clone(&counts),
+                    Arc::clone(rx),
+                );
+                std::thread::Builder::new()
+                    .name(format!("ferry-apply{i}"))
+                    .spawn(move || {
+                        let mut dec = BatchDecoder::new();
+                        for (vm, pages, msg) in queue {
+                            let r = apply_batch(&mut dec, &vm, &pages, &msg).and_then(|(w, s)| {
+                                rx.ack(&msg)?;
+                                Ok((w, s))
+                            });
+                            match r {
+                                Ok((written, stale)) => {
+                                    let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+                                    c.batches += 1;
+                                    c.pages_written += written;
+                                    c.stale_records += stale;
+                                }
+                                Err(e) => {
+                                    let mut slot = error.lock().unwrap_or_else(|e| e.into_inner());
+                                    slot.get_or_insert(e);
+                                }
+                            }
+                        }
+                    })
+                    .expect("spawning a decode thread")
+            })
+            .collect();
+        Self {
+            queue: Some(tx),
+            threads,
+            error,
+            counts,
+        }
+    }
+
+    fn check(&self) -> Result<(), ReceiveError> {
+        match self.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Appliers {
+    fn drop(&mut self) {
+        self.queue.take();
+        for t in self.threads.drain(..) {
+            // A decode thread that panicked has nothing left to clean up.
+            let _ = t.join();
+        }
+    }
 }
 
 impl State {
@@ -95,7 +221,7 @@ impl State {
 
 /// Receives one VM over `rx` and returns it running, with what was measured.
 pub fn receive(
-    rx: &SessionReceiver,
+    rx: &Arc<SessionReceiver>,
     serial: Arc<Serial>,
     cfg: &DestConfig,
 ) -> Result<(Vm, DestReport), ReceiveError> {
@@ -121,15 +247,28 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn run(
-    rx: &SessionReceiver,
+    rx: &Arc<SessionReceiver>,
     serial: Arc<Serial>,
     cfg: &DestConfig,
     report: &mut DestReport,
 ) -> Result<Vm, ReceiveError> {
     let mut state = State::AwaitDescribe;
     let mut serial = Some(serial);
+    let appliers = Appliers::start(rx, cfg.workers);
+    let mut idle = Duration::ZERO;
     loop {
-        let msg: Incoming = rx.recv(cfg.idle_timeout)?;
+        appliers.check()?;
+        let msg: Incoming = match rx.recv(APPLIER_POLL) {
+            Ok(m) => {
+                idle = Duration::ZERO;
+                m
+            }
+            Err(e) if e.is_timeout() && idle < cfg.idle_timeout => {
+                idle += APPLIER_POLL;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let tag = Tag::from_u16(msg.tag).ok_or(ProtoError::UnknownTag(msg.tag))?;
         state = match (state, tag) {
             (_, Tag::Abort) => {
@@ -144,19 +283,24 @@ fn run(
                     d.vcpus,
                     serial.take().expect("Describe is accepted once"),
                 )?;
-                let epochs = vec![0u32; vm.memory().page_span() as usize];
+                let pages = Arc::new(PageVersions::new(vm.memory().page_span()));
                 rx.ack(&msg)?;
                 rx.reply(Tag::Ready as u16, &[])?;
-                State::Receiving { vm, epochs }
+                State::Receiving {
+                    vm: Arc::new(vm),
+                    pages,
+                }
             }
             (s @ State::Receiving { .. }, Tag::Probe) => {
                 rx.ack(&msg)?;
                 s
             }
-            (State::Receiving { vm, mut epochs }, Tag::Pages) => {
-                apply_batch(&vm, &mut epochs, &msg, report)?;
-                rx.ack(&msg)?;
-                State::Receiving { vm, epochs }
+            (State::Receiving { vm, pages }, Tag::Pages) => {
+                let q = appliers.queue.as_ref().expect("open until drop");
+                if q.send((Arc::clone(&vm), Arc::clone(&pages), msg)).is_err() {
+                    appliers.check()?;
+                }
+                State::Receiving { vm, pages }
             }
             (State::Receiving { vm, .. }, Tag::Switchover) => {
                 let (h, state_bytes) = proto::decode_switchover(&msg.payload)?;
@@ -181,8 +325,24 @@ fn run(
                 )?;
                 State::AwaitCommit { vm }
             }
-            (State::AwaitCommit { mut vm }, Tag::Commit) => {
+            (State::AwaitCommit { vm }, Tag::Commit) => {
                 rx.ack(&msg)?;
+                // The decode threads hold no VM reference once every batch is acknowledged,
+                // which the source's barrier before Switchover guarantees.
+                let counts = appliers
+                    .counts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                drop(appliers);
+                let mut vm = Arc::try_unwrap(vm).map_err(|_| ProtoError::Unexpected {
+                    tag,
+                    state: "while page batches are still being applied",
+                })?;
+                *report = DestReport {
+                    hash_ms: report.hash_ms,
+                    ..counts
+                };
                 vm.start()?;
                 rx.reply(Tag::Resumed as u16, &[])?;
                 return Ok(vm);
@@ -199,37 +359,30 @@ fn run(
 }
 
 /// Validates a whole batch, then writes the records whose epoch is not older than what the
-/// page already holds (DESIGN §4.1).
+/// page already holds (DESIGN §4.1). Returns (records written, records dropped as stale).
 fn apply_batch(
+    dec: &mut BatchDecoder,
     vm: &Vm,
-    epochs: &mut [u32],
+    pages: &PageVersions,
     msg: &Incoming,
-    report: &mut DestReport,
-) -> Result<(), ReceiveError> {
+) -> Result<(u64, u64), ReceiveError> {
     let mem = vm.memory();
-    let mut written = 0;
-    let mut stale = 0;
-    encode::decode_batch(
+    let (mut written, mut stale) = (0, 0);
+    dec.decode(
         &msg.payload,
         |gpa| mem.contains(gpa, PAGE_SIZE as u64),
         |gpa, epoch, page| {
-            let slot = &mut epochs[(gpa >> PAGE_SHIFT) as usize];
-            // Stored as epoch + 1 so that 0 means "nothing received yet".
-            if epoch + 1 < *slot {
+            if pages.apply(mem, gpa, epoch, page)? {
+                written += 1;
+            } else {
                 stale += 1;
-                return Ok(());
             }
-            *slot = epoch + 1;
-            written += 1;
-            mem.write(gpa, page)
+            Ok::<(), MemoryError>(())
         },
     )
     .map_err(|source| ReceiveError::Batch {
         seq: msg.seq,
         source,
     })?;
-    report.batches += 1;
-    report.pages_written += written;
-    report.stale_records += stale;
-    Ok(())
+    Ok((written, stale))
 }

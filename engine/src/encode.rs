@@ -213,6 +213,9 @@ pub struct EncoderConfig {
     pub dedup: bool,
     /// Pages per batch, 1 to [`MAX_BATCH_PAGES`]. Default [`DEFAULT_BATCH_PAGES`].
     pub max_pages: usize,
+    /// Try zstd on pages that are neither zero nor duplicates; when false they go raw
+    /// (for lanes faster than the cores can compress). Default true.
+    pub compress: bool,
 }
 
 impl Default for EncoderConfig {
@@ -221,6 +224,7 @@ impl Default for EncoderConfig {
             zstd_level: 1,
             dedup: true,
             max_pages: DEFAULT_BATCH_PAGES,
+            compress: true,
         }
     }
 }
@@ -314,6 +318,11 @@ impl BatchEncoder {
         &self.cfg
     }
 
+    /// Turns zstd on or off for the pages pushed from now on.
+    pub fn set_compress(&mut self, on: bool) {
+        self.cfg.compress = on;
+    }
+
     /// Pages in the current batch.
     pub fn len(&self) -> usize {
         self.count as usize
@@ -367,8 +376,8 @@ impl BatchEncoder {
                 // A destination smaller than the page: zstd fails when it cannot shrink it.
                 let dst = &mut self.scratch[..PAGE_SIZE - 1];
                 let frame_len = match &mut self.compressor {
-                    Some(c) => c.compress_to_buffer(&page[..], dst).ok(),
-                    None => None,
+                    Some(c) if self.cfg.compress => c.compress_to_buffer(&page[..], dst).ok(),
+                    _ => None,
                 };
                 let sent = match frame_len {
                     Some(n) if n > 0 && n < PAGE_SIZE => {

@@ -66,6 +66,10 @@ pub struct Report {
     pub converged: bool,
     pub mem_bytes: u64,
     pub vcpus: u32,
+    /// Range workers on the source.
+    pub workers: usize,
+    /// Whether pages were compressed (the measured choice, or forced by `--compress`).
+    pub compressed: bool,
     pub total_ms: f64,
     pub live_ms: f64,
     pub downtime_ms: f64,
@@ -82,14 +86,27 @@ pub struct Report {
     pub epochs: u32,
     /// Average wire throughput over the whole migration.
     pub throughput_bytes_per_s: f64,
-    /// Measured before starting, from the lane probe and the encoder sample.
-    pub probe_bytes_per_s: f64,
-    pub probe_wire_bytes_per_page: f64,
+    /// What was measured before starting, and what the bound assumes.
+    pub probe: ProbeFigures,
     /// Pages sent during the stop-and-copy.
     pub final_pages: u64,
     pub digest_ranges: usize,
     pub digest_ms: f64,
     pub lanes: Vec<LaneReport>,
+}
+
+/// Measured before the migration: the lanes (a probe of discarded messages) and one core's
+/// encoding of a sample of 1024 pages spread over memory, compressed and raw.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ProbeFigures {
+    pub lane_bytes_per_s: f64,
+    pub zstd_wire_bytes_per_page: f64,
+    pub zstd_us_per_page: f64,
+    pub raw_wire_bytes_per_page: f64,
+    pub raw_us_per_page: f64,
+    /// The wire rate and bytes per page of the chosen mode, which the bound uses.
+    pub bytes_per_s: f64,
+    pub wire_bytes_per_page: f64,
 }
 
 /// Per-lane figures.

@@ -64,12 +64,14 @@ pub fn receive(
     let rx = loop {
         match SessionReceiver::accept(listener, key, session_config(), Some(POLL)) {
             Ok(rx) => break rx,
-            Err(e) if e.is_timeout() && !stop.load(Ordering::Relaxed) => continue,
+            Err(ferry_transport::Error::AcceptTimeout { .. }) if !stop.load(Ordering::Relaxed) => {
+                continue
+            }
             Err(_) if stop.load(Ordering::Relaxed) => anyhow::bail!("interrupted while waiting"),
             Err(e) => return Err(e).context("accepting a migration"),
         }
     };
-    let out = dest::receive(&rx, serial, &DestConfig::default())
+    let out = dest::receive(&std::sync::Arc::new(rx), serial, &DestConfig::default())
         .context("receiving the VM failed; nothing was resumed here")?;
     Ok(out)
 }

@@ -126,6 +126,13 @@ pub struct MigrateOpts {
     /// Pages per batch message.
     #[arg(long, default_value_t = 256)]
     pub batch_pages: usize,
+    /// Range workers on the source (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Compress pages: auto (measure, and compress unless raw moves more pages per
+    /// second), on, off.
+    #[arg(long, default_value = "auto")]
+    pub compress: ferry_engine::source::CompressMode,
     /// zstd level for page compression.
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
@@ -180,6 +187,11 @@ impl MigrateOpts {
             ..SourceConfig::default()
         };
         cfg.encoder.zstd_level = self.zstd_level;
+        cfg.compress = self.compress;
+        if let Some(w) = self.workers {
+            anyhow::ensure!(w >= 1, "--workers must be at least 1");
+            cfg.workers = w;
+        }
         cfg.encoder.max_pages = self.batch_pages;
         Ok(cfg)
     }

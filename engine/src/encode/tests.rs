@@ -142,6 +142,7 @@ fn config_is_clamped() {
         zstd_level: 1000,
         dedup: true,
         max_pages: usize::MAX,
+        compress: true,
     });
     assert_eq!(enc.config().max_pages, MAX_BATCH_PAGES);
     assert!(enc.config().zstd_level <= 22);
@@ -153,6 +154,17 @@ fn config_is_clamped() {
         ..Default::default()
     });
     assert_eq!(enc.config().max_pages, 1);
+}
+
+#[test]
+fn compression_can_be_turned_off() {
+    let mut enc = BatchEncoder::new(EncoderConfig::default());
+    assert_eq!(enc.push(0, 0, &page(1, 0)).unwrap(), PageClass::Zstd);
+    enc.set_compress(false);
+    assert_eq!(enc.push(4096, 0, &page(1, 1)).unwrap(), PageClass::Raw);
+    assert_eq!(enc.push(8192, 0, &page(0, 0)).unwrap(), PageClass::Zero);
+    let (batch, _) = enc.finish();
+    assert_eq!(decode_all(&batch).unwrap().1[1].2, page(1, 1));
 }
 
 #[test]
@@ -408,7 +420,7 @@ proptest! {
             .iter()
             .map(|&(pn, epoch, kind, seed)| (pn * 4096, epoch, page(kind, seed)))
             .collect();
-        let cfg = EncoderConfig { dedup, zstd_level: level, max_pages: MAX_BATCH_PAGES };
+        let cfg = EncoderConfig { dedup, zstd_level: level, max_pages: MAX_BATCH_PAGES, compress: true };
         let (batch, stats) = encode(&pages, cfg);
         prop_assert_eq!(stats.pages(), pages.len() as u64);
         prop_assert_eq!(stats.wire_bytes, batch.len() as u64);

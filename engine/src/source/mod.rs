@@ -13,9 +13,15 @@
 //!     StopAndCopy --> RolledBack: any error, VM resumed
 //!     Switchover --> RolledBack: mismatch or error, VM resumed
 //! ```
-//! The coordinator only decides; this module reads pages, encodes them and hands batches to
-//! the transport, which pipelines them over its lanes with a window of unacknowledged batches.
+//! The coordinator only decides (on this module's thread): it picks pages from the
+//! never-sent and dirty groups and dispatches them as work items; range workers
+//! ([`workers`]) re-arm, read, encode and hand batches to the transport, which pipelines them
+//! over its lanes with a window of unacknowledged batches. The final pass after the pause is
+//! spread over every worker and lane the same way.
 
+mod workers;
+
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ferry_transport::SessionSender;
@@ -24,10 +30,10 @@ use crate::bitmap::Bitmap;
 use crate::coordinator::{self, Decision, PolicyConfig, PolicyKind, Progress};
 use crate::digest::{self, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
-use crate::encode::{BatchEncoder, BatchStats, EncodeError, EncoderConfig};
+use crate::encode::{BatchEncoder, EncodeError, EncoderConfig};
 use crate::memory::{MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
-use crate::report::{LaneReport, Phase, ProgressEvent, Report};
+use crate::report::{LaneReport, Phase, ProbeFigures, ProgressEvent, Report};
 use crate::vm::{Vm, VmError};
 
 /// Tuning of the source side; every field has a documented default.
@@ -42,6 +48,12 @@ pub struct SourceConfig {
     /// Threads hashing at switchover (default: available cores).
     pub digest_threads: usize,
     pub encoder: EncoderConfig,
+    /// Whether to compress: measured choice (default), or forced on or off.
+    pub compress: CompressMode,
+    /// Range workers (default: one per available core).
+    pub workers: usize,
+    /// Cores to pin the workers to, in order (default: none, unpinned).
+    pub worker_cpus: Vec<usize>,
     /// Longest the bandwidth probe runs before the migration (default 300 ms).
     pub probe_time: Duration,
     /// How long to wait for each reply of the destination (default 60 s).
@@ -59,9 +71,36 @@ impl Default for SourceConfig {
             digest_range: 64 << 20,
             digest_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             encoder: EncoderConfig::default(),
+            compress: CompressMode::Auto,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            worker_cpus: Vec::new(),
             probe_time: Duration::from_millis(300),
             reply_timeout: Duration::from_secs(60),
             fault: None,
+        }
+    }
+}
+
+/// Compression choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressMode {
+    /// Measure before starting: compress unless raw pages would move faster (lanes faster
+    /// than the cores can compress).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for CompressMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("{s:?}: expected auto, on or off")),
         }
     }
 }
@@ -95,6 +134,8 @@ pub enum MigrateError {
     Vm(#[from] VmError),
     #[error("encoding a page")]
     Encode(#[from] EncodeError),
+    #[error("range workers failed: {0}")]
+    Workers(String),
     #[error("the policy aborted the migration: {0}")]
     Policy(String),
     #[error("guest memory differs at switchover in {ranges} of {total} digest ranges (first at gpa {first_gpa:#x})")]
@@ -149,12 +190,29 @@ impl Meter {
     }
 }
 
-/// One migration of a running VM to the destination behind `tx`.
-struct Migration<'a> {
+/// What the probe before the migration measured.
+#[derive(Clone, Copy, Debug, Default)]
+struct Probe {
+    /// Wire bytes/s the lanes carried.
+    lane_rate: f64,
+    /// Wire bytes per page and seconds per page on one core, compressed and raw.
+    bpp_zstd: f64,
+    secs_zstd: f64,
+    bpp_raw: f64,
+    secs_raw: f64,
+    /// The choice made, and the wire rate and bytes per page it implies.
+    compress: bool,
+    rate: f64,
+    bpp: f64,
+}
+
+/// One migration of a running VM to the destination behind `tx`: the coordinator's state.
+struct Migration<'a, 'd, 's> {
     vm: &'a Vm,
-    tracker: &'a dyn DirtyTracker,
     tx: &'a SessionSender,
     cfg: &'a SourceConfig,
+    shared: &'s workers::Shared<'a>,
+    dispatch: &'d workers::Dispatch<'a, 's>,
     t0: Instant,
     epoch: u32,
     never_sent: Bitmap,
@@ -163,20 +221,13 @@ struct Migration<'a> {
     scratch: Bitmap,
     cursor_never: u64,
     cursor_dirty: u64,
-    enc: BatchEncoder,
-    stats: BatchStats,
-    wire_bytes: u64,
+    pending: Vec<u64>,
     pages_sent: u64,
     dirtied_last_epoch: u64,
     last_harvest: Instant,
     meter: Meter,
-    probe_bpp: f64,
-    probe_bw: f64,
+    probe: Probe,
     bound: Option<Duration>,
-    page_buf: Vec<u8>,
-    pick: Vec<u64>,
-    fault_sent: bool,
-    corrupt_next: bool,
 }
 
 /// Migrates `vm` (running, with `tracker` watching its memory) over `tx`. On success the
@@ -195,35 +246,38 @@ pub fn migrate(
             never_sent.set(p);
         }
     }
-    let mut m = Migration {
-        vm,
-        tracker,
-        tx,
-        cfg,
-        t0: Instant::now(),
-        epoch: 0,
-        never_sent,
-        sent: Bitmap::new(span),
-        dirty: Bitmap::new(span),
-        scratch: Bitmap::new(span),
-        cursor_never: 0,
-        cursor_dirty: 0,
-        enc: BatchEncoder::new(cfg.encoder.clone()),
-        stats: BatchStats::default(),
-        wire_bytes: 0,
-        pages_sent: 0,
-        dirtied_last_epoch: 0,
-        last_harvest: Instant::now(),
-        meter: Meter::new(),
-        probe_bpp: PAGE_SIZE as f64,
-        probe_bw: 0.0,
-        bound: None,
-        page_buf: vec![0; PAGE_SIZE],
-        pick: Vec::new(),
-        fault_sent: false,
-        corrupt_next: false,
-    };
-    let mut result = m.run(progress);
+    let shared = workers::Shared::new(vm, tracker, tx, cfg.encoder.clone(), cfg.fault);
+    let n = cfg.workers.max(1);
+    let cpus: Vec<Option<usize>> = (0..n).map(|i| cfg.worker_cpus.get(i).copied()).collect();
+    let mut result = std::thread::scope(|scope| {
+        let dispatch = workers::start(scope, &shared, &cpus, &vec![0; n]);
+        let mut m = Migration {
+            vm,
+            tx,
+            cfg,
+            shared: &shared,
+            dispatch: &dispatch,
+            t0: Instant::now(),
+            epoch: 0,
+            never_sent,
+            sent: Bitmap::new(span),
+            dirty: Bitmap::new(span),
+            scratch: Bitmap::new(span),
+            cursor_never: 0,
+            cursor_dirty: 0,
+            pending: Vec::new(),
+            pages_sent: 0,
+            dirtied_last_epoch: 0,
+            last_harvest: Instant::now(),
+            meter: Meter::new(),
+            probe: Probe::default(),
+            bound: None,
+        };
+        let r = m.run(progress);
+        // Let the workers finish what they hold before the scope joins them.
+        let _ = dispatch.drain();
+        r
+    });
     if let Err(MigrateError::Transport(_)) = &result {
         // A destination that rejects something replies `Failed` and then closes the
         // connection; report its reason rather than the closed connection.
@@ -243,7 +297,7 @@ pub fn migrate(
     result
 }
 
-impl Migration<'_> {
+impl Migration<'_, '_, '_> {
     fn run(&mut self, progress: &mut dyn FnMut(&ProgressEvent)) -> Result<Report, MigrateError> {
         let mem = self.vm.memory();
         self.tx.send(
@@ -255,12 +309,15 @@ impl Migration<'_> {
             }),
         )?;
         self.expect_reply(Tag::Ready)?;
-        self.probe()?;
+        self.probe = self.probe()?;
+        self.shared
+            .compress
+            .store(self.probe.compress, Ordering::Relaxed);
         self.bound = coordinator::bound(
             self.cfg.policy,
             mem.size(),
-            self.probe_bw,
-            self.probe_bpp,
+            self.probe.rate,
+            self.probe.bpp,
             &self.cfg.policy_cfg,
         );
         progress(&self.event(Phase::Setup));
@@ -270,11 +327,12 @@ impl Migration<'_> {
         self.t0 = Instant::now();
         self.last_harvest = self.t0;
         let mut last_event = self.t0;
+        let mut pick = Vec::new();
         loop {
             let now = Instant::now();
-            self.meter.add(now, self.wire_bytes);
             if now.duration_since(last_event) >= Duration::from_millis(100) {
                 last_event = now;
+                self.meter.add(now, self.wire_bytes());
                 self.check_destination()?;
                 let mut ev = self.event(Phase::Live);
                 let f = policy.forecast(&self.progress());
@@ -284,26 +342,28 @@ impl Migration<'_> {
             }
             match policy.decide(&self.progress()) {
                 Decision::Send { never_sent, dirty } => {
-                    self.pick.clear();
-                    let mut pick = std::mem::take(&mut self.pick);
+                    pick.clear();
                     self.never_sent
                         .take(&mut self.cursor_never, never_sent as usize, &mut pick);
                     self.dirty
                         .take(&mut self.cursor_dirty, dirty as usize, &mut pick);
-                    pick.sort_unstable();
-                    self.tracker.clear(&pick)?;
-                    let r = self.send_pages(&pick);
-                    self.pick = pick;
-                    r?;
+                    self.queue(&pick)?;
                 }
-                Decision::Harvest => self.harvest()?,
+                Decision::Harvest => {
+                    self.flush()?;
+                    // Every picked page is re-armed before the harvest reads the log, so a
+                    // page in flight is not counted dirty again.
+                    self.dispatch.drain()?;
+                    self.harvest()?;
+                }
                 Decision::Switchover => break,
                 Decision::Abort(why) => return Err(MigrateError::Policy(why)),
             }
         }
         self.flush()?;
+        self.dispatch.drain()?;
 
-        // Stop-and-copy.
+        // Stop-and-copy, spread over every worker and lane.
         let paused_at = Instant::now();
         self.vm.pause()?;
         let mut guard = PauseGuard {
@@ -319,10 +379,11 @@ impl Migration<'_> {
         self.dirty.clear_all();
         let final_pages = rest.len() as u64;
         if self.cfg.fault == Some(Fault::CorruptPage) {
-            self.corrupt_next = true;
+            self.shared.corrupt_next_page();
         }
-        self.send_pages(&rest)?;
+        self.queue(&rest)?;
         self.flush()?;
+        self.dispatch.drain()?;
         self.tx.barrier()?;
 
         // Switchover: state, digests compared, commit.
@@ -365,6 +426,7 @@ impl Migration<'_> {
         let done = Instant::now();
 
         let total = done.duration_since(self.t0).as_secs_f64() * 1e3;
+        let wire_bytes = self.wire_bytes();
         let mut report = Report {
             verified: true,
             verify: self.cfg.verify,
@@ -372,21 +434,30 @@ impl Migration<'_> {
             converged: !policy.limit_reached(),
             mem_bytes: mem.size(),
             vcpus: self.vm.vcpu_count() as u32,
+            workers: self.cfg.workers.max(1),
+            compressed: self.probe.compress,
             total_ms: total,
             live_ms: paused_at.duration_since(self.t0).as_secs_f64() * 1e3,
             downtime_ms: done.duration_since(paused_at).as_secs_f64() * 1e3,
             eviction_ms: total,
             bound_ms: self.bound.map(|b| b.as_secs_f64() * 1e3),
             within_bound: self.bound.map(|b| total <= b.as_secs_f64() * 1e3),
-            wire_bytes: self.wire_bytes,
+            wire_bytes,
             pages_sent: self.pages_sent,
-            pages: self.stats,
+            pages: *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()),
             compression_ratio: (self.pages_sent * PAGE_SIZE as u64) as f64
-                / self.wire_bytes.max(1) as f64,
+                / wire_bytes.max(1) as f64,
             epochs: self.epoch,
-            throughput_bytes_per_s: self.wire_bytes as f64 / (total / 1e3).max(1e-9),
-            probe_bytes_per_s: self.probe_bw,
-            probe_wire_bytes_per_page: self.probe_bpp,
+            throughput_bytes_per_s: wire_bytes as f64 / (total / 1e3).max(1e-9),
+            probe: ProbeFigures {
+                lane_bytes_per_s: self.probe.lane_rate,
+                zstd_wire_bytes_per_page: self.probe.bpp_zstd,
+                zstd_us_per_page: self.probe.secs_zstd * 1e6,
+                raw_wire_bytes_per_page: self.probe.bpp_raw,
+                raw_us_per_page: self.probe.secs_raw * 1e6,
+                bytes_per_s: self.probe.rate,
+                wire_bytes_per_page: self.probe.bpp,
+            },
             final_pages,
             digest_ranges: ours.len(),
             digest_ms: ours_ms.max(theirs.hash_ms),
@@ -407,8 +478,50 @@ impl Migration<'_> {
         Ok(report)
     }
 
+    fn wire_bytes(&self) -> u64 {
+        self.shared.wire_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Marks `pages` sent and queues them for the workers, in work items of one batch.
+    fn queue(&mut self, pages: &[u64]) -> Result<(), MigrateError> {
+        for &p in pages {
+            self.sent.set(p);
+        }
+        self.pages_sent += pages.len() as u64;
+        self.pending.extend_from_slice(pages);
+        let batch = self.shared.encoder.max_pages.max(1);
+        while self.pending.len() >= batch {
+            let rest = self.pending.split_off(batch);
+            let work = std::mem::replace(&mut self.pending, rest);
+            self.dispatch_work(work)?;
+        }
+        Ok(())
+    }
+
+    /// Queues whatever is pending.
+    fn flush(&mut self) -> Result<(), MigrateError> {
+        if !self.pending.is_empty() {
+            let work = std::mem::take(&mut self.pending);
+            self.dispatch_work(work)?;
+        }
+        Ok(())
+    }
+
+    fn dispatch_work(&mut self, mut pages: Vec<u64>) -> Result<(), MigrateError> {
+        // Sorted pages let the worker re-arm them with few KVM_CLEAR_DIRTY_LOG calls.
+        pages.sort_unstable();
+        self.dispatch.send(
+            0,
+            workers::Work {
+                pages,
+                epoch: self.epoch,
+            },
+        )
+    }
+
     fn progress(&self) -> Progress {
         let now = Instant::now();
+        let wire_bytes = self.wire_bytes();
         Progress {
             elapsed: now.duration_since(self.t0),
             since_harvest: now.duration_since(self.last_harvest),
@@ -417,15 +530,15 @@ impl Migration<'_> {
             never_sent: self.never_sent.count(),
             dirty: self.dirty.count(),
             pages_sent: self.pages_sent,
-            bytes_sent: self.wire_bytes,
+            bytes_sent: wire_bytes,
             bandwidth: match self.meter.rate() {
                 r if r > 0.0 => r,
-                _ => self.probe_bw,
+                _ => self.probe.rate,
             },
-            bytes_per_page: if self.pages_sent > 0 {
-                self.wire_bytes as f64 / self.pages_sent as f64
+            bytes_per_page: if self.pages_sent > 0 && wire_bytes > 0 {
+                wire_bytes as f64 / self.pages_sent as f64
             } else {
-                self.probe_bpp
+                self.probe.bpp
             },
             dirtied_last_epoch: self.dirtied_last_epoch,
         }
@@ -438,7 +551,7 @@ impl Migration<'_> {
             elapsed_ms: p.elapsed.as_secs_f64() * 1e3,
             fraction: 0.0,
             eta_ms: 0.0,
-            wire_bytes: self.wire_bytes,
+            wire_bytes: p.bytes_sent,
             pages_sent: self.pages_sent,
             never_sent_pages: p.never_sent,
             dirty_pages: p.dirty,
@@ -451,94 +564,44 @@ impl Migration<'_> {
     /// Harvests the dirty log: pages already sent and written since join the dirty group.
     fn harvest(&mut self) -> Result<(), MigrateError> {
         self.scratch.clear_all();
-        self.tracker.harvest(&mut self.scratch)?;
+        self.shared.tracker.harvest(&mut self.scratch)?;
         self.dirtied_last_epoch = self.dirty.or_masked(&self.scratch, &self.sent);
         self.epoch += 1;
         self.last_harvest = Instant::now();
         Ok(())
     }
 
-    /// Reads and encodes `pages` (their dirty bits already cleared) into batches.
-    fn send_pages(&mut self, pages: &[u64]) -> Result<(), MigrateError> {
-        let mem = self.vm.memory();
-        for &p in pages {
-            let gpa = p << PAGE_SHIFT;
-            mem.read(gpa, &mut self.page_buf)?;
-            if std::mem::take(&mut self.corrupt_next) {
-                self.page_buf[100] ^= 0x5a;
-            }
-            let page: &[u8; PAGE_SIZE] = self.page_buf[..].try_into().expect("one page");
-            self.enc.push(gpa, self.epoch, page)?;
-            self.sent.set(p);
-            self.pages_sent += 1;
-            if self.enc.is_full() {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends the current batch, if any.
-    fn flush(&mut self) -> Result<(), MigrateError> {
-        if self.enc.is_empty() {
-            return Ok(());
-        }
-        let (payload, stats) = self.enc.finish();
-        self.wire_bytes += payload.len() as u64;
-        self.stats += stats;
-        if !self.fault_sent {
-            if let Some(f) = self.cfg.fault {
-                self.fault_sent = self.inject(f, &payload)?;
-            }
-        }
-        self.tx.send(Tag::Pages as u16, payload)?;
-        Ok(())
-    }
-
-    /// Sends one bad batch before `payload` for the faults that need one.
-    fn inject(&mut self, f: Fault, payload: &[u8]) -> Result<bool, MigrateError> {
-        match f {
-            Fault::GpaOutsideMemory => {
-                let mut e = BatchEncoder::new(self.cfg.encoder.clone());
-                let outside = self.vm.memory().page_span() << PAGE_SHIFT;
-                e.push(outside + (1 << 30), self.epoch, &[0x42; PAGE_SIZE])?;
-                self.tx.send(Tag::Pages as u16, e.finish().0)?;
-            }
-            Fault::TruncatedBatch => {
-                let cut = payload.len() / 2;
-                self.tx.send(Tag::Pages as u16, payload[..cut].to_vec())?;
-            }
-            Fault::CorruptPage => return Ok(false),
-        }
-        Ok(true)
-    }
-
-    /// Measures what the lanes carry and what one core encodes, before starting.
-    fn probe(&mut self) -> Result<(), MigrateError> {
-        // Encoder sample: up to 1024 pages spread over memory.
+    /// Measures what the lanes carry and what one core encodes, compressed and raw, and
+    /// chooses whether to compress: the choice that moves more pages per second.
+    fn probe(&mut self) -> Result<Probe, MigrateError> {
         let mem = self.vm.memory();
         let span = mem.page_span();
         let step = (span / 1024).max(1);
-        let mut enc = BatchEncoder::new(self.cfg.encoder.clone());
-        let t = Instant::now();
-        let mut n = 0u64;
-        let mut bytes = 0u64;
-        let mut p = 0;
-        while p < span {
-            if mem.read(p << PAGE_SHIFT, &mut self.page_buf).is_ok() {
-                let page: &[u8; PAGE_SIZE] = self.page_buf[..].try_into().expect("one page");
-                enc.push(p << PAGE_SHIFT, 0, page)?;
-                n += 1;
-                if enc.is_full() {
-                    bytes += enc.finish().0.len() as u64;
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut sample = |compress: bool| -> Result<(f64, f64), MigrateError> {
+            let mut enc = BatchEncoder::new(EncoderConfig {
+                compress,
+                ..self.cfg.encoder.clone()
+            });
+            let t = Instant::now();
+            let (mut n, mut bytes, mut p) = (0u64, 0u64, 0);
+            while p < span {
+                if mem.read(p << PAGE_SHIFT, &mut page).is_ok() {
+                    let pg: &[u8; PAGE_SIZE] = page[..].try_into().expect("one page");
+                    enc.push(p << PAGE_SHIFT, 0, pg)?;
+                    n += 1;
+                    if enc.is_full() {
+                        bytes += enc.finish().0.len() as u64;
+                    }
                 }
+                p += step;
             }
-            p += step;
-        }
-        bytes += enc.finish().0.len() as u64;
-        let enc_secs = t.elapsed().as_secs_f64().max(1e-6);
-        self.probe_bpp = (bytes as f64 / n.max(1) as f64).max(16.0);
-        let encode_rate = bytes as f64 / enc_secs;
+            bytes += enc.finish().0.len() as u64;
+            let n = n.max(1) as f64;
+            Ok(((bytes as f64 / n).max(16.0), t.elapsed().as_secs_f64() / n))
+        };
+        let (bpp_zstd, secs_zstd) = sample(true)?;
+        let (bpp_raw, secs_raw) = sample(false)?;
 
         // Lane probe: 1 MiB messages the destination discards, for at most probe_time.
         let t = Instant::now();
@@ -550,8 +613,33 @@ impl Migration<'_> {
         }
         self.tx.barrier()?;
         let lane_rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
-        self.probe_bw = lane_rate.min(encode_rate);
-        Ok(())
+
+        // Pages per second either way: the lower of what the cores encode (workers, at most
+        // the cores there are) and what the lanes carry.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let par = self.cfg.workers.clamp(1, cores) as f64;
+        let pages_zstd = (par / secs_zstd).min(lane_rate / bpp_zstd);
+        let pages_raw = (par / secs_raw).min(lane_rate / bpp_raw);
+        let compress = match self.cfg.compress {
+            CompressMode::On => true,
+            CompressMode::Off => false,
+            CompressMode::Auto => pages_zstd >= pages_raw,
+        };
+        let (pages, bpp) = if compress {
+            (pages_zstd, bpp_zstd)
+        } else {
+            (pages_raw, bpp_raw)
+        };
+        Ok(Probe {
+            lane_rate,
+            bpp_zstd,
+            secs_zstd,
+            bpp_raw,
+            secs_raw,
+            compress,
+            rate: pages * bpp,
+            bpp,
+        })
     }
 
     /// Fails fast if the destination has reported a failure.
