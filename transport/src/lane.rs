@@ -2,7 +2,7 @@
 //!
 //! A lane is opened by the source with [`connect`] (TCP, optionally bound to a local
 //! address so that lanes can be spread over NICs) and accepted by the destination with
-//! [`Listener::accept`]; both run the [handshake](crate::handshake) before returning.
+//! [`Listener::accept`]; both run the [`handshake`] before returning.
 //! After it, a lane carries Data, Ack and Abort frames with no further per-lane state;
 //! sessions ([`SessionSender`](crate::SessionSender),
 //! [`SessionReceiver`](crate::SessionReceiver)) bundle lanes.

@@ -18,12 +18,12 @@
 //!   receiver drops a seq it has already delivered (and re-acknowledges it if the
 //!   application has acked it), so the application sees every message exactly once as
 //!   long as one lane survives. When the last lane fails, every call returns
-//!   [`Error::AllLanesFailed`](crate::Error::AllLanesFailed) with the last cause.
+//!   [`Error::AllLanesFailed`] with the last cause.
 //! * **Replies**: the receiver can send Data frames back ([`SessionReceiver::reply`]),
 //!   read with [`SessionSender::recv_reply`]. They are not acknowledged or resent: one
 //!   in flight on a lane that fails is lost.
 //! * **Abort**: either side's `abort(msg)` sends an Abort frame on every lane; the other
-//!   side's calls then fail with [`Error::PeerAborted`](crate::Error::PeerAborted).
+//!   side's calls then fail with [`Error::PeerAborted`].
 //!
 //! Each lane has two threads on the sender (writer, ack reader) and one on the receiver
 //! (reader; acks and replies are written by the calling thread). Dropping a session shuts

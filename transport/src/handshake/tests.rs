@@ -203,3 +203,30 @@ fn garbage_from_the_peer_is_a_clear_error() {
     assert!(matches!(source, wire::FrameError::BadMagic { .. }), "{err}");
     assert!(crate::error::chain(&err).contains("bad magic"));
 }
+
+fn any_frame() -> impl proptest::strategy::Strategy<Value = Frame> {
+    use proptest::prelude::*;
+    (1u16..=7, proptest::collection::vec(any::<u8>(), 0..128)).prop_map(|(k, payload)| Frame {
+        kind: Kind::from_u16(k).unwrap(),
+        tag: 0,
+        seq: 0,
+        payload,
+    })
+}
+
+proptest::proptest! {
+    /// Arbitrary frame sequences never panic either machine, and never complete a
+    /// handshake without the key (a forged Proof cannot match a fresh nonce).
+    #[test]
+    fn arbitrary_frames_never_panic_or_authenticate(
+        frames in proptest::collection::vec(any_frame(), 1..6)
+    ) {
+        let k = key(3);
+        let mut s = ServerHandshake::new(&k, "fuzz");
+        let (mut c, _) = ClientHandshake::new(&k, INFO, "fuzz");
+        for f in &frames {
+            proptest::prop_assert!(!matches!(s.on_frame(f), Step::Done(..)));
+            proptest::prop_assert!(!matches!(c.on_frame(f), Step::Done(..)));
+        }
+    }
+}
