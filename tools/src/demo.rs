@@ -110,7 +110,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<i32> {
         }
         console.progress(ev);
     };
-    let result = net::migrate_to(&launched, &addr, &key, &a.opts, &mut progress);
+    let result = net::migrate_to(&launched, Some(&addr), &key, &a.opts, &mut progress);
     console.finish_bar();
     let report = match result {
         Ok(r) => r,

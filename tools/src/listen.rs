@@ -19,9 +19,9 @@ use crate::vmrun::{serial_sink, stop_flag};
 
 #[derive(Args)]
 pub struct ListenArgs {
-    /// Address and port to accept the migration on (port 0: any free port).
+    /// Address and port to accept lanes on (port 0: any free port). Repeat for several NICs.
     #[arg(long, default_value = "0.0.0.0:7878")]
-    listen: String,
+    listen: Vec<String>,
     /// Shared key file (see `ferry key new`).
     #[arg(long)]
     key: PathBuf,
@@ -43,18 +43,23 @@ pub struct ListenArgs {
 pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
     let stop = stop_flag()?;
     let key = Key::load(&a.key)?;
-    let listener = Listener::bind(net::resolve(&a.listen)?)
-        .with_context(|| format!("listening on {}", a.listen))?;
-    let addr = listener.local_addr();
+    let listeners = a
+        .listen
+        .iter()
+        .map(|l| {
+            Listener::bind(net::resolve(l)?).with_context(|| format!("listening on {l}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
     if a.json {
-        println!("{}", json!({ "listening": addr.to_string() }));
+        println!("{}", json!({ "listening": addrs[0], "all": addrs }));
     }
-    eprintln!("ferry: listening on {addr}");
+    eprintln!("ferry: listening on {}", addrs.join(", "));
     let serial = Serial::new(
         Some(serial_sink(a.serial.as_deref(), a.json)?),
         a.prefix.clone(),
     );
-    let (mut vm, dest_report) = match net::receive(&listener, &key, serial, &stop) {
+    let (mut vm, dest_report) = match net::receive(&listeners, &key, serial, &stop) {
         Ok(v) => v,
         Err(e) => {
             if a.json {

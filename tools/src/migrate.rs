@@ -18,9 +18,9 @@ pub struct MigrateArgs {
     /// Control socket of the `ferry vm run` that owns the VM.
     #[arg(long)]
     control: PathBuf,
-    /// Destination address (where `ferry listen` listens).
+    /// Destination address (where `ferry listen` listens); or give lanes with --lane.
     #[arg(long)]
-    to: String,
+    to: Option<String>,
     /// Shared key file (see `ferry key new`).
     #[arg(long)]
     key: PathBuf,

@@ -15,6 +15,7 @@ use ferry_engine::vm::{Serial, Vm};
 use ferry_transport::{Key, Listener, SessionConfig, SessionReceiver, SessionSender};
 
 use crate::opts::MigrateOpts;
+use crate::topo::{parse_lane, Local};
 
 /// How often a waiting listener checks for a stop signal.
 const POLL: Duration = Duration::from_millis(250);
@@ -36,41 +37,117 @@ pub fn resolve(to: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("destination {to:?} resolves to no address"))
 }
 
-/// Migrates the launched VM to `to`. On error the VM is running here again.
+/// The lanes to open: each `--lane LOCAL=REMOTE:PORT`, or `--lanes N` lanes to `to`.
+pub fn routes(
+    to: Option<&str>,
+    opts: &MigrateOpts,
+) -> anyhow::Result<Vec<(Option<SocketAddr>, SocketAddr)>> {
+    if !opts.lane.is_empty() {
+        let topo = std::sync::OnceLock::new();
+        return opts
+            .lane
+            .iter()
+            .map(|spec| {
+                let l = parse_lane(spec).map_err(anyhow::Error::msg)?;
+                let local = match l.local {
+                    None => None,
+                    Some(Local::Addr(a)) => Some(SocketAddr::new(a, 0)),
+                    Some(Local::Interface(name)) => {
+                        let t = topo.get_or_init(ferry_engine::topo::Topology::discover);
+                        let t = t.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+                        let nic = t
+                            .nic(&name)
+                            .with_context(|| format!("lane {spec:?}: no interface {name:?}"))?;
+                        let a = nic
+                            .addrs
+                            .iter()
+                            .find(|a| a.is_ipv4())
+                            .or(nic.addrs.first())
+                            .with_context(|| format!("lane {spec:?}: {name} has no address"))?;
+                        Some(SocketAddr::new(*a, 0))
+                    }
+                };
+                Ok((local, resolve(&l.remote)?))
+            })
+            .collect();
+    }
+    let to = to.context("give the destination with --to ADDR:PORT or --lane LOCAL=REMOTE:PORT")?;
+    let addr = resolve(to)?;
+    Ok(vec![(None, addr); opts.lanes.max(1)])
+}
+
+/// Migrates the launched VM to `to` (or over `opts.lane`). On error the VM is running here
+/// again.
 pub fn migrate_to(
     launched: &Launched,
-    to: &str,
+    to: Option<&str>,
     key: &Path,
     opts: &MigrateOpts,
     progress: &mut dyn FnMut(&ProgressEvent),
 ) -> anyhow::Result<Report> {
     let cfg = opts.source_config()?;
     let key = Key::load(key)?;
-    let addr = resolve(to)?;
-    let tx = SessionSender::connect(addr, &[None], &key, session_config())
-        .with_context(|| format!("connecting to the destination {addr}"))?;
+    let routes = routes(to, opts)?;
+    let mut session = session_config();
+    session.lane.user_timeout = Some(opts.lane_timeout);
+    let tx = SessionSender::connect_routes(&routes, &key, session).with_context(|| {
+        format!(
+            "connecting to the destination {}",
+            routes.iter().map(|r| r.1.to_string()).collect::<Vec<_>>().join(", ")
+        )
+    })?;
     let report = source::migrate(&launched.vm, &launched.tracker, &tx, &cfg, progress)
         .context("migration failed and was rolled back")?;
     Ok(report)
 }
 
-/// Waits for a migration on `listener` (until `stop` is set) and returns the VM running here.
+/// Accepts the lanes of one session on any of `listeners` (one per NIC), until `stop` is
+/// set: the first lane says how many lanes the session has.
+pub fn accept_session(
+    listeners: &[Listener],
+    key: &Key,
+    stop: &AtomicBool,
+) -> anyhow::Result<SessionReceiver> {
+    let cfg = session_config();
+    let mut lanes = Vec::new();
+    let mut want = 1;
+    let mut waited = Duration::ZERO;
+    while lanes.len() < want {
+        for l in listeners {
+            match l.accept_timeout(key, POLL / listeners.len() as u32) {
+                Ok(lane) => {
+                    want = usize::from(lane.info().lanes).max(1);
+                    lanes.push(lane);
+                    waited = Duration::ZERO;
+                }
+                Err(ferry_transport::Error::AcceptTimeout { .. }) => {}
+                Err(e) => return Err(e).context("accepting a lane"),
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            anyhow::bail!("interrupted while waiting for a migration");
+        }
+        if !lanes.is_empty() {
+            waited += POLL;
+            anyhow::ensure!(
+                waited < CONNECT_TIMEOUT * 2,
+                "only {} of {want} lanes connected",
+                lanes.len()
+            );
+        }
+    }
+    SessionReceiver::new(lanes, cfg).context("starting the session")
+}
+
+/// Waits for a migration on `listeners` (until `stop` is set) and returns the VM running
+/// here.
 pub fn receive(
-    listener: &Listener,
+    listeners: &[Listener],
     key: &Key,
     serial: std::sync::Arc<Serial>,
     stop: &AtomicBool,
 ) -> anyhow::Result<(Vm, DestReport)> {
-    let rx = loop {
-        match SessionReceiver::accept(listener, key, session_config(), Some(POLL)) {
-            Ok(rx) => break rx,
-            Err(ferry_transport::Error::AcceptTimeout { .. }) if !stop.load(Ordering::Relaxed) => {
-                continue
-            }
-            Err(_) if stop.load(Ordering::Relaxed) => anyhow::bail!("interrupted while waiting"),
-            Err(e) => return Err(e).context("accepting a migration"),
-        }
-    };
+    let rx = accept_session(listeners, key, stop)?;
     let out = dest::receive(&std::sync::Arc::new(rx), serial, &DestConfig::default())
         .context("receiving the VM failed; nothing was resumed here")?;
     Ok(out)

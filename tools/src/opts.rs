@@ -126,6 +126,17 @@ pub struct MigrateOpts {
     /// Pages per batch message.
     #[arg(long, default_value_t = 256)]
     pub batch_pages: usize,
+    /// A lane: LOCAL=REMOTE:PORT (LOCAL an address or interface of this host), one TCP
+    /// connection leaving through that NIC. Repeat for several NICs.
+    #[arg(long)]
+    pub lane: Vec<String>,
+    /// Without --lane: how many lanes (TCP connections) to open to --to.
+    #[arg(long, default_value_t = 1)]
+    pub lanes: usize,
+    /// Seconds a lane's data may stay unacknowledged before the lane is declared dead and
+    /// its batches are resent on the others (TCP_USER_TIMEOUT).
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    pub lane_timeout: Duration,
     /// Range workers on the source (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,

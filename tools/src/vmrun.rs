@@ -44,7 +44,7 @@ pub struct RunArgs {
 #[serde(rename_all = "lowercase")]
 pub enum Request {
     Migrate {
-        to: String,
+        to: Option<String>,
         key: PathBuf,
         opts: MigrateOpts,
     },
@@ -172,7 +172,7 @@ fn serve(launched: &mut Launched, conn: UnixStream) -> anyhow::Result<Option<ser
                 // The client may have gone away; the migration goes on regardless.
                 let _ = writeln!(out, "{}", serde_json::json!({ "progress": ev }));
             };
-            match net::migrate_to(launched, &to, &key, &opts, &mut progress) {
+            match net::migrate_to(launched, to.as_deref(), &key, &opts, &mut progress) {
                 Ok(report) => {
                     let v = serde_json::to_value(&report)?;
                     writeln!(out, "{}", serde_json::json!({ "report": v }))?;

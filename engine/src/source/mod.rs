@@ -420,6 +420,8 @@ impl Migration<'_, '_, '_> {
                 first_gpa: bad[0] as u64 * self.cfg.digest_range,
             });
         }
+        // Lane figures before the commit: the destination closes its lanes once resumed.
+        let lane_stats = self.tx.stats();
         self.tx.send(Tag::Commit as u16, Vec::new())?;
         self.expect_reply(Tag::Resumed)?;
         guard.armed = false;
@@ -463,7 +465,7 @@ impl Migration<'_, '_, '_> {
             digest_ms: ours_ms.max(theirs.hash_ms),
             lanes: Vec::new(),
         };
-        for (i, l) in self.tx.stats().iter().enumerate() {
+        for (i, l) in lane_stats.iter().enumerate() {
             report.lanes.push(LaneReport {
                 lane: i,
                 bytes: l.bytes,
