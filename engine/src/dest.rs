@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use ferry_transport::{Incoming, SessionReceiver};
 
+use crate::cpu;
 use crate::digest;
 use crate::encode::{BatchDecoder, DecodeError};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
-use crate::proto::{self, Describe, Digests, ProtoError, Tag};
+use crate::proto::{self, Describe, DestFigures, Digests, ProtoError, Tag};
 use crate::vm::{Serial, Vm, VmError, VmState};
 
 /// Tuning of the destination side.
@@ -81,6 +82,8 @@ pub struct DestReport {
     /// Records dropped because a newer epoch of the page had already arrived.
     pub stale_records: u64,
     pub hash_ms: f64,
+    /// CPU seconds this process spent receiving.
+    pub cpu_s: f64,
 }
 
 /// The states of the receiver (see the module diagram).
@@ -255,6 +258,7 @@ fn run(
     let mut state = State::AwaitDescribe;
     let mut serial = Some(serial);
     let appliers = Appliers::start(rx, cfg.workers);
+    let cpu0 = cpu::process_time();
     let mut idle = Duration::ZERO;
     loop {
         appliers.check()?;
@@ -343,8 +347,16 @@ fn run(
                     hash_ms: report.hash_ms,
                     ..counts
                 };
+                report.cpu_s = (cpu::process_time() - cpu0).as_secs_f64();
                 vm.start()?;
-                rx.reply(Tag::Resumed as u16, &[])?;
+                rx.reply(
+                    Tag::Resumed as u16,
+                    &proto::to_json(&DestFigures {
+                        cpu_s: report.cpu_s,
+                        pages_written: report.pages_written,
+                        stale_records: report.stale_records,
+                    }),
+                )?;
                 return Ok(vm);
             }
             (s, tag) => {

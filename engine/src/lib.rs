@@ -8,6 +8,7 @@
 
 pub mod bitmap;
 pub mod coordinator;
+pub mod cpu;
 pub mod dest;
 pub mod digest;
 pub mod dirty;
@@ -18,4 +19,5 @@ pub mod memory;
 pub mod proto;
 pub mod report;
 pub mod source;
+pub mod topo;
 pub mod vm;

@@ -104,6 +104,15 @@ pub struct Digests {
     pub hash_ms: f64,
 }
 
+/// What the destination tells the source with `Resumed`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DestFigures {
+    /// CPU seconds the destination process spent receiving (its vCPUs were not running).
+    pub cpu_s: f64,
+    pub pages_written: u64,
+    pub stale_records: u64,
+}
+
 /// Encodes a JSON control message.
 pub fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("control messages always serialize")

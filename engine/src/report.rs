@@ -93,6 +93,23 @@ pub struct Report {
     pub digest_ranges: usize,
     pub digest_ms: f64,
     pub lanes: Vec<LaneReport>,
+    pub cpu: CpuFigures,
+    /// The `--max-bandwidth` cap, if any.
+    pub max_bandwidth_bytes_per_s: Option<f64>,
+}
+
+/// CPU time spent on the migration (not running the guest).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct CpuFigures {
+    /// The source process, minus its vCPU threads.
+    pub source_s: f64,
+    /// Of which the range workers.
+    pub workers_s: f64,
+    /// The destination process while receiving.
+    pub destination_s: f64,
+    /// Per GiB of guest pages sent.
+    pub source_s_per_gib: f64,
+    pub destination_s_per_gib: f64,
 }
 
 /// Measured before the migration: the lanes (a probe of discarded messages) and one core's

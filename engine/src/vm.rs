@@ -369,6 +369,15 @@ impl Vm {
         self.control.cv.notify_all();
     }
 
+    /// CPU time the vCPU threads have used so far.
+    pub fn vcpu_cpu_time(&self) -> Duration {
+        use std::os::unix::thread::JoinHandleExt;
+        self.threads
+            .iter()
+            .map(|t| crate::cpu::pthread_time(t.as_pthread_t()))
+            .sum()
+    }
+
     /// Whether the vCPUs are running.
     pub fn is_running(&self) -> bool {
         let st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -29,6 +29,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
+/// Parses a rate in bytes/s (`500M`, `1G`) or bits/s (`800mbit`, `1gbit`, decimal units).
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    for (suffix, mult) in [
+        ("gbit", 1e9 / 8.0),
+        ("mbit", 1e6 / 8.0),
+        ("kbit", 1e3 / 8.0),
+    ] {
+        if let Some(n) = t.strip_suffix(suffix) {
+            let v: f64 = n.parse().map_err(|_| format!("not a rate: {s:?}"))?;
+            return Ok(v * mult);
+        }
+    }
+    parse_size(s).map(|b| b as f64)
+}
+
 /// Parses seconds, fractional allowed (`0.5`, `3`).
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
@@ -137,6 +153,10 @@ pub struct MigrateOpts {
     /// its batches are resent on the others (TCP_USER_TIMEOUT).
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub lane_timeout: Duration,
+    /// Cap on the aggregate wire rate, e.g. 500M (bytes/s) or 2gbit; the bound uses the
+    /// lower of the cap and the measured rate.
+    #[arg(long, value_parser = parse_rate)]
+    pub max_bandwidth: Option<f64>,
     /// Range workers on the source (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -199,6 +219,7 @@ impl MigrateOpts {
         };
         cfg.encoder.zstd_level = self.zstd_level;
         cfg.compress = self.compress;
+        cfg.max_bandwidth = self.max_bandwidth;
         if let Some(w) = self.workers {
             anyhow::ensure!(w >= 1, "--workers must be at least 1");
             cfg.workers = w;
@@ -221,5 +242,8 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("").is_err());
         assert_eq!(parse_secs("0.5").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_rate("1gbit").unwrap(), 125e6);
+        assert_eq!(parse_rate("500M").unwrap(), (500u64 << 20) as f64);
+        assert!(parse_rate("fast").is_err());
     }
 }

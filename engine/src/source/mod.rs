@@ -19,6 +19,7 @@
 //! over its lanes with a window of unacknowledged batches. The final pass after the pause is
 //! spread over every worker and lane the same way.
 
+mod pace;
 mod workers;
 
 use std::sync::atomic::Ordering;
@@ -28,12 +29,14 @@ use ferry_transport::SessionSender;
 
 use crate::bitmap::Bitmap;
 use crate::coordinator::{self, Decision, PolicyConfig, PolicyKind, Progress};
+use crate::cpu;
 use crate::digest::{self, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::encode::{BatchEncoder, EncodeError, EncoderConfig};
 use crate::memory::{MemoryError, PAGE_SHIFT, PAGE_SIZE};
+use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
-use crate::report::{LaneReport, Phase, ProbeFigures, ProgressEvent, Report};
+use crate::report::{CpuFigures, LaneReport, Phase, ProbeFigures, ProgressEvent, Report};
 use crate::vm::{Vm, VmError};
 
 /// Tuning of the source side; every field has a documented default.
@@ -54,6 +57,8 @@ pub struct SourceConfig {
     pub workers: usize,
     /// Cores to pin the workers to, in order (default: none, unpinned).
     pub worker_cpus: Vec<usize>,
+    /// Cap on the aggregate wire rate in bytes/s (default: none).
+    pub max_bandwidth: Option<f64>,
     /// Longest the bandwidth probe runs before the migration (default 300 ms).
     pub probe_time: Duration,
     /// How long to wait for each reply of the destination (default 60 s).
@@ -74,6 +79,7 @@ impl Default for SourceConfig {
             compress: CompressMode::Auto,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             worker_cpus: Vec::new(),
+            max_bandwidth: None,
             probe_time: Duration::from_millis(300),
             reply_timeout: Duration::from_secs(60),
             fault: None,
@@ -246,7 +252,15 @@ pub fn migrate(
             never_sent.set(p);
         }
     }
-    let shared = workers::Shared::new(vm, tracker, tx, cfg.encoder.clone(), cfg.fault);
+    let shared = workers::Shared::new(
+        vm,
+        tracker,
+        tx,
+        cfg.encoder.clone(),
+        cfg.fault,
+        cfg.max_bandwidth,
+    );
+    let cpu0 = (cpu::process_time(), vm.vcpu_cpu_time());
     let n = cfg.workers.max(1);
     let cpus: Vec<Option<usize>> = (0..n).map(|i| cfg.worker_cpus.get(i).copied()).collect();
     let mut result = std::thread::scope(|scope| {
@@ -278,6 +292,17 @@ pub fn migrate(
         let _ = dispatch.drain();
         r
     });
+    if let Ok(report) = &mut result {
+        // Everything this process spent apart from running the guest.
+        let spent = (cpu::process_time() - cpu0.0).saturating_sub(vm.vcpu_cpu_time() - cpu0.1);
+        report.cpu.source_s = spent.as_secs_f64();
+        report.cpu.workers_s = shared.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let gib = (report.pages_sent * PAGE_SIZE as u64) as f64 / (1u64 << 30) as f64;
+        if gib > 0.0 {
+            report.cpu.source_s_per_gib = report.cpu.source_s / gib;
+            report.cpu.destination_s_per_gib = report.cpu.destination_s / gib;
+        }
+    }
     if let Err(MigrateError::Transport(_)) = &result {
         // A destination that rejects something replies `Failed` and then closes the
         // connection; report its reason rather than the closed connection.
@@ -423,7 +448,7 @@ impl Migration<'_, '_, '_> {
         // Lane figures before the commit: the destination closes its lanes once resumed.
         let lane_stats = self.tx.stats();
         self.tx.send(Tag::Commit as u16, Vec::new())?;
-        self.expect_reply(Tag::Resumed)?;
+        let resumed: DestFigures = proto::from_json("Resumed", &self.expect_reply(Tag::Resumed)?)?;
         guard.armed = false;
         let done = Instant::now();
 
@@ -464,6 +489,11 @@ impl Migration<'_, '_, '_> {
             digest_ranges: ours.len(),
             digest_ms: ours_ms.max(theirs.hash_ms),
             lanes: Vec::new(),
+            cpu: CpuFigures {
+                destination_s: resumed.cpu_s,
+                ..CpuFigures::default()
+            },
+            max_bandwidth_bytes_per_s: self.cfg.max_bandwidth,
         };
         for (i, l) in lane_stats.iter().enumerate() {
             report.lanes.push(LaneReport {
@@ -610,11 +640,15 @@ impl Migration<'_, '_, '_> {
         let mut sent = 0u64;
         let chunk = vec![0xa5u8; 1 << 20];
         while t.elapsed() < self.cfg.probe_time && sent < (1 << 30) {
+            self.shared.pacer.pace(chunk.len() as u64);
             self.tx.send(Tag::Probe as u16, chunk.clone())?;
             sent += chunk.len() as u64;
         }
         self.tx.barrier()?;
-        let lane_rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        let mut lane_rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        if let Some(cap) = self.cfg.max_bandwidth {
+            lane_rate = lane_rate.min(cap);
+        }
 
         // Pages per second either way: the lower of what the cores encode (workers, at most
         // the cores there are) and what the lanes carry.

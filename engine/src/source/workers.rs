@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use ferry_transport::SessionSender;
 
+use super::pace::Pacer;
 use super::{Fault, MigrateError};
+use crate::cpu;
 use crate::dirty::DirtyTracker;
 use crate::encode::{BatchEncoder, BatchStats, EncoderConfig};
 use crate::memory::{PAGE_SHIFT, PAGE_SIZE};
@@ -39,6 +41,10 @@ pub(super) struct Shared<'a> {
     pub stats: Mutex<BatchStats>,
     /// Nanoseconds workers spent blocked handing batches to full lanes.
     pub send_wait_ns: AtomicU64,
+    /// The `--max-bandwidth` cap.
+    pub pacer: Pacer,
+    /// CPU time the workers used, in nanoseconds (added as each worker ends).
+    pub cpu_ns: AtomicU64,
     outstanding: Mutex<usize>,
     idle: Condvar,
     error: Mutex<Option<MigrateError>>,
@@ -54,6 +60,7 @@ impl<'a> Shared<'a> {
         tx: &'a SessionSender,
         encoder: EncoderConfig,
         fault: Option<Fault>,
+        max_bandwidth: Option<f64>,
     ) -> Self {
         Self {
             vm,
@@ -64,6 +71,8 @@ impl<'a> Shared<'a> {
             wire_bytes: AtomicU64::new(0),
             stats: Mutex::new(BatchStats::default()),
             send_wait_ns: AtomicU64::new(0),
+            pacer: Pacer::new(max_bandwidth),
+            cpu_ns: AtomicU64::new(0),
             outstanding: Mutex::new(0),
             idle: Condvar::new(),
             error: Mutex::new(None),
@@ -231,6 +240,9 @@ fn run(shared: &Shared<'_>, order: &[Receiver<Work>]) {
         }
         shared.done_one();
     }
+    shared
+        .cpu_ns
+        .fetch_add(cpu::thread_time().as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// Re-arms, reads, encodes and sends the pages of one work item.
@@ -275,6 +287,7 @@ fn flush(shared: &Shared<'_>, enc: &mut BatchEncoder, epoch: u32) -> Result<(), 
     if let Some(f) = fault {
         inject(shared, f, &payload, epoch)?;
     }
+    shared.pacer.pace(payload.len() as u64);
     let t = Instant::now();
     shared.tx.send(Tag::Pages as u16, payload)?;
     shared
