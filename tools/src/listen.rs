@@ -46,11 +46,12 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
     let listeners = a
         .listen
         .iter()
-        .map(|l| {
-            Listener::bind(net::resolve(l)?).with_context(|| format!("listening on {l}"))
-        })
+        .map(|l| Listener::bind(net::resolve(l)?).with_context(|| format!("listening on {l}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().to_string())
+        .collect();
     if a.json {
         println!("{}", json!({ "listening": addrs[0], "all": addrs }));
     }

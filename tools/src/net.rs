@@ -93,7 +93,11 @@ pub fn migrate_to(
     let tx = SessionSender::connect_routes(&routes, &key, session).with_context(|| {
         format!(
             "connecting to the destination {}",
-            routes.iter().map(|r| r.1.to_string()).collect::<Vec<_>>().join(", ")
+            routes
+                .iter()
+                .map(|r| r.1.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     })?;
     let report = source::migrate(&launched.vm, &launched.tracker, &tx, &cfg, progress)
