@@ -6,6 +6,7 @@ mod listen;
 mod migrate;
 mod net;
 mod opts;
+mod topo;
 mod vmrun;
 
 use std::path::PathBuf;
@@ -39,6 +40,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Show this host's NUMA nodes, CPUs and NICs, and how ferry would place its workers.
+    Topo(topo::TopoArgs),
 }
 
 #[derive(Subcommand)]
@@ -66,6 +69,7 @@ fn main() {
         Cmd::Vm { cmd: VmCmd::Run(a) } => vmrun::run(a),
         Cmd::Listen(a) => listen::run(a),
         Cmd::Migrate(a) => migrate::run(a),
+        Cmd::Topo(a) => topo::run(a),
         Cmd::Key {
             cmd: KeyCmd::New { file, json },
         } => ferry_transport::Key::generate(&file)
