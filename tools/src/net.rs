@@ -76,6 +76,35 @@ pub fn routes(
     Ok(vec![(None, addr); opts.lanes.max(1)])
 }
 
+/// The NUMA placement of workers and ranges for these lanes, or `None` if the topology
+/// cannot be read (workers then run unpinned on one queue).
+fn placement(
+    vm: &Vm,
+    routes: &[(Option<SocketAddr>, SocketAddr)],
+    opts: &MigrateOpts,
+) -> Option<source::Placement> {
+    use ferry_engine::topo::{self, MemRegion, PlanConfig, Topology};
+    let t = Topology::discover()
+        .map_err(|e| log::warn!("no topology ({e}); workers run unpinned"))
+        .ok()?;
+    let lanes: Vec<_> = routes
+        .iter()
+        .map(|(l, _)| {
+            l.and_then(|a| t.node_of_addr(a.ip()))
+                .or_else(|| t.only_node())
+        })
+        .collect();
+    let regions = MemRegion::from_layout(&vm.memory().layout(), t.only_node());
+    let cfg = PlanConfig {
+        workers: opts.workers,
+        range_bytes: opts.range,
+    };
+    let plan = topo::plan(&t, &regions, &lanes, &cfg)
+        .map_err(|e| log::warn!("no placement plan ({e}); workers run unpinned"))
+        .ok()?;
+    Some(source::Placement::from_plan(&plan))
+}
+
 /// Migrates the launched VM to `to` (or over `opts.lane`). On error the VM is running here
 /// again.
 pub fn migrate_to(
@@ -85,9 +114,17 @@ pub fn migrate_to(
     opts: &MigrateOpts,
     progress: &mut dyn FnMut(&ProgressEvent),
 ) -> anyhow::Result<Report> {
-    let cfg = opts.source_config()?;
+    let mut cfg = opts.source_config()?;
     let key = Key::load(key)?;
     let routes = routes(to, opts)?;
+    cfg.placement = placement(&launched.vm, &routes, opts);
+    if let Some(p) = &cfg.placement {
+        log::info!(
+            "placement: {} workers on cpus {:?}",
+            p.worker_cpus.len(),
+            p.worker_cpus
+        );
+    }
     let mut session = session_config();
     session.lane.user_timeout = Some(opts.lane_timeout);
     let tx = SessionSender::connect_routes(&routes, &key, session).with_context(|| {

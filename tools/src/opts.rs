@@ -157,6 +157,9 @@ pub struct MigrateOpts {
     /// lower of the cap and the measured rate.
     #[arg(long, value_parser = parse_rate)]
     pub max_bandwidth: Option<f64>,
+    /// Size of the guest-memory ranges workers are given (placement granularity).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub range: u64,
     /// Range workers on the source (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,

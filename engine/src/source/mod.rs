@@ -55,8 +55,9 @@ pub struct SourceConfig {
     pub compress: CompressMode,
     /// Range workers (default: one per available core).
     pub workers: usize,
-    /// Cores to pin the workers to, in order (default: none, unpinned).
-    pub worker_cpus: Vec<usize>,
+    /// Where workers run and which node's queue each range goes to (default: none: one
+    /// queue, unpinned workers).
+    pub placement: Option<Placement>,
     /// Cap on the aggregate wire rate in bytes/s (default: none).
     pub max_bandwidth: Option<f64>,
     /// Longest the bandwidth probe runs before the migration (default 300 ms).
@@ -78,11 +79,58 @@ impl Default for SourceConfig {
             encoder: EncoderConfig::default(),
             compress: CompressMode::Auto,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            worker_cpus: Vec::new(),
+            placement: None,
             max_bandwidth: None,
             probe_time: Duration::from_millis(300),
             reply_timeout: Duration::from_secs(60),
             fault: None,
+        }
+    }
+}
+
+/// The placement plan as the executor uses it: worker `i` is pinned to `worker_cpus[i]` and
+/// serves queue `worker_queues[i]` first (one queue per NUMA node); pages of each range
+/// `(gpa, len, queue)` are queued on that range's queue.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    pub worker_cpus: Vec<usize>,
+    pub worker_queues: Vec<usize>,
+    /// Sorted by gpa, disjoint.
+    pub ranges: Vec<(u64, u64, usize)>,
+}
+
+impl Placement {
+    /// From the planner's plan: each range goes to the queue of the node of the worker the
+    /// plan gave it to.
+    pub fn from_plan(plan: &crate::topo::Plan) -> Self {
+        let mut nodes: Vec<_> = plan.workers.iter().map(|w| w.node).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let queue = |n| nodes.iter().position(|&x| x == n).unwrap_or(0);
+        let mut ranges: Vec<(u64, u64, usize)> = plan
+            .workers
+            .iter()
+            .flat_map(|w| {
+                w.ranges
+                    .iter()
+                    .map(move |&(gpa, len)| (gpa, len, queue(w.node)))
+            })
+            .collect();
+        ranges.sort_unstable();
+        Self {
+            worker_cpus: plan.workers.iter().map(|w| w.cpu).collect(),
+            worker_queues: plan.workers.iter().map(|w| queue(w.node)).collect(),
+            ranges,
+        }
+    }
+
+    /// The queue of page `p`'s range (0 if no range holds it).
+    fn queue_of(&self, p: u64) -> usize {
+        let gpa = p << PAGE_SHIFT;
+        let i = self.ranges.partition_point(|r| r.0 <= gpa);
+        match i.checked_sub(1).map(|i| self.ranges[i]) {
+            Some((start, len, q)) if gpa < start + len => q,
+            _ => 0,
         }
     }
 }
@@ -219,6 +267,7 @@ struct Migration<'a, 'd, 's> {
     cfg: &'a SourceConfig,
     shared: &'s workers::Shared<'a>,
     dispatch: &'d workers::Dispatch<'a, 's>,
+    n_workers: usize,
     t0: Instant,
     epoch: u32,
     never_sent: Bitmap,
@@ -261,16 +310,23 @@ pub fn migrate(
         cfg.max_bandwidth,
     );
     let cpu0 = (cpu::process_time(), vm.vcpu_cpu_time());
-    let n = cfg.workers.max(1);
-    let cpus: Vec<Option<usize>> = (0..n).map(|i| cfg.worker_cpus.get(i).copied()).collect();
+    let (cpus, queues): (Vec<Option<usize>>, Vec<usize>) = match &cfg.placement {
+        Some(p) if !p.worker_cpus.is_empty() => (
+            p.worker_cpus.iter().map(|&c| Some(c)).collect(),
+            p.worker_queues.clone(),
+        ),
+        _ => (vec![None; cfg.workers.max(1)], vec![0; cfg.workers.max(1)]),
+    };
+    let n_workers = cpus.len();
     let mut result = std::thread::scope(|scope| {
-        let dispatch = workers::start(scope, &shared, &cpus, &vec![0; n]);
+        let dispatch = workers::start(scope, &shared, &cpus, &queues);
         let mut m = Migration {
             vm,
             tx,
             cfg,
             shared: &shared,
             dispatch: &dispatch,
+            n_workers,
             t0: Instant::now(),
             epoch: 0,
             never_sent,
@@ -461,7 +517,7 @@ impl Migration<'_, '_, '_> {
             converged: !policy.limit_reached(),
             mem_bytes: mem.size(),
             vcpus: self.vm.vcpu_count() as u32,
-            workers: self.cfg.workers.max(1),
+            workers: self.n_workers,
             compressed: self.probe.compress,
             total_ms: total,
             live_ms: paused_at.duration_since(self.t0).as_secs_f64() * 1e3,
@@ -542,13 +598,31 @@ impl Migration<'_, '_, '_> {
     fn dispatch_work(&mut self, mut pages: Vec<u64>) -> Result<(), MigrateError> {
         // Sorted pages let the worker re-arm them with few KVM_CLEAR_DIRTY_LOG calls.
         pages.sort_unstable();
-        self.dispatch.send(
-            0,
-            workers::Work {
-                pages,
+        let Some(placement) = self.cfg.placement.as_ref().filter(|p| p.ranges.len() > 1) else {
+            return self.dispatch.send(
+                0,
+                workers::Work {
+                    pages,
+                    epoch: self.epoch,
+                },
+            );
+        };
+        // Split by the node queue of each page's range, keeping address order.
+        let mut start = 0;
+        while start < pages.len() {
+            let q = placement.queue_of(pages[start]);
+            let mut end = start + 1;
+            while end < pages.len() && placement.queue_of(pages[end]) == q {
+                end += 1;
+            }
+            let work = workers::Work {
+                pages: pages[start..end].to_vec(),
                 epoch: self.epoch,
-            },
-        )
+            };
+            self.dispatch.send(q, work)?;
+            start = end;
+        }
+        Ok(())
     }
 
     fn progress(&self) -> Progress {
