@@ -1,5 +1,6 @@
 //! `ferry`: live-migrate running KVM VMs between hosts.
 
+mod bench;
 mod console;
 mod demo;
 mod listen;
@@ -35,6 +36,11 @@ enum Cmd {
     Listen(listen::ListenArgs),
     /// Source: migrate the VM behind a control socket to a destination.
     Migrate(migrate::MigrateArgs),
+    /// Measurements: `ferry bench transport` (lane goodput, like iperf3).
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
     /// Shared keys for the handshake.
     Key {
         #[command(subcommand)]
@@ -69,6 +75,7 @@ fn main() {
         Cmd::Vm { cmd: VmCmd::Run(a) } => vmrun::run(a),
         Cmd::Listen(a) => listen::run(a),
         Cmd::Migrate(a) => migrate::run(a),
+        Cmd::Bench { cmd } => bench::run(cmd),
         Cmd::Topo(a) => topo::run(a),
         Cmd::Key {
             cmd: KeyCmd::New { file, json },
