@@ -138,9 +138,12 @@ impl PageVersions {
     }
 }
 
+/// A page batch to apply, with what it is applied to.
+type Job = (Arc<Vm>, Arc<PageVersions>, Incoming);
+
 /// Decode workers: page batches are decoded, written and acknowledged on several threads.
 struct Appliers {
-    queue: Option<crossbeam_channel::Sender<(Arc<Vm>, Arc<PageVersions>, Incoming)>>,
+    queue: Option<crossbeam_channel::Sender<Job>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     error: Arc<Mutex<Option<ReceiveError>>>,
     counts: Arc<Mutex<DestReport>>,
@@ -148,8 +151,7 @@ struct Appliers {
 
 impl Appliers {
     fn start(rx: &Arc<SessionReceiver>, n: usize) -> Self {
-        let (tx, queue) =
-            crossbeam_channel::bounded::<(Arc<Vm>, Arc<PageVersions>, Incoming)>(2 * n);
+        let (tx, queue) = crossbeam_channel::bounded::<Job>(2 * n);
         let error = Arc::new(Mutex::new(None));
         let counts = Arc::new(Mutex::new(DestReport::default()));
         let threads = (0..n.max(1))

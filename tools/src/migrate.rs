@@ -42,7 +42,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<i32> {
     let req = Request::Migrate {
         to: a.to.clone(),
         key,
-        opts: a.opts.clone(),
+        opts: Box::new(a.opts.clone()),
     };
     writeln!(conn, "{}", serde_json::to_string(&req)?)?;
     let console = Console::default();

@@ -46,7 +46,7 @@ pub enum Request {
     Migrate {
         to: Option<String>,
         key: PathBuf,
-        opts: MigrateOpts,
+        opts: Box<MigrateOpts>,
     },
     Status(Option<()>),
 }
