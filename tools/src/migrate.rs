@@ -29,7 +29,8 @@ pub struct MigrateArgs {
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Print every progress event as a JSON line on stdout (for scheduler hooks).
+    /// Print every progress event as a JSON line on stdout (for scheduler hooks), then the
+    /// report as the last line.
     #[arg(long)]
     progress_json: bool,
 }
@@ -71,7 +72,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<i32> {
         } else if let Some(r) = v.get("report") {
             console.finish_bar();
             let report: Report = serde_json::from_value(r.clone())?;
-            if a.json {
+            if a.json || a.progress_json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!("{}", report.summary());
