@@ -19,22 +19,39 @@
 //! | r10 | working-set pages (clamped to the share, at least 1) |
 //! | r9  | [`HEADER_SIG`] |
 //! | r8  | steps left until the next clock read (`pace`) |
-//! | rbp | the frame: TSC ticks per step, pacing deadline, next report time, steps per clock read |
+//! | rbp | the frame: TSC ticks per step, pacing deadline, next report time, steps per clock read, sleep flag |
 //! | rbx | xorshift64 state (`random`, `hotcold`) |
 //! | rcx, rdx | the current page's gpa and ledger entry |
 //! | rsi | end of the swept ledger entries (`idle`, `dirty-all`, `seq`) |
 //!
 //! `rax` and `rdi` are scratch.
+//!
+//! **Sleeping.** When the parameter block has a timer period (the VMM sets one for every
+//! rate-limited run) and CPUID reports x2APIC, each vCPU at boot loads the shared GDT and
+//! IDT of the descriptor page, switches its local APIC to x2APIC mode, enables it (spurious
+//! vector [`SPURIOUS_VECTOR`]) and starts its timer, periodic on [`TIMER_VECTOR`] with
+//! divide-by-1. Interrupts stay masked (IF = 0) except across the `sti; hlt` in `pace`:
+//! `sti` holds interrupts off for one more instruction, so a tick that arrives before the
+//! `hlt` is pending and ends it at once, and none is lost. The timer's handler counts the
+//! wake-up in the vCPU's block (r15, which it relies on), writes the x2APIC EOI MSR and
+//! returns; `pace` then re-reads the clock. Without x2APIC or a period the vCPU spins with
+//! `PAUSE` as before. Everything the sleep depends on (IDTR and GDTR in the special
+//! registers, the APIC base, the LAPIC registers and its running timer, a halted vCPU's MP
+//! state) is vCPU state that a VMM saves and restores, so a restored guest keeps waking.
 
 use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
 
-use super::layout::{param, vcpu_block, CODE_GPA, HEADER_SIG, PARAM_GPA, VCPU_BLOCKS_GPA};
+use super::layout::{
+    param, vcpu_block, CODE_GPA, GDTR_GPA, HEADER_SIG, IDTR_GPA, PARAM_GPA, SPURIOUS_VECTOR,
+    TIMER_VECTOR, VCPU_BLOCKS_GPA,
+};
 use super::GuestError;
 
 /// COM1's data port.
 const COM1: i32 = 0x3f8;
 /// Step rate of `idle` when no rate is given.
-const IDLE_DEFAULT_RATE: i32 = 1000;
+pub(crate) const IDLE_DEFAULT_RATE: u64 = 1000;
 /// Steps between clock reads when not rate limited.
 const TIME_EVERY: i32 = 64;
 /// xorshift64 state used when `seed ^ vcpu` is zero.
@@ -45,7 +62,24 @@ const F_TICKS: i32 = 0;
 const F_DEADLINE: i32 = 8;
 const F_NEXT_REPORT: i32 = 16;
 const F_EVERY: i32 = 24;
-const FRAME: i32 = 32;
+/// 1 when the vCPU waits in `hlt` for its timer, 0 when it spins.
+const F_SLEEP: i32 = 32;
+const FRAME: i32 = 48;
+
+/// x2APIC MSRs and bits.
+const MSR_APIC_BASE: i32 = 0x1b;
+const APIC_BASE_ENABLE_X2APIC: i32 = 0xc00;
+const MSR_X2APIC_EOI: i32 = 0x80b;
+const MSR_X2APIC_SVR: i32 = 0x80f;
+const MSR_X2APIC_LVT_TIMER: i32 = 0x832;
+const MSR_X2APIC_INIT_COUNT: i32 = 0x838;
+const MSR_X2APIC_DIV_CONF: i32 = 0x83e;
+const SVR_APIC_ENABLE: i32 = 0x100;
+const LVT_TIMER_PERIODIC: i32 = 1 << 17;
+/// Divide configuration "divide by 1".
+const DIV_BY_1: i32 = 0xb;
+/// CPUID.1:ECX bit of x2APIC.
+const CPUID_X2APIC_BIT: i32 = 21;
 
 /// Absolute address of a parameter block field.
 fn p(off: u64) -> AsmMemoryOperand {
@@ -64,6 +98,8 @@ fn f(off: i32) -> AsmMemoryOperand {
 
 struct Labels {
     pace: CodeLabel,
+    timer_isr: CodeLabel,
+    spurious_isr: CodeLabel,
     check_slow: CodeLabel,
     check_slow_w: CodeLabel,
     report: CodeLabel,
@@ -77,15 +113,27 @@ struct Labels {
     s_page: CodeLabel,
 }
 
+/// The assembled guest program.
+pub(crate) struct Program {
+    /// Machine code for [`CODE_GPA`].
+    pub code: Vec<u8>,
+    /// Address of the local APIC timer's interrupt handler.
+    pub timer_isr: u64,
+    /// Address of the spurious-interrupt handler.
+    pub spurious_isr: u64,
+}
+
 /// Assembles the guest program for [`CODE_GPA`].
-pub(crate) fn program() -> Result<Vec<u8>, GuestError> {
+pub(crate) fn program() -> Result<Program, GuestError> {
     build().map_err(GuestError::Assemble)
 }
 
-fn build() -> Result<Vec<u8>, IcedError> {
+fn build() -> Result<Program, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut l = Labels {
         pace: a.create_label(),
+        timer_isr: a.create_label(),
+        spurious_isr: a.create_label(),
         check_slow: a.create_label(),
         check_slow_w: a.create_label(),
         report: a.create_label(),
@@ -104,8 +152,17 @@ fn build() -> Result<Vec<u8>, IcedError> {
     report(&mut a, &mut l)?;
     puts(&mut a, &mut l)?;
     putdec(&mut a, &mut l)?;
+    isrs(&mut a, &mut l)?;
     strings(&mut a, &mut l)?;
-    a.assemble(CODE_GPA)
+    let r = a.assemble_options(
+        CODE_GPA,
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    Ok(Program {
+        timer_isr: r.label_ip(&l.timer_isr)?,
+        spurious_isr: r.label_ip(&l.spurious_isr)?,
+        code: r.inner.code_buffer,
+    })
 }
 
 /// Boot: derive the per-vCPU registers from the parameter block, then jump to the
@@ -118,6 +175,7 @@ fn entry(a: &mut CodeAssembler, l: &Labels) -> Result<(), IcedError> {
     a.shl(r15, 6)?;
     a.add(r15, VCPU_BLOCKS_GPA as i32)?;
     a.mov(v(vcpu_block::INDEX), rdi)?;
+    timer_setup(a)?;
     // Share: r11 = pages, r12 = gpa of the first page, r13 = its ledger entry.
     a.mov(r11, v(vcpu_block::PAGES))?;
     a.mov(rax, v(vcpu_block::FIRST_PAGE))?;
@@ -148,7 +206,7 @@ fn entry(a: &mut CodeAssembler, l: &Labels) -> Result<(), IcedError> {
     a.jnz(rate_set)?;
     a.test(rdi, rdi)?;
     a.jnz(rate_set)?;
-    a.mov(ecx, IDLE_DEFAULT_RATE)?;
+    a.mov(ecx, IDLE_DEFAULT_RATE as i32)?;
     a.set_label(&mut rate_set)?;
     a.mov(f(F_TICKS), 0)?;
     a.mov(f(F_EVERY), TIME_EVERY)?;
@@ -196,6 +254,67 @@ fn entry(a: &mut CodeAssembler, l: &Labels) -> Result<(), IcedError> {
     sweep_loop(a, l, seq, r10, true)?;
     random_loop(a, l, random, false)?;
     random_loop(a, l, hotcold, true)
+}
+
+/// Boot, with r15 set: if the parameter block has a timer period and CPUID reports x2APIC,
+/// load the GDT and IDT, switch the local APIC to x2APIC mode, enable it, start its
+/// periodic timer and set `F_SLEEP`. Interrupts stay masked. Clobbers rax, rbx, rcx, rdx,
+/// and preserves rdi.
+fn timer_setup(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut spin = a.create_label();
+    a.mov(f(F_SLEEP), 0)?;
+    a.cmp(p(param::TIMER_COUNT), 0)?;
+    a.je(spin)?;
+    a.mov(eax, 1)?;
+    a.cpuid()?;
+    a.bt(ecx, CPUID_X2APIC_BIT)?;
+    a.jnc(spin)?;
+    a.lgdt(qword_ptr(GDTR_GPA))?;
+    a.lidt(qword_ptr(IDTR_GPA))?;
+    a.mov(ecx, MSR_APIC_BASE)?;
+    a.rdmsr()?;
+    a.or(eax, APIC_BASE_ENABLE_X2APIC)?;
+    a.wrmsr()?;
+    a.xor(edx, edx)?;
+    for (msr, value) in [
+        (MSR_X2APIC_SVR, SVR_APIC_ENABLE | i32::from(SPURIOUS_VECTOR)),
+        (MSR_X2APIC_DIV_CONF, DIV_BY_1),
+        (
+            MSR_X2APIC_LVT_TIMER,
+            LVT_TIMER_PERIODIC | i32::from(TIMER_VECTOR),
+        ),
+    ] {
+        a.mov(ecx, msr)?;
+        a.mov(eax, value)?;
+        a.wrmsr()?;
+    }
+    // The initial count (below 2^32) starts the timer.
+    a.mov(ecx, MSR_X2APIC_INIT_COUNT)?;
+    a.mov(eax, dword_ptr(PARAM_GPA + param::TIMER_COUNT))?;
+    a.wrmsr()?;
+    a.mov(f(F_SLEEP), 1)?;
+    a.set_label(&mut spin)
+}
+
+/// The interrupt handlers. The timer's counts the wake-up in the vCPU's block (r15: timer
+/// interrupts are only taken inside `pace`) and acknowledges it; the spurious vector needs
+/// no acknowledgement.
+fn isrs(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
+    a.set_label(&mut l.timer_isr)?;
+    for r in [rax, rcx, rdx] {
+        a.push(r)?;
+    }
+    a.inc(v(vcpu_block::WAKES))?;
+    a.mov(ecx, MSR_X2APIC_EOI)?;
+    a.xor(eax, eax)?;
+    a.xor(edx, edx)?;
+    a.wrmsr()?;
+    for r in [rdx, rcx, rax] {
+        a.pop(r)?;
+    }
+    a.iretq()?;
+    a.set_label(&mut l.spurious_isr)?;
+    a.iretq()
 }
 
 /// The start of every step: read the clock every r8 steps.
@@ -309,8 +428,11 @@ fn rdtsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
 }
 
 /// `pace`: prints a report if one is due, waits for the step deadline if rate limited, and
-/// reloads r8. Preserves every other register.
+/// reloads r8. Waits in `hlt` (woken by the timer) when `F_SLEEP` is set, else spins with
+/// `PAUSE`; after each wait it starts over, so reports stay on time during long waits.
+/// Preserves every other register.
 fn pace(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
+    let mut top = a.create_label();
     let mut due = a.create_label();
     let mut store = a.create_label();
     let mut rate = a.create_label();
@@ -322,6 +444,7 @@ fn pace(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
     for r in [rax, rcx, rdx, rsi, rdi] {
         a.push(r)?;
     }
+    a.set_label(&mut top)?;
     rdtsc(a)?;
     a.mov(rsi, rax)?; // rsi = now
     a.cmp(rsi, f(F_NEXT_REPORT))?;
@@ -349,8 +472,8 @@ fn pace(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
     a.add(rax, p(param::REPORT_TICKS))?;
     a.set_label(&mut store)?;
     a.mov(f(F_NEXT_REPORT), rax)?;
-    // Pacing: restart from now when the deadline is more than an interval off either way
-    // (paused, or the TSC jumped), then wait for it.
+    // Pacing: restart from now when the deadline is more than an interval behind, or more
+    // than an interval plus a step ahead (paused, or the TSC jumped), then wait for it.
     a.set_label(&mut rate)?;
     a.mov(rcx, f(F_TICKS))?;
     a.test(rcx, rcx)?;
@@ -360,6 +483,7 @@ fn pace(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
     a.mov(rdx, p(param::REPORT_TICKS))?;
     a.cmp(rax, rdx)?;
     a.jg(reset)?;
+    a.add(rdx, rcx)?;
     a.neg(rdx)?;
     a.cmp(rax, rdx)?;
     a.jge(spin)?;
@@ -368,10 +492,16 @@ fn pace(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), IcedError> {
     a.set_label(&mut spin)?;
     a.cmp(rsi, f(F_DEADLINE))?;
     a.jae(go)?;
+    let mut pause = a.create_label();
+    a.cmp(f(F_SLEEP), 0)?;
+    a.je(pause)?;
+    a.sti()?;
+    a.hlt()?;
+    a.cli()?;
+    a.jmp(top)?;
+    a.set_label(&mut pause)?;
     a.pause()?;
-    rdtsc(a)?;
-    a.mov(rsi, rax)?;
-    a.jmp(spin)?;
+    a.jmp(top)?;
     a.set_label(&mut go)?;
     a.add(f(F_DEADLINE), rcx)?;
     a.set_label(&mut done)?;
@@ -527,7 +657,8 @@ mod tests {
 
     #[test]
     fn assembles_and_addresses_params_absolutely() {
-        let code = program().unwrap();
+        let prog = program().unwrap();
+        let code = &prog.code;
         assert!(
             code.len() > 100 && code.len() < 4096,
             "{} bytes",
@@ -539,5 +670,10 @@ mod tests {
             code.windows(abs.len()).any(|w| w == abs),
             "no absolute load of the rate"
         );
+        // The handlers lie in the code; the spurious one is a lone iretq (48 cf).
+        let end = CODE_GPA + code.len() as u64;
+        assert!((CODE_GPA..end).contains(&prog.timer_isr));
+        let off = (prog.spurious_isr - CODE_GPA) as usize;
+        assert_eq!(code[off..off + 2], [0x48, 0xcf]);
     }
 }

@@ -29,6 +29,9 @@ pub struct VcpuStatus {
     pub checks: u64,
     /// Report lines printed.
     pub reports: u64,
+    /// Timer interrupts taken: how often the vCPU woke from `hlt` (0 if it spins).
+    #[serde(default)]
+    pub wakes: u64,
 }
 
 /// A data page whose header does not match its ledger entry.
@@ -80,6 +83,7 @@ pub fn status(mem: &GuestMemory) -> Result<Vec<VcpuStatus>, GuestError> {
                 fails: field(&block, base + vcpu_block::FAILS),
                 checks: field(&block, base + vcpu_block::CHECKS),
                 reports: field(&block, base + vcpu_block::REPORTS),
+                wakes: field(&block, base + vcpu_block::WAKES),
             }
         })
         .collect())

@@ -35,8 +35,10 @@ struct TestVm {
 
 impl TestVm {
     /// A VM of `mem_bytes` (in two memory slots) with the guest program installed.
-    /// `scratch_sregs` boots from [`BootState::sregs`] instead of the vCPUs' own.
-    fn new(mem_bytes: u64, p: GuestParams, scratch_sregs: bool) -> Self {
+    /// `scratch_sregs` boots from [`BootState::sregs`] instead of the vCPUs' own. The vCPUs
+    /// get KVM's supported CPUID (as the micro-VM's do), unless `bare_cpuid`: then they
+    /// have none, no x2APIC among it, and the guest spins instead of sleeping.
+    fn new(mem_bytes: u64, p: GuestParams, scratch_sregs: bool, bare_cpuid: bool) -> Self {
         static HANDLER: Once = Once::new();
         HANDLER.call_once(|| register_signal_handler(kick_signal(), kick_handler).unwrap());
         let kvm = Kvm::new().unwrap_or_else(|e| {
@@ -57,8 +59,21 @@ impl TestVm {
             unsafe { vm.set_user_memory_region(region) }.expect("KVM_SET_USER_MEMORY_REGION");
         }
         vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
         let vcpus: Vec<VcpuFd> = (0..p.vcpus)
-            .map(|i| vm.create_vcpu(i.into()).expect("KVM_CREATE_VCPU"))
+            .map(|i| {
+                let fd = vm.create_vcpu(i.into()).expect("KVM_CREATE_VCPU");
+                if !bare_cpuid {
+                    let mut c = cpuid.clone();
+                    for e in c.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+                        e.ebx = (e.ebx & 0x00ff_ffff) | (i << 24);
+                    }
+                    fd.set_cpuid2(&c).expect("KVM_SET_CPUID2");
+                }
+                fd
+            })
             .collect();
         let tsc_khz = vcpus[0].get_tsc_khz().expect("KVM_GET_TSC_KHZ");
         let layout = install(&mem, &GuestParams { tsc_khz, ..p }).unwrap();
@@ -186,9 +201,10 @@ fn params(workload: Workload, vcpus: u32) -> GuestParams {
     }
 }
 
-/// Runs `workload` on `vcpus` vCPUs for 0.6 s and checks progress, reports and self-checks.
-fn runs_clean(workload: Workload, vcpus: u32, scratch_sregs: bool) {
-    let mut vm = TestVm::new(64 * MIB, params(workload, vcpus), scratch_sregs);
+/// Runs `workload` on `vcpus` vCPUs for 0.6 s and checks progress, reports and self-checks,
+/// and that `idle` sleeps between its checks (unless `bare_cpuid`, without x2APIC).
+fn runs_clean(workload: Workload, vcpus: u32, scratch_sregs: bool, bare_cpuid: bool) {
+    let mut vm = TestVm::new(64 * MIB, params(workload, vcpus), scratch_sregs, bare_cpuid);
     let run = Duration::from_millis(600);
     let t = Instant::now();
     vm.run_for(run);
@@ -209,7 +225,15 @@ fn runs_clean(workload: Workload, vcpus: u32, scratch_sregs: bool) {
                 s.checks as f64 <= most && s.checks >= 100,
                 "vCPU {i}: {s:?}"
             );
+            // A 4 ms timer: about one wake-up per 4 checks.
+            if bare_cpuid {
+                assert_eq!(s.wakes, 0, "vCPU {i}: {s:?}");
+            } else {
+                assert!(s.wakes >= 10, "vCPU {i} did not sleep: {s:?}");
+            }
         } else {
+            // Not rate limited: no timer.
+            assert_eq!(s.wakes, 0, "vCPU {i}: {s:?}");
             assert!(s.writes > 1000, "vCPU {i}: {s:?}");
             // A stop can fall between the two counter updates.
             assert!(s.writes.abs_diff(s.checks) <= 1, "vCPU {i}: {s:?}");
@@ -230,32 +254,34 @@ fn runs_clean(workload: Workload, vcpus: u32, scratch_sregs: bool) {
 
 #[test]
 fn idle_runs_under_kvm() {
-    runs_clean(Workload::Idle, 1, false);
-    runs_clean(Workload::Idle, 2, true);
+    runs_clean(Workload::Idle, 1, false, false);
+    runs_clean(Workload::Idle, 2, true, false);
+    // Without x2APIC: spins as before.
+    runs_clean(Workload::Idle, 1, false, true);
 }
 
 #[test]
 fn dirty_all_runs_under_kvm() {
-    runs_clean(Workload::DirtyAll, 1, false);
-    runs_clean(Workload::DirtyAll, 2, false);
+    runs_clean(Workload::DirtyAll, 1, false, false);
+    runs_clean(Workload::DirtyAll, 2, false, false);
 }
 
 #[test]
 fn seq_runs_under_kvm() {
-    runs_clean(Workload::Seq, 1, true);
-    runs_clean(Workload::Seq, 2, false);
+    runs_clean(Workload::Seq, 1, true, false);
+    runs_clean(Workload::Seq, 2, false, false);
 }
 
 #[test]
 fn random_runs_under_kvm() {
-    runs_clean(Workload::Random, 1, false);
-    runs_clean(Workload::Random, 2, true);
+    runs_clean(Workload::Random, 1, false, false);
+    runs_clean(Workload::Random, 2, true, false);
 }
 
 #[test]
 fn hotcold_runs_under_kvm() {
-    runs_clean(Workload::HotCold, 1, false);
-    runs_clean(Workload::HotCold, 2, false);
+    runs_clean(Workload::HotCold, 1, false, false);
+    runs_clean(Workload::HotCold, 2, false, false);
 }
 
 /// A ledger entry bumped while the VM is stopped is caught by the guest on its next visit.
@@ -272,7 +298,7 @@ fn guest_detects_corruption() {
             },
             ..params(workload, vcpus)
         };
-        let mut vm = TestVm::new(64 * MIB, p, false);
+        let mut vm = TestVm::new(64 * MIB, p, false, false);
         vm.run_for(Duration::from_millis(200));
         assert!(status(&vm.mem)
             .unwrap()
@@ -312,7 +338,7 @@ fn rate_limit_holds_across_a_stop() {
         rate_pages_per_s: 2000,
         ..params(Workload::DirtyAll, 1)
     };
-    let mut vm = TestVm::new(64 * MIB, p, false);
+    let mut vm = TestVm::new(64 * MIB, p, false, false);
     // Writes expected at 2000/s while running for `secs` (the wall time of `run_for`, which
     // includes starting and kicking the threads, so a little more than the guest ran). On a
     // loaded host the vCPU thread may not get the CPU for a while and, by design, does not
@@ -340,6 +366,8 @@ fn rate_limit_holds_across_a_stop() {
     let reports = lines.iter().filter_map(|l| parse_report(l)).count() as f64;
     let most = (first_secs + second_secs) * 10.0 + 1.0;
     assert!(reports >= 3.0 && reports <= most, "{lines:?}");
+    // It waited asleep.
+    assert!(status(&vm.mem).unwrap()[0].wakes > 0);
 }
 
 /// [`BootState::sregs`] (built without a vCPU) equals a fresh vCPU's own special registers
@@ -357,4 +385,119 @@ fn scratch_sregs_match_kvm_reset_state() {
         boot.apply_sregs(&mut own);
         assert_eq!(own, boot.sregs(), "vCPU {i}");
     }
+}
+
+/// Launches `vcpus` vCPUs of `idle` through [`crate::host::launch`] (the VMM's own VM).
+fn launch_idle(vcpus: u32) -> crate::host::Launched {
+    let spec = crate::host::GuestSpec {
+        mem_bytes: 64 * MIB,
+        region_bytes: 32 * MIB,
+        guest: params(Workload::Idle, vcpus),
+    };
+    crate::host::launch(&spec, crate::vm::Serial::new(None, "")).expect("launching idle")
+}
+
+/// An idle guest sleeps between its checks: its vCPU thread uses little CPU.
+#[test]
+fn idle_guest_sleeps() {
+    let l = launch_idle(1);
+    thread::sleep(Duration::from_millis(200));
+    let (cpu0, proc0, t0) = (
+        l.vm.vcpu_cpu_time(),
+        crate::cpu::process_time(),
+        Instant::now(),
+    );
+    let checks0 = status(l.vm.memory()).unwrap()[0].checks;
+    thread::sleep(Duration::from_secs(1));
+    let (cpu, proc, wall) = (
+        l.vm.vcpu_cpu_time() - cpu0,
+        crate::cpu::process_time() - proc0,
+        t0.elapsed(),
+    );
+    let s = status(l.vm.memory()).unwrap()[0];
+    eprintln!(
+        "idle vCPU: {:.3} s CPU (process {:.3} s) in {:.3} s, {} checks",
+        cpu.as_secs_f64(),
+        proc.as_secs_f64(),
+        wall.as_secs_f64(),
+        s.checks - checks0
+    );
+    assert_eq!(s.fails, 0, "{s:?}");
+    assert!(s.checks - checks0 >= 200, "{checks0} -> {s:?}");
+    assert!(cpu < wall / 4, "idle vCPU used {cpu:?} of CPU in {wall:?}");
+}
+
+/// A sleeping idle guest moved to a fresh VM (pause, save, copy memory, restore, start, as
+/// a migration does) keeps waking on its timer and checking pages.
+#[test]
+fn idle_guest_keeps_sleeping_after_restore() {
+    use crate::vm::{Serial, Vm, VmState};
+    let vcpus = 2;
+    let src = launch_idle(vcpus);
+    thread::sleep(Duration::from_millis(500));
+    // Save it with a vCPU asleep in `hlt` (MP state HALTED), as it nearly always is.
+    let mut halted = 0;
+    for _ in 0..20 {
+        src.vm.pause().unwrap();
+        src.vm
+            .for_each_vcpu(|_, fd| {
+                let mp = fd.get_mp_state().map_err(|e| crate::vm::VmError::Kvm {
+                    op: "KVM_GET_MP_STATE",
+                    source: e,
+                })?;
+                halted += u32::from(mp.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
+                Ok::<_, crate::vm::VmError>(())
+            })
+            .unwrap();
+        if halted > 0 {
+            break;
+        }
+        src.vm.resume().unwrap();
+        thread::sleep(Duration::from_millis(7));
+    }
+    assert!(halted > 0, "no vCPU was ever halted when paused");
+    let before = status(src.vm.memory()).unwrap();
+    assert!(
+        before.iter().all(|s| s.checks > 0 && s.wakes > 0),
+        "{before:?}"
+    );
+    let state = VmState::from_bytes(&src.vm.save_state().unwrap().to_bytes()).unwrap();
+    let serial = Serial::new(None, "");
+    let mut dst = Vm::new(&src.vm.memory().layout(), vcpus, serial.clone()).unwrap();
+    let mut page = vec![0u8; PAGE_SIZE];
+    for gpa in (0..src.vm.memory().size()).step_by(PAGE_SIZE) {
+        src.vm.memory().read(gpa, &mut page).unwrap();
+        dst.memory().write(gpa, &page).unwrap();
+    }
+    drop(src);
+    dst.restore_state(&state).unwrap();
+    dst.start().unwrap();
+    let t = Instant::now();
+    thread::sleep(Duration::from_millis(500));
+    let cpu = dst.vcpu_cpu_time();
+    dst.pause().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let after = status(dst.memory()).unwrap();
+    eprintln!(
+        "restored idle: {before:?} -> {after:?} in {secs:.3} s, {:.3} s vCPU CPU",
+        cpu.as_secs_f64()
+    );
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(a.fails, 0, "{after:?}");
+        // 1000 checks/s: at least a fifth of that on a busy host.
+        assert!(
+            a.checks >= b.checks + 100 && a.wakes >= b.wakes + 20,
+            "guest did not continue: {before:?} -> {after:?}"
+        );
+    }
+    assert!(audit(dst.memory()).unwrap().is_clean());
+    assert!(
+        serial.recent().iter().any(|l| l.ends_with("fails 0")),
+        "no reports on the new VM: {:?}",
+        serial.recent()
+    );
+    assert!(
+        cpu < Duration::from_millis(250) * vcpus,
+        "restored idle vCPUs used {cpu:?} of CPU in {secs:.3} s"
+    );
 }

@@ -6,6 +6,23 @@ use serde::{Deserialize, Serialize};
 use super::GuestError;
 use crate::memory::{PAGE_SHIFT, PAGE_SIZE};
 
+/// Guest-physical address of the descriptor page: the GDT at its start, the GDTR and IDTR
+/// pseudo-descriptors at [`GDTR_GPA`] and [`IDTR_GPA`], the IDT at [`IDT_GPA`].
+pub const DESC_GPA: u64 = 0x1000;
+/// The GDT: null, 64-bit code (selector 0x08), data (selector 0x10), as the boot segments.
+pub const GDT_GPA: u64 = DESC_GPA;
+/// GDTR pseudo-descriptor (`u16` limit, `u64` base) for `lgdt`.
+pub const GDTR_GPA: u64 = DESC_GPA + 0x40;
+/// IDTR pseudo-descriptor for `lidt`.
+pub const IDTR_GPA: u64 = DESC_GPA + 0x50;
+/// The IDT: [`IDT_VECTORS`] 16-byte gates; only the timer and spurious vectors are present.
+pub const IDT_GPA: u64 = DESC_GPA + 0x800;
+/// Gates in the IDT (vectors `0..IDT_VECTORS`).
+pub const IDT_VECTORS: u64 = 128;
+/// Vector of the local APIC timer.
+pub const TIMER_VECTOR: u8 = 0x20;
+/// The local APIC's spurious-interrupt vector.
+pub const SPURIOUS_VECTOR: u8 = 0x7f;
 /// Guest-physical address of the parameter block (one page).
 pub const PARAM_GPA: u64 = 0x2000;
 /// Guest-physical address of the first per-vCPU block (inside the parameter page).
@@ -55,6 +72,7 @@ pub(crate) mod param {
     pub const REPORT_TICKS: u64 = 0x48;
     pub const HOT_PAGES: u64 = 0x50;
     pub const SEED: u64 = 0x58;
+    pub const TIMER_COUNT: u64 = 0x60;
 }
 
 /// Offsets of the fields of a per-vCPU block (each a little-endian u64).
@@ -73,6 +91,8 @@ pub(crate) mod vcpu_block {
     pub const REPORTS: u64 = 0x28;
     /// The vCPU's index, stored by the guest at boot (for its messages).
     pub const INDEX: u64 = 0x30;
+    /// Timer interrupts taken (guest-maintained).
+    pub const WAKES: u64 = 0x38;
 }
 
 /// A vCPU's share of the data pages, as indices among data pages (`0..data_pages`).
@@ -88,6 +108,8 @@ pub struct Share {
 /// pages, for a memory of a given size (contiguous from gpa 0) and a number of vCPUs.
 ///
 /// ```text
+/// 0x1000            descriptor page: GDT at 0x1000, GDTR at 0x1040, IDTR at 0x1050, IDT
+///                   (vectors 0..128, timer 0x20, spurious 0x7f) at 0x1800; shared by the vCPUs
 /// 0x2000            parameter block (global fields, then one 0x40-byte block per vCPU at 0x2100)
 /// 0x3000            PML4        0x4000 PDPT        0x5000.. page directories (2 MiB pages)
 /// 0x50000..         stacks, vCPU i's top at 0x50000 + (i+1)*0x1000
@@ -101,10 +123,11 @@ pub struct Share {
 /// code (0 idle, 1 dirty-all, 2 seq, 3 random, 4 hotcold), `0x10` data start, `0x18` data
 /// pages, `0x20` ledger gpa, `0x28` working-set pages per vCPU, `0x30` rate (steps per second
 /// per vCPU, 0 = unlimited), `0x38` TSC kHz, `0x40` vCPUs, `0x48` report interval in TSC
-/// ticks, `0x50` hot pages per vCPU, `0x58` seed. vCPU `i`'s block at `0x2100 + i*0x40`:
+/// ticks, `0x50` hot pages per vCPU, `0x58` seed, `0x60` local APIC timer period in APIC
+/// bus cycles (0 = never sleep). vCPU `i`'s block at `0x2100 + i*0x40`:
 /// `0x00` first data page index of its share and `0x08` its pages (written by the VMM);
-/// `0x10` writes, `0x18` self-check failures, `0x20` checks, `0x28` reports printed and
-/// `0x30` its index (written by the guest).
+/// `0x10` writes, `0x18` self-check failures, `0x20` checks, `0x28` reports printed,
+/// `0x30` its index and `0x38` timer interrupts taken (written by the guest).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestLayout {
     mem_bytes: u64,

@@ -1,6 +1,6 @@
 //! Tests of installation, fill and audit that need no KVM.
 
-use super::layout::{param, vcpu_block, PDPT_GPA, PD_GPA};
+use super::layout::{param, vcpu_block, GDTR_GPA, IDTR_GPA, IDT_GPA, PDPT_GPA, PD_GPA};
 use super::*;
 
 const MIB: u64 = 1 << 20;
@@ -53,6 +53,8 @@ fn install_writes_params_page_tables_code_and_ledger() {
     assert_eq!(f(param::REPORT_TICKS), 1_000_000_000);
     assert_eq!(f(param::HOT_PAGES), 16);
     assert_eq!(f(param::SEED), 99);
+    // 5000 steps/s: a 200 µs step, the timer at its 4 ms floor.
+    assert_eq!(f(param::TIMER_COUNT), 4_000_000);
     for (i, s) in l.shares().iter().enumerate() {
         let b = |off| mem.read_u64(l.vcpu_block_gpa(i as u32) + off).unwrap();
         assert_eq!(
@@ -69,6 +71,28 @@ fn install_writes_params_page_tables_code_and_ledger() {
         assert_eq!(mem.read_u64(PD_GPA + j * 8).unwrap(), (j << 21) | 0x83);
     }
     assert_eq!(mem.read_u64(PD_GPA + 48 * 8).unwrap(), 0);
+    // GDT (code 0x08, data 0x10), its pseudo-descriptor, and an IDT whose timer gate is a
+    // present 64-bit interrupt gate into the code.
+    assert_eq!(mem.read_u64(DESC_GPA).unwrap(), 0);
+    assert_eq!(mem.read_u64(DESC_GPA + 8).unwrap() >> 40 & 0xff, 0x9b);
+    assert_eq!(mem.read_u64(DESC_GPA + 16).unwrap() >> 40 & 0xff, 0x93);
+    let mut dtr = [0u8; 10];
+    mem.read(GDTR_GPA, &mut dtr).unwrap();
+    assert_eq!(dtr[..2], [23, 0]);
+    assert_eq!(u64::from_le_bytes(dtr[2..].try_into().unwrap()), DESC_GPA);
+    mem.read(IDTR_GPA, &mut dtr).unwrap();
+    assert_eq!(u16::from_le_bytes([dtr[0], dtr[1]]), 128 * 16 - 1);
+    assert_eq!(u64::from_le_bytes(dtr[2..].try_into().unwrap()), IDT_GPA);
+    let gate = |v: u8| {
+        let lo = mem.read_u64(IDT_GPA + u64::from(v) * 16).unwrap();
+        let hi = mem.read_u64(IDT_GPA + u64::from(v) * 16 + 8).unwrap();
+        (lo, (lo & 0xffff) | (lo >> 48) << 16 | hi << 32)
+    };
+    let (lo, handler) = gate(TIMER_VECTOR);
+    assert_eq!((lo >> 16 & 0xffff, lo >> 40 & 0xff), (0x08, 0x8e));
+    assert!(handler > CODE_GPA && handler < LEDGER_GPA, "{handler:#x}");
+    assert_ne!(gate(SPURIOUS_VECTOR).0, 0);
+    assert_eq!(gate(0x21).0, 0);
     // Code at the entry point, a zero ledger, the fill in the data pages.
     assert_ne!(mem.read_u64(l.entry()).unwrap(), 0);
     let mut ledger = vec![1u8; l.ledger_bytes() as usize];
@@ -205,4 +229,27 @@ fn names_parse_and_serialize() {
     let p = GuestParams::default();
     let back: GuestParams = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
     assert_eq!(back, p);
+}
+
+#[test]
+fn timer_period_follows_the_rate() {
+    let count = |workload, rate, report_interval_ms| {
+        let p = GuestParams {
+            rate_pages_per_s: rate,
+            report_interval_ms,
+            ..params(workload, 1, Fill::Zero)
+        };
+        timer_count(&p)
+    };
+    // idle at its default 1000/s, and faster: the 4 ms floor.
+    assert_eq!(count(Workload::Idle, 0, 1000), 4_000_000);
+    assert_eq!(count(Workload::Idle, 100_000, 1000), 4_000_000);
+    // Slower: one step, up to the report interval.
+    assert_eq!(count(Workload::Idle, 50, 1000), 20_000_000);
+    assert_eq!(count(Workload::Seq, 2, 1000), 500_000_000);
+    assert_eq!(count(Workload::Seq, 2, 100), 100_000_000);
+    assert_eq!(count(Workload::Seq, 1, u32::MAX), 1_000_000_000);
+    // No rate limit, or one above the TSC frequency: no timer.
+    assert_eq!(count(Workload::DirtyAll, 0, 1000), 0);
+    assert_eq!(count(Workload::Random, 3_000_000_000, 1000), 0);
 }
