@@ -291,7 +291,7 @@ fn run(
                 )?;
                 let pages = Arc::new(PageVersions::new(vm.memory().page_span()));
                 rx.ack(&msg)?;
-                rx.reply(Tag::Ready as u16, &[])?;
+                rx.reply_to(&msg, Tag::Ready as u16, &[])?;
                 State::Receiving {
                     vm: Arc::new(vm),
                     pages,
@@ -322,7 +322,8 @@ fn run(
                     cfg.digest_threads,
                 )?;
                 report.hash_ms = t.elapsed().as_secs_f64() * 1e3;
-                rx.reply(
+                rx.reply_to(
+                    &msg,
                     Tag::Digests as u16,
                     &proto::to_json(&Digests {
                         digests,
@@ -351,7 +352,8 @@ fn run(
                 };
                 report.cpu_s = (cpu::process_time() - cpu0).as_secs_f64();
                 vm.start()?;
-                rx.reply(
+                rx.reply_to(
+                    &msg,
                     Tag::Resumed as u16,
                     &proto::to_json(&DestFigures {
                         cpu_s: report.cpu_s,

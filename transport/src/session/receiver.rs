@@ -284,6 +284,25 @@ impl SessionReceiver {
         sh.send_any(start, Kind::Data, tag, seq, payload)
     }
 
+    /// Like [`reply`](Self::reply), but on the lane `msg` arrived on while that lane is
+    /// live: the sender just used it, so it is the lane most likely to carry the reply
+    /// (a lane the sender has given up on may still look live from this side).
+    pub fn reply_to(&self, msg: &Incoming, tag: u16, payload: &[u8]) -> Result<()> {
+        if payload.len() > MAX_PAYLOAD as usize {
+            return Err(Error::TooLarge {
+                len: payload.len(),
+                max: MAX_PAYLOAD,
+            });
+        }
+        let sh = &*self.shared;
+        if let Some(e) = sh.fatal(&lock(&sh.state)) {
+            return Err(e);
+        }
+        let start = sh.indices.iter().position(|&i| i == msg.lane).unwrap_or(0);
+        let seq = sh.reply_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        sh.send_any(start, Kind::Data, tag, seq, payload)
+    }
+
     /// Per-lane counters (`acked` = acks written, `duplicates` = resent copies dropped).
     pub fn stats(&self) -> Vec<LaneStats> {
         let st = lock(&self.shared.state);
