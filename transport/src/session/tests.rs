@@ -565,3 +565,22 @@ fn connect_routes_sends_each_lane_to_its_own_remote_from_its_own_local() {
     let err = SessionSender::connect_routes(&[], &key(), SessionConfig::default()).unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err}");
 }
+
+#[test]
+fn reply_to_answers_every_message_whichever_lane_it_came_on() {
+    let (c, s) = mem_lanes(3);
+    let tx = SessionSender::new(c, config(4)).unwrap();
+    let rx = SessionReceiver::new(s, config(4)).unwrap();
+    let mut lanes = HashSet::new();
+    for i in 0..9 {
+        let (tag, p) = message(i);
+        tx.send(tag, p).unwrap();
+        let m = rx.recv(LONG).unwrap();
+        rx.ack(&m).unwrap();
+        rx.reply_to(&m, 9, &m.seq.to_le_bytes()).unwrap();
+        let (tag, payload) = tx.recv_reply(LONG).unwrap();
+        assert_eq!((tag, payload), (9, m.seq.to_le_bytes().to_vec()));
+        lanes.insert(m.lane);
+    }
+    assert!(lanes.len() > 1, "messages all went on one lane: {lanes:?}");
+}
