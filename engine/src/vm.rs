@@ -12,7 +12,8 @@
 //! `KVM_GET/SET_REGS`, `SREGS`, `XSAVE` (4 KiB), `XCRS`, `MSRS` (the host's MSR index list,
 //! minus those the vCPU refuses), `LAPIC`, `VCPU_EVENTS`, `MP_STATE`, `DEBUGREGS`, `CLOCK`
 //! and `IRQCHIP` (PIC and IOAPIC) all work; there is no PIT (none is created). `HLT` with
-//! the in-kernel irqchip blocks in the kernel, so guests report through port I/O instead.
+//! the in-kernel irqchip blocks in the kernel until an interrupt: rate-limited guests sleep
+//! in `hlt` and are woken by their x2APIC timer; they report through port I/O.
 //! See `docs/architecture.md`.
 
 use std::collections::VecDeque;
