@@ -5,6 +5,11 @@
 #   testbed.sh iperf           [OPTIONS]      iperf3 over every lane at once: the ceiling
 #   testbed.sh bench-transport [OPTIONS]      iperf3, then `ferry bench transport` over the
 #                                             same links, and the ratio ferry/iperf3
+#   testbed.sh migrate [OPTIONS] [-- FERRY-MIGRATE-ARGS]
+#                                             iperf3, then a live migration of a running VM
+#                                             (`vm run` in the source namespace, `listen` on
+#                                             every lane address in the destination) over
+#                                             the same links, and the ratios to iperf3
 #   testbed.sh exec [OPTIONS] -- CMD [ARG]... run CMD (in the root namespace) with the
 #                                             testbed described by environment variables
 # Options:
@@ -16,6 +21,8 @@
 #   --window N         ferry's window per lane (default: ferry's)
 #   --port P           first TCP port used (default 7979 for ferry, 5201.. for iperf3)
 #   --csv FILE         also append the result as a CSV row (header written if new)
+#   --mem SIZE         migrate: guest memory (default 2G)
+#   --workload W       migrate: guest workload (default idle; fill is mixed)
 #
 # Lane i is 198.18.i.1/24 on "ln$i" in ferry-src-$$ and 198.18.i.2/24 on "ln$i" in
 # ferry-dst-$$ (198.18.0.0/15: the benchmarking range, never a private one). `exec` exports
@@ -50,16 +57,16 @@ usage() {
 SUB=$1
 shift
 case $SUB in
-  iperf | bench-transport | exec) ;;
+  iperf | bench-transport | migrate | exec) ;;
   -h | --help | help) usage ;;
-  *) die "unknown subcommand '$SUB' (iperf, bench-transport, exec; --help)" ;;
+  *) die "unknown subcommand '$SUB' (iperf, bench-transport, migrate, exec; --help)" ;;
 esac
 
-LANES=2 RATE=none DURATION=3 CSV='' MSG_SIZE='' WINDOW='' PORT=''
+LANES=2 RATE=none DURATION=3 CSV='' MSG_SIZE='' WINDOW='' PORT='' MEM=2G WORKLOAD=idle
 CMD=()
 while (($#)); do
   case $1 in
-    --lanes | --rate | --duration | --csv | --message-size | --window | --port)
+    --lanes | --rate | --duration | --csv | --message-size | --window | --port | --mem | --workload)
       (($# >= 2)) || die "$1 needs a value"
       case $1 in
         --lanes) LANES=$2 ;;
@@ -69,6 +76,8 @@ while (($#)); do
         --message-size) MSG_SIZE=$2 ;;
         --window) WINDOW=$2 ;;
         --port) PORT=$2 ;;
+        --mem) MEM=$2 ;;
+        --workload) WORKLOAD=$2 ;;
       esac
       shift 2
       ;;
@@ -88,7 +97,7 @@ done
 [[ -z $WINDOW || $WINDOW =~ ^[0-9]+$ ]] || die "--window must be a number"
 if [[ $SUB == exec ]]; then
   ((${#CMD[@]})) || die "exec needs a command after --"
-elif ((${#CMD[@]})); then
+elif [[ $SUB != migrate ]] && ((${#CMD[@]})); then
   die "$SUB takes no command"
 fi
 
@@ -127,7 +136,7 @@ find_ferry() {
   [[ -z ${FERRY:-} ]] || die "FERRY=$FERRY is not an executable"
 }
 FERRY_BIN=$(find_ferry)
-if [[ $SUB == bench-transport && -z $FERRY_BIN ]]; then
+if [[ ($SUB == bench-transport || $SUB == migrate) && -z $FERRY_BIN ]]; then
   die "no ferry binary: set FERRY or run cargo build --release -p ferry"
 fi
 
@@ -274,6 +283,36 @@ run_ferry() {
   wait "$server" || die "ferry bench server failed: $(cat "$TMP/ferry-s.err")"
 }
 
+# A live migration over every lane; writes $TMP/migrate.json (the report) and
+# $TMP/listen.json (the destination's checks).
+run_migration() {
+  local port=${PORT:-7900} listens=() lanes=() i vm dst
+  "$FERRY_BIN" key new "$TMP/key" >/dev/null 2>&1 || die "$FERRY_BIN key new failed"
+  for ((i = 0; i < LANES; i++)); do
+    listens+=(--listen "${DST_ADDRS[i]}:$port")
+    lanes+=(--lane "${LANE_PAIRS[i]}:$port")
+  done
+  start ip netns exec "$DST_NS" "$FERRY_BIN" listen "${listens[@]}" --key "$TMP/key" \
+    --json --exit-after 1 --serial /dev/null >"$TMP/listen.json" 2>"$TMP/listen.err"
+  dst=$LAST_PID
+  wait_listen "$DST_NS" "${DST_ADDRS[0]}" "$port" "$dst" ||
+    die "ferry listen did not start: $(cat "$TMP/listen.err")"
+  start ip netns exec "$SRC_NS" "$FERRY_BIN" vm run --mem "$MEM" --workload "$WORKLOAD" \
+    --fill mixed --control "$TMP/vm.sock" --serial /dev/null 2>"$TMP/vm.err"
+  vm=$LAST_PID
+  for ((i = 0; i < 400; i++)); do
+    [[ ! -S $TMP/vm.sock ]] || break
+    running "$vm" || die "ferry vm run failed: $(cat "$TMP/vm.err")"
+    sleep 0.05
+  done
+  sleep 1
+  "$FERRY_BIN" migrate --control "$TMP/vm.sock" --key "$TMP/key" "${lanes[@]}" --json \
+    "${CMD[@]}" >"$TMP/migrate.json" 2>"$TMP/migrate.err" ||
+    die "ferry migrate failed: $(cat "$TMP/migrate.err")"
+  wait "$dst" || die "ferry listen failed: $(cat "$TMP/listen.err")"
+  wait "$vm" || true
+}
+
 # Prints the result JSON (and appends the CSV row) from the files in $TMP.
 report() {
   python3 - "$SUB" "$TMP" "$LANES" "$RATE" "$DURATION" "$COMMAND" "$CSV" <<'EOF'
@@ -328,6 +367,27 @@ if sub == "bench-transport":
     ceiling = out["iperf3"]["aggregate_mbit_s"]
     out["ratio"] = out["ferry"]["aggregate_mbit_s"] / ceiling if ceiling > 0 else None
 
+if sub == "migrate":
+    with open(os.path.join(tmp, "migrate.json")) as f:
+        m = json.loads(f.read().strip().splitlines()[-1])
+    with open(os.path.join(tmp, "listen.json")) as f:
+        d = json.loads(f.read().strip().splitlines()[-1])
+    ceiling_bytes_s = out["iperf3"]["aggregate_mbit_s"] * 1e6 / 8
+    wire_time_ms = m["wire_bytes"] / ceiling_bytes_s * 1e3 if ceiling_bytes_s else None
+    out["migration"] = m
+    out["destination"] = d
+    out["targets"] = {
+        # total ≤ 1.1 × (wire bytes ÷ iperf3 aggregate)
+        "total_over_wire_time": m["total_ms"] / wire_time_ms if wire_time_ms else None,
+        # wire bytes ≤ 0.4 × memory
+        "wire_over_mem": m["wire_bytes"] / m["mem_bytes"],
+        "throughput_over_iperf3": m["throughput_bytes_per_s"] / ceiling_bytes_s
+        if ceiling_bytes_s else None,
+        "verified": m["verified"] and d.get("self_check_ok") is True,
+    }
+    out["ferry"] = {"aggregate_mbit_s": m["throughput_bytes_per_s"] * 8 / 1e6}
+    out["ratio"] = out["targets"]["throughput_over_iperf3"]
+
 print(json.dumps(out))
 r = out.get("ratio")
 msg = f"iperf3 {out['iperf3']['aggregate_mbit_s']:.1f} Mbit/s"
@@ -366,6 +426,11 @@ case $SUB in
   bench-transport)
     run_iperf
     run_ferry
+    report
+    ;;
+  migrate)
+    run_iperf
+    run_migration
     report
     ;;
   exec)
