@@ -27,7 +27,7 @@ impl Drop for Proc {
 /// A running testbed: `testbed.sh exec` holding the namespaces until its stdin closes.
 struct Testbed {
     env: HashMap<String, String>,
-    _stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     proc: Proc,
 }
 
@@ -74,7 +74,7 @@ impl Testbed {
         );
         Self {
             env,
-            _stdin: stdin,
+            stdin: Some(stdin),
             proc: Proc(child),
         }
     }
@@ -92,13 +92,54 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        // Closing stdin ends the held command; the script then removes the namespaces.
+        // Closing stdin ends the held command; the script then removes the namespaces
+        // (killing the script instead would skip its cleanup).
+        drop(self.stdin.take());
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(20) {
             if let Ok(Some(_)) = self.proc.0.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Returns the testbed after checking, when it is dropped at the end of the test, that its
+/// namespaces are gone.
+fn scopeguard_namespaces(tb: Testbed, src: String, dst: String) -> Checked {
+    Checked {
+        tb: Some(tb),
+        names: [src, dst],
+    }
+}
+
+/// A testbed whose namespaces must be gone once it is dropped.
+struct Checked {
+    tb: Option<Testbed>,
+    names: [String; 2],
+}
+
+impl std::ops::Deref for Checked {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        self.tb.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for Checked {
+    fn drop(&mut self) {
+        drop(self.tb.take());
+        if std::thread::panicking() {
+            return;
+        }
+        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        let list = String::from_utf8_lossy(&out.stdout);
+        for n in &self.names {
+            assert!(
+                !list.contains(n.as_str()),
+                "namespace {n} was left behind: {list}"
+            );
         }
     }
 }
@@ -220,6 +261,8 @@ fn migrate_over_two_lanes(tb: &Testbed, cut: Option<&dyn Fn()>) -> Outcome {
 #[test]
 fn two_lanes_carry_the_vm_and_survive_a_cut_link() {
     let tb = Testbed::start(2, "100mbit");
+    let (src, dst) = (tb.ns("SRC").to_string(), tb.ns("DST").to_string());
+    let tb = scopeguard_namespaces(tb, src, dst);
 
     // Both lanes up: both carry a fair share.
     let o = migrate_over_two_lanes(&tb, None);
