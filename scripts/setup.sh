@@ -3,6 +3,11 @@
 # Quiet and quick when everything is already there.
 set -euo pipefail
 need=(build-essential pkg-config iproute2 iperf3 python3)
+# The RDMA verbs stack (ibverbs builds rdma-core from source): only for the `rdma` feature,
+# which CI builds; set FERRY_RDMA=1 to install it here too.
+if [ "${FERRY_RDMA:-0}" = 1 ]; then
+  need+=(cmake librdmacm-dev libclang1-14 libclang-common-14-dev)
+fi
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

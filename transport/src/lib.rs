@@ -39,6 +39,8 @@ pub mod error;
 pub mod handshake;
 pub mod key;
 pub mod lane;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod session;
 pub mod wire;
 
