@@ -269,25 +269,20 @@ impl SessionReceiver {
     /// [`recv_reply`](crate::SessionSender::recv_reply)) on some live lane. Replies are
     /// not acknowledged: one in flight on a lane that fails is lost.
     pub fn reply(&self, tag: u16, payload: &[u8]) -> Result<()> {
-        if payload.len() > MAX_PAYLOAD as usize {
-            return Err(Error::TooLarge {
-                len: payload.len(),
-                max: MAX_PAYLOAD,
-            });
-        }
-        let sh = &*self.shared;
-        if let Some(e) = sh.fatal(&lock(&sh.state)) {
-            return Err(e);
-        }
-        let start = sh.reply_cursor.fetch_add(1, Ordering::Relaxed) % sh.writers.len();
-        let seq = sh.reply_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        sh.send_any(start, Kind::Data, tag, seq, payload)
+        let start = self.shared.reply_cursor.fetch_add(1, Ordering::Relaxed);
+        self.send_reply(start % self.shared.writers.len(), tag, payload)
     }
 
     /// Like [`reply`](Self::reply), but on the lane `msg` arrived on while that lane is
     /// live: the sender just used it, so it is the lane most likely to carry the reply
     /// (a lane the sender has given up on may still look live from this side).
     pub fn reply_to(&self, msg: &Incoming, tag: u16, payload: &[u8]) -> Result<()> {
+        let start = self.shared.indices.iter().position(|&i| i == msg.lane);
+        self.send_reply(start.unwrap_or(0), tag, payload)
+    }
+
+    /// Sends a reply on the first live lane from slot `start` on.
+    fn send_reply(&self, start: usize, tag: u16, payload: &[u8]) -> Result<()> {
         if payload.len() > MAX_PAYLOAD as usize {
             return Err(Error::TooLarge {
                 len: payload.len(),
@@ -298,7 +293,6 @@ impl SessionReceiver {
         if let Some(e) = sh.fatal(&lock(&sh.state)) {
             return Err(e);
         }
-        let start = sh.indices.iter().position(|&i| i == msg.lane).unwrap_or(0);
         let seq = sh.reply_seq.fetch_add(1, Ordering::Relaxed) + 1;
         sh.send_any(start, Kind::Data, tag, seq, payload)
     }
