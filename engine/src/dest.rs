@@ -36,6 +36,9 @@ pub struct DestConfig {
     pub idle_timeout: Duration,
     /// Threads that decode and write page batches (default: available cores).
     pub workers: usize,
+    /// Cores the decode threads are pinned to, round robin (default: the cores this
+    /// process may run on; empty: unpinned).
+    pub cpus: Vec<usize>,
 }
 
 impl Default for DestConfig {
@@ -44,6 +47,7 @@ impl Default for DestConfig {
             digest_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             idle_timeout: Duration::from_secs(60),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            cpus: crate::topo::current_affinity().unwrap_or_default(),
         }
     }
 }
@@ -150,7 +154,8 @@ struct Appliers {
 }
 
 impl Appliers {
-    fn start(rx: &Arc<SessionReceiver>, n: usize) -> Self {
+    /// Starts `n` decode threads, thread `i` pinned to `cpus[i % cpus.len()]` if any.
+    fn start(rx: &Arc<SessionReceiver>, n: usize, cpus: &[usize]) -> Self {
         let (tx, queue) = crossbeam_channel::bounded::<Job>(2 * n);
         let error = Arc::new(Mutex::new(None));
         let counts = Arc::new(Mutex::new(DestReport::default()));
@@ -162,9 +167,14 @@ impl Appliers {
                     Arc::clone(&counts),
                     Arc::clone(rx),
                 );
+                let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
                 std::thread::Builder::new()
                     .name(format!("ferry-apply{i}"))
                     .spawn(move || {
+                        if let Some(c) = cpu {
+                            // Pinning is an optimisation; an unpinned decoder still works.
+                            let _ = crate::topo::pin_current_thread(c);
+                        }
                         let mut dec = BatchDecoder::new();
                         for (vm, pages, msg) in queue {
                             let r = apply_batch(&mut dec, &vm, &pages, &msg).and_then(|(w, s)| {
@@ -259,7 +269,7 @@ fn run(
 ) -> Result<Vm, ReceiveError> {
     let mut state = State::AwaitDescribe;
     let mut serial = Some(serial);
-    let appliers = Appliers::start(rx, cfg.workers);
+    let appliers = Appliers::start(rx, cfg.workers, &cfg.cpus);
     let cpu0 = cpu::process_time();
     let mut idle = Duration::ZERO;
     loop {

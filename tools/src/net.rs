@@ -42,10 +42,14 @@ pub fn routes(
     to: Option<&str>,
     opts: &MigrateOpts,
 ) -> anyhow::Result<Vec<(Option<SocketAddr>, SocketAddr)>> {
-    if !opts.lane.is_empty() {
+    let mut specs = opts.lane.clone();
+    if !opts.nic.is_empty() {
+        let to = to.context("--nic needs the destination in --to ADDR:PORT")?;
+        specs.extend(opts.nic.iter().map(|nic| format!("{nic}={to}")));
+    }
+    if !specs.is_empty() {
         let topo = std::sync::OnceLock::new();
-        return opts
-            .lane
+        return specs
             .iter()
             .map(|spec| {
                 let l = parse_lane(spec).map_err(anyhow::Error::msg)?;

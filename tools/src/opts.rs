@@ -146,6 +146,10 @@ pub struct MigrateOpts {
     /// connection leaving through that NIC. Repeat for several NICs.
     #[arg(long)]
     pub lane: Vec<String>,
+    /// A lane leaving through interface IF to --to (shorthand for --lane IF=TO). Repeat
+    /// for several NICs.
+    #[arg(long)]
+    pub nic: Vec<String>,
     /// Without --lane: how many lanes (TCP connections) to open to --to.
     #[arg(long, default_value_t = 1)]
     pub lanes: usize,
