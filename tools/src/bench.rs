@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -227,7 +226,7 @@ fn receive(rx: &SessionReceiver) -> anyhow::Result<SideReport> {
 }
 
 /// The client's lanes, in order: `--lane`s, then `--nic`s, else `--lane-count` to `--to`.
-fn routes(a: &TransportArgs) -> anyhow::Result<Vec<(Option<SocketAddr>, SocketAddr)>> {
+fn routes(a: &TransportArgs) -> anyhow::Result<Vec<net::Route>> {
     let mut specs = a.lanes.clone();
     for nic in &a.nic {
         let to =
@@ -249,32 +248,7 @@ fn routes(a: &TransportArgs) -> anyhow::Result<Vec<(Option<SocketAddr>, SocketAd
         };
         specs = vec![one; usize::from(a.lane_count)];
     }
-    let topo = OnceLock::new();
-    specs
-        .iter()
-        .map(|spec| {
-            let local = match &spec.local {
-                None => None,
-                Some(Local::Addr(ip)) => Some(SocketAddr::new(*ip, 0)),
-                Some(Local::Interface(name)) => {
-                    // The interface's first IPv4 address (else its first address).
-                    let t = topo.get_or_init(ferry_engine::topo::Topology::discover);
-                    let t = t.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let nic = t
-                        .nic(name)
-                        .with_context(|| format!("no network interface named {name:?}"))?;
-                    let ip = nic
-                        .addrs
-                        .iter()
-                        .find(|ip| ip.is_ipv4())
-                        .or(nic.addrs.first())
-                        .with_context(|| format!("network interface {name} has no address"))?;
-                    Some(SocketAddr::new(*ip, 0))
-                }
-            };
-            Ok((local, net::resolve(&spec.remote)?))
-        })
-        .collect()
+    net::resolve_lanes(&specs)
 }
 
 fn client(a: &TransportArgs) -> anyhow::Result<i32> {

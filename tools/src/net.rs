@@ -15,7 +15,7 @@ use ferry_engine::vm::{Serial, Vm};
 use ferry_transport::{Key, Listener, SessionConfig, SessionReceiver, SessionSender};
 
 use crate::opts::MigrateOpts;
-use crate::topo::{parse_lane, Local};
+use crate::topo::{parse_lane, LaneSpec, Local};
 
 /// How often a waiting listener checks for a stop signal.
 const POLL: Duration = Duration::from_millis(250);
@@ -37,43 +37,56 @@ pub fn resolve(to: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("destination {to:?} resolves to no address"))
 }
 
-/// The lanes to open: each `--lane LOCAL=REMOTE:PORT`, or `--lanes N` lanes to `to`.
-pub fn routes(
-    to: Option<&str>,
-    opts: &MigrateOpts,
-) -> anyhow::Result<Vec<(Option<SocketAddr>, SocketAddr)>> {
-    let mut specs = opts.lane.clone();
+/// A lane to open: the local address to bind (if any) and the remote address.
+pub type Route = (Option<SocketAddr>, SocketAddr);
+
+/// Resolves lane specs: a LOCAL interface name becomes its first IPv4 address (else its
+/// first address), the remote is resolved like `--to`.
+pub fn resolve_lanes(specs: &[LaneSpec]) -> anyhow::Result<Vec<Route>> {
+    let topo = std::sync::OnceLock::new();
+    specs
+        .iter()
+        .map(|spec| {
+            let local = match &spec.local {
+                None => None,
+                Some(Local::Addr(a)) => Some(SocketAddr::new(*a, 0)),
+                Some(Local::Interface(name)) => {
+                    let t = topo.get_or_init(ferry_engine::topo::Topology::discover);
+                    let t = t.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let nic = t
+                        .nic(name)
+                        .with_context(|| format!("no network interface named {name:?}"))?;
+                    let a = nic
+                        .addrs
+                        .iter()
+                        .find(|a| a.is_ipv4())
+                        .or(nic.addrs.first())
+                        .with_context(|| format!("network interface {name} has no address"))?;
+                    Some(SocketAddr::new(*a, 0))
+                }
+            };
+            Ok((local, resolve(&spec.remote)?))
+        })
+        .collect()
+}
+
+/// The lanes to open: each `--lane LOCAL=REMOTE:PORT`, each `--nic IF` to `to`, or
+/// `--lanes N` lanes to `to`.
+pub fn routes(to: Option<&str>, opts: &MigrateOpts) -> anyhow::Result<Vec<Route>> {
+    let mut specs = opts
+        .lane
+        .iter()
+        .map(|s| parse_lane(s).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if !opts.nic.is_empty() {
         let to = to.context("--nic needs the destination in --to ADDR:PORT")?;
-        specs.extend(opts.nic.iter().map(|nic| format!("{nic}={to}")));
+        specs.extend(opts.nic.iter().map(|nic| LaneSpec {
+            local: Some(Local::Interface(nic.clone())),
+            remote: to.to_string(),
+        }));
     }
     if !specs.is_empty() {
-        let topo = std::sync::OnceLock::new();
-        return specs
-            .iter()
-            .map(|spec| {
-                let l = parse_lane(spec).map_err(anyhow::Error::msg)?;
-                let local = match l.local {
-                    None => None,
-                    Some(Local::Addr(a)) => Some(SocketAddr::new(a, 0)),
-                    Some(Local::Interface(name)) => {
-                        let t = topo.get_or_init(ferry_engine::topo::Topology::discover);
-                        let t = t.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-                        let nic = t
-                            .nic(&name)
-                            .with_context(|| format!("lane {spec:?}: no interface {name:?}"))?;
-                        let a = nic
-                            .addrs
-                            .iter()
-                            .find(|a| a.is_ipv4())
-                            .or(nic.addrs.first())
-                            .with_context(|| format!("lane {spec:?}: {name} has no address"))?;
-                        Some(SocketAddr::new(*a, 0))
-                    }
-                };
-                Ok((local, resolve(&l.remote)?))
-            })
-            .collect();
+        return resolve_lanes(&specs);
     }
     let to = to.context("give the destination with --to ADDR:PORT or --lane LOCAL=REMOTE:PORT")?;
     let addr = resolve(to)?;
@@ -82,11 +95,7 @@ pub fn routes(
 
 /// The NUMA placement of workers and ranges for these lanes, or `None` if the topology
 /// cannot be read (workers then run unpinned on one queue).
-fn placement(
-    vm: &Vm,
-    routes: &[(Option<SocketAddr>, SocketAddr)],
-    opts: &MigrateOpts,
-) -> Option<source::Placement> {
+fn placement(vm: &Vm, routes: &[Route], opts: &MigrateOpts) -> Option<source::Placement> {
     use ferry_engine::topo::{self, MemRegion, PlanConfig, Topology};
     let t = Topology::discover()
         .map_err(|e| log::warn!("no topology ({e}); workers run unpinned"))

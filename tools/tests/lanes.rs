@@ -7,22 +7,14 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+mod common;
 
-/// Kills and reaps a child process on every path.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{require_kvm, wait_for_socket, Proc, FERRY};
 
 /// A running testbed: `testbed.sh exec` holding the namespaces until its stdin closes.
 struct Testbed {
@@ -39,10 +31,7 @@ impl Testbed {
             Some(0),
             "the lane tests need root (namespaces); they do not skip"
         );
-        assert!(
-            std::path::Path::new("/dev/kvm").exists(),
-            "the lane tests need /dev/kvm"
-        );
+        require_kvm();
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/testbed.sh");
         let mut child = Command::new("bash")
             .arg(script)
@@ -98,48 +87,18 @@ impl Drop for Testbed {
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(20) {
             if let Ok(Some(_)) = self.proc.0.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-/// Returns the testbed after checking, when it is dropped at the end of the test, that its
-/// namespaces are gone.
-fn scopeguard_namespaces(tb: Testbed, src: String, dst: String) -> Checked {
-    Checked {
-        tb: Some(tb),
-        names: [src, dst],
-    }
-}
-
-/// A testbed whose namespaces must be gone once it is dropped.
-struct Checked {
-    tb: Option<Testbed>,
-    names: [String; 2],
-}
-
-impl std::ops::Deref for Checked {
-    type Target = Testbed;
-    fn deref(&self) -> &Testbed {
-        self.tb.as_ref().expect("present until drop")
-    }
-}
-
-impl Drop for Checked {
-    fn drop(&mut self) {
-        drop(self.tb.take());
         if std::thread::panicking() {
             return;
         }
         let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
         let list = String::from_utf8_lossy(&out.stdout);
-        for n in &self.names {
-            assert!(
-                !list.contains(n.as_str()),
-                "namespace {n} was left behind: {list}"
-            );
+        for side in ["SRC", "DST"] {
+            let ns = self.ns(side);
+            assert!(!list.contains(ns), "namespace {ns} was left behind: {list}");
         }
     }
 }
@@ -202,14 +161,7 @@ fn migrate_over_two_lanes(tb: &Testbed, cut: Option<&dyn Fn()>) -> Outcome {
             .spawn()
             .unwrap(),
     );
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "vm run did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_socket(&sock);
     let mut mig = Proc(
         Command::new(FERRY)
             .args([
@@ -261,8 +213,6 @@ fn migrate_over_two_lanes(tb: &Testbed, cut: Option<&dyn Fn()>) -> Outcome {
 #[test]
 fn two_lanes_carry_the_vm_and_survive_a_cut_link() {
     let tb = Testbed::start(2, "100mbit");
-    let (src, dst) = (tb.ns("SRC").to_string(), tb.ns("DST").to_string());
-    let tb = scopeguard_namespaces(tb, src, dst);
 
     // Both lanes up: both carry a fair share.
     let o = migrate_over_two_lanes(&tb, None);

@@ -3,29 +3,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+mod common;
 
-fn require_kvm() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm (KVM) and root; they do not skip"
-    );
-}
-
-/// Kills and reaps a child process on every path.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{require_kvm, wait_for_socket, Proc, FERRY};
 
 fn demo(args: &[&str]) -> (Value, Output) {
     let out = Command::new(FERRY)
@@ -222,14 +207,7 @@ fn vm_run_listen_migrate() {
             .spawn()
             .unwrap(),
     );
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "vm run did not open its control socket"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_socket(&sock);
     // The guest runs and reports on the source before the migration.
     std::thread::sleep(Duration::from_millis(1500));
     let status = control(&sock, r#"{"status":null}"#);
