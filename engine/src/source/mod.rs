@@ -727,7 +727,7 @@ impl Migration<'_, '_, '_> {
         // Pages per second either way: the lower of what the cores encode (workers, at most
         // the cores there are) and what the lanes carry.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let par = self.cfg.workers.clamp(1, cores) as f64;
+        let par = self.n_workers.clamp(1, cores) as f64;
         let pages_zstd = (par / secs_zstd).min(lane_rate / bpp_zstd);
         let pages_raw = (par / secs_raw).min(lane_rate / bpp_raw);
         let compress = match self.cfg.compress {

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use ferry_transport::SessionSender;
@@ -39,8 +39,6 @@ pub(super) struct Shared<'a> {
     pub compress: AtomicBool,
     pub wire_bytes: AtomicU64,
     pub stats: Mutex<BatchStats>,
-    /// Nanoseconds workers spent blocked handing batches to full lanes.
-    pub send_wait_ns: AtomicU64,
     /// The `--max-bandwidth` cap.
     pub pacer: Pacer,
     /// CPU time the workers used, in nanoseconds (added as each worker ends).
@@ -70,7 +68,6 @@ impl<'a> Shared<'a> {
             encoder,
             wire_bytes: AtomicU64::new(0),
             stats: Mutex::new(BatchStats::default()),
-            send_wait_ns: AtomicU64::new(0),
             pacer: Pacer::new(max_bandwidth),
             cpu_ns: AtomicU64::new(0),
             outstanding: Mutex::new(0),
@@ -288,11 +285,7 @@ fn flush(shared: &Shared<'_>, enc: &mut BatchEncoder, epoch: u32) -> Result<(), 
         inject(shared, f, &payload, epoch)?;
     }
     shared.pacer.pace(payload.len() as u64);
-    let t = Instant::now();
     shared.tx.send(Tag::Pages as u16, payload)?;
-    shared
-        .send_wait_ns
-        .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     Ok(())
 }
 
