@@ -7,10 +7,11 @@ use crate::digest::VerifyMode;
 use crate::encode::BatchStats;
 
 /// Phases of a migration, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
     /// Handshake, VM description, bandwidth probe.
+    #[default]
     Setup,
     /// The VM runs on the source while pages are sent.
     Live,
@@ -96,6 +97,57 @@ pub struct Report {
     pub cpu: CpuFigures,
     /// The `--max-bandwidth` cap, if any.
     pub max_bandwidth_bytes_per_s: Option<f64>,
+    /// Forecasts the policy made when progress first reached 10%, 25% and 50%, to compare with
+    /// `total_ms` and `downtime_ms`.
+    #[serde(default)]
+    pub forecasts: Vec<ForecastRecord>,
+    /// The downtime forecast at the switchover decision (pages left at the policy's measured
+    /// rate, plus the switchover costs measured before starting), next to `downtime_ms`.
+    #[serde(default)]
+    pub downtime_forecast_ms: Option<f64>,
+    /// The highest vCPU throttle applied (share of vCPU time taken away, 0 = none).
+    #[serde(default)]
+    pub max_throttle: f64,
+    /// The fewest cores the vCPU threads were packed onto (over-commit), if they were.
+    #[serde(default)]
+    pub min_vcpu_cores: Option<usize>,
+    /// Samples taken about ten times a second, for plots (`ferry report plot`).
+    #[serde(default)]
+    pub timeline: Vec<Sample>,
+}
+
+/// What the policy forecast when progress first reached `at_fraction`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ForecastRecord {
+    /// The progress mark (0.10, 0.25, 0.50).
+    pub at_fraction: f64,
+    /// When the mark was reached, since the start of the live phase.
+    pub elapsed_ms: f64,
+    /// Forecast total migration time (`elapsed_ms` + the forecast time left).
+    pub total_ms: f64,
+    /// Forecast downtime.
+    pub downtime_ms: f64,
+}
+
+/// One point of the migration's timeline.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Since the start of the live phase.
+    pub t_ms: f64,
+    pub phase: Phase,
+    /// Wire bytes each lane has carried so far (cumulative).
+    pub lane_bytes: Vec<u64>,
+    /// Pages in the dirty group (sent, written since), hot pages included.
+    pub dirty_pages: u64,
+    /// Of which hot pages (written again within an epoch of being resent), deferred.
+    pub hot_pages: u64,
+    pub never_sent_pages: u64,
+    /// vCPU throttle in force (0..1).
+    pub throttle: f64,
+    /// Cores the vCPU threads were packed onto, if over-committed.
+    pub vcpu_cores: Option<usize>,
+    /// The policy's forecast of the time left.
+    pub eta_ms: f64,
 }
 
 /// CPU time spent on the migration (not running the guest).

@@ -550,6 +550,7 @@ impl Migration<'_, '_, '_> {
                 ..CpuFigures::default()
             },
             max_bandwidth_bytes_per_s: self.cfg.max_bandwidth,
+            ..Report::default()
         };
         for (i, l) in lane_stats.iter().enumerate() {
             report.lanes.push(LaneReport {
