@@ -15,13 +15,21 @@
 //! the in-kernel irqchip blocks in the kernel until an interrupt: rate-limited guests sleep
 //! in `hlt` and are woken by their x2APIC timer; they report through port I/O.
 //! See `docs/architecture.md`.
+//!
+//! ## Throttle and over-commit
+//!
+//! [`Vm::set_throttle`] takes a share of vCPU time away, the way QEMU's auto-converge does: a
+//! ticker thread kicks every vCPU out of `KVM_RUN` every [`THROTTLE_SLICE`], and a vCPU that has
+//! run for a slice sleeps `ran × p / (1 − p)` before entering the guest again (woken early by a
+//! pause). [`Vm::overcommit`] packs the vCPU threads onto fewer cores (TLM's CPU over-commit)
+//! and puts their own affinity back when called with `None`.
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -66,6 +74,8 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error("the VM state is for {theirs} vCPUs, this VM has {ours}")]
     StateShape { ours: usize, theirs: usize },
+    #[error("setting the vCPU threads' CPU affinity")]
+    Affinity(#[source] crate::topo::TopoError),
     #[error("{0} requires the vCPUs to be paused")]
     NotPaused(&'static str),
     #[error("spawning the thread for vCPU {vcpu}")]
@@ -167,7 +177,20 @@ enum RunState {
 struct Control {
     state: Mutex<(RunState, usize)>, // (requested state, parked vCPUs)
     cv: Condvar,
+    /// Share of vCPU time taken away, in millionths (0 = none).
+    throttle_ppm: AtomicU32,
 }
+
+impl Control {
+    fn throttle(&self) -> f64 {
+        f64::from(self.throttle_ppm.load(Ordering::Relaxed)) / 1e6
+    }
+}
+
+/// How often a throttled vCPU is kicked out of the guest to see whether it must sleep.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// The most vCPU time a throttle may take away.
+pub const MAX_THROTTLE: f64 = 0.99;
 
 /// A KVM VM with its memory and vCPU threads.
 pub struct Vm {
@@ -176,7 +199,11 @@ pub struct Vm {
     mem: Arc<GuestMemory>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     threads: Vec<JoinHandle<()>>,
+    /// Kicks the vCPUs while a throttle is set.
+    ticker: Option<JoinHandle<()>>,
     control: Arc<Control>,
+    /// Each vCPU thread's own affinity, saved while over-committed.
+    saved_affinity: Mutex<Option<Vec<Vec<usize>>>>,
     serial: Arc<Serial>,
     msr_indices: Vec<u32>,
     started: AtomicBool,
@@ -268,10 +295,13 @@ impl Vm {
             mem,
             vcpus: fds,
             threads: Vec::new(),
+            ticker: None,
             control: Arc::new(Control {
                 state: Mutex::new((RunState::Paused, 0)),
                 cv: Condvar::new(),
+                throttle_ppm: AtomicU32::new(0),
             }),
+            saved_affinity: Mutex::new(None),
             serial,
             msr_indices,
             started: AtomicBool::new(false),
@@ -361,7 +391,84 @@ impl Vm {
                 })?;
             self.threads.push(h);
         }
+        let control = Arc::clone(&self.control);
+        let vcpus: Vec<libc::pthread_t> = {
+            use std::os::unix::thread::JoinHandleExt;
+            self.threads.iter().map(|t| t.as_pthread_t()).collect()
+        };
+        let ticker = std::thread::Builder::new()
+            .name("vcpu-throttle".into())
+            .spawn(move || throttle_ticker(&control, &vcpus))
+            .map_err(|source| VmError::Spawn { vcpu: 0, source })?;
+        self.ticker = Some(ticker);
         Ok(())
+    }
+
+    /// Takes the share `p` of vCPU time away (0 = none; clamped to [`MAX_THROTTLE`]).
+    pub fn set_throttle(&self, p: f64) {
+        let p = if p.is_finite() {
+            p.clamp(0.0, MAX_THROTTLE)
+        } else {
+            0.0
+        };
+        self.control
+            .throttle_ppm
+            .store((p * 1e6).round() as u32, Ordering::Relaxed);
+        // Wake the ticker (and any sleeping vCPU, which re-reads the throttle).
+        let _st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.control.cv.notify_all();
+    }
+
+    /// The throttle in force.
+    pub fn throttle(&self) -> f64 {
+        self.control.throttle()
+    }
+
+    /// Packs every vCPU thread onto `cores` cores (the last ones the vCPU threads may use, so
+    /// that workers pinned from the first core up keep theirs); `None` gives each thread its
+    /// own affinity back. Returns the CPUs the vCPUs now share (`None`: their own affinity).
+    pub fn overcommit(&self, cores: Option<usize>) -> Result<Option<Vec<usize>>> {
+        use std::os::unix::thread::JoinHandleExt;
+        let mut saved = self
+            .saved_affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(cores) = cores else {
+            if let Some(orig) = saved.take() {
+                for (t, cpus) in self.threads.iter().zip(&orig) {
+                    crate::topo::set_thread_affinity(t.as_pthread_t(), cpus)
+                        .map_err(VmError::Affinity)?;
+                }
+            }
+            return Ok(None);
+        };
+        if saved.is_none() {
+            let orig = self
+                .threads
+                .iter()
+                .map(|t| crate::topo::thread_affinity(t.as_pthread_t()))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(VmError::Affinity)?;
+            *saved = Some(orig);
+        }
+        let mut all: Vec<usize> = saved.iter().flatten().flatten().copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        let keep = cores.clamp(1, all.len().max(1));
+        let cpus = all.split_off(all.len().saturating_sub(keep));
+        for t in &self.threads {
+            crate::topo::set_thread_affinity(t.as_pthread_t(), &cpus).map_err(VmError::Affinity)?;
+        }
+        Ok(Some(cpus))
+    }
+
+    /// The CPUs each vCPU thread may run on now.
+    pub fn vcpu_affinity(&self) -> Result<Vec<Vec<usize>>> {
+        use std::os::unix::thread::JoinHandleExt;
+        self.threads
+            .iter()
+            .map(|t| crate::topo::thread_affinity(t.as_pthread_t()).map_err(VmError::Affinity))
+            .collect()
     }
 
     fn set_state(&self, s: RunState) {
@@ -487,6 +594,10 @@ impl Vm {
         }
         self.set_state(RunState::Stopped);
         self.wait_parked();
+        if let Some(t) = self.ticker.take() {
+            // The ticker only kicks; if it panicked there is nothing to clean up.
+            let _ = t.join();
+        }
         for t in self.threads.drain(..) {
             // A vCPU thread that panicked has nothing left to clean up.
             let _ = t.join();
@@ -551,9 +662,63 @@ fn restore_vcpu(v: &VcpuFd, vcpu: u32, s: &VcpuState) -> Result<()> {
     Ok(())
 }
 
+/// While a throttle is set, kicks every vCPU out of the guest once per [`THROTTLE_SLICE`];
+/// otherwise waits. Returns when the VM stops. `vcpus` are threads joined only after this one.
+fn throttle_ticker(control: &Control, vcpus: &[libc::pthread_t]) {
+    loop {
+        {
+            let st = control.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.0 == RunState::Stopped {
+                return;
+            }
+            if control.throttle() == 0.0 {
+                // Woken by set_throttle or a state change.
+                drop(control.cv.wait(st).unwrap_or_else(|e| e.into_inner()));
+                continue;
+            }
+        }
+        for &t in vcpus {
+            // SAFETY: `t` is a vCPU thread of this process, joined only after this ticker
+            // (Vm::shutdown), so its id is valid; the signal's handler does nothing.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+        std::thread::sleep(THROTTLE_SLICE);
+    }
+}
+
+/// Sleeps the throttled share of the time the vCPU has run since `ran_since`, once it has run
+/// a slice; returns early if the VM is paused or stopped meanwhile.
+fn throttle_sleep(control: &Control, ran_since: &mut Instant) {
+    let p = control.throttle();
+    if p == 0.0 {
+        *ran_since = Instant::now();
+        return;
+    }
+    let ran = ran_since.elapsed();
+    if ran < THROTTLE_SLICE {
+        return;
+    }
+    let deadline = Instant::now() + ran.mul_f64(p / (1.0 - p));
+    let mut st = control.state.lock().unwrap_or_else(|e| e.into_inner());
+    while st.0 == RunState::Running && control.throttle() > 0.0 {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        st = control
+            .cv
+            .wait_timeout(st, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    *ran_since = Instant::now();
+}
+
 fn vcpu_loop(index: u32, vcpu: &Mutex<VcpuFd>, control: &Control, serial: &Serial) {
     let mut line = Vec::<u8>::new();
+    let mut ran_since = Instant::now();
     loop {
+        throttle_sleep(control, &mut ran_since);
         {
             let mut st = control.state.lock().unwrap_or_else(|e| e.into_inner());
             if st.0 != RunState::Running {

@@ -101,3 +101,76 @@ fn dirty_log_sees_guest_writes() {
     l.tracker.harvest(&mut b2).unwrap();
     assert_eq!(b2.iter_ones().collect::<Vec<_>>(), vec![5]);
 }
+
+/// Guest writes during `window` (sum over vCPUs), read from the guest's own counters.
+fn writes_during(vm: &Vm, window: Duration) -> u64 {
+    let total = |vm: &Vm| -> u64 {
+        guest::status(vm.memory())
+            .unwrap()
+            .iter()
+            .map(|s| s.writes)
+            .sum()
+    };
+    let before = total(vm);
+    std::thread::sleep(window);
+    total(vm) - before
+}
+
+/// A 75% throttle takes most of the vCPU's time away (the guest writes far fewer pages), and
+/// lifting it gives the time back; pausing a throttled VM does not wait out its sleep.
+#[test]
+fn throttle_slows_the_guest_and_lifts() {
+    require_kvm();
+    let l = host::launch(&spec(Workload::Seq, 1), Serial::new(None, "")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let window = Duration::from_millis(600);
+    let free = writes_during(&l.vm, window);
+    l.vm.set_throttle(0.75);
+    assert_eq!(l.vm.throttle(), 0.75);
+    std::thread::sleep(Duration::from_millis(100));
+    let throttled = writes_during(&l.vm, window);
+    l.vm.set_throttle(0.0);
+    std::thread::sleep(Duration::from_millis(100));
+    let again = writes_during(&l.vm, window);
+    eprintln!("writes per window: {free} free, {throttled} throttled, {again} after");
+    assert!(free > 0 && again > 0, "guest made no progress");
+    // Expected ratio 0.25; allow for a noisy shared machine.
+    assert!(
+        (throttled as f64) < 0.6 * free as f64 && (throttled as f64) < 0.6 * again as f64,
+        "throttle had no effect: {free} free, {throttled} throttled, {again} after"
+    );
+    l.vm.set_throttle(0.99);
+    std::thread::sleep(Duration::from_millis(50));
+    let t = std::time::Instant::now();
+    l.vm.pause().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "pause waited out the throttle sleep: {:?}",
+        t.elapsed()
+    );
+}
+
+/// Over-commit packs every vCPU thread onto the requested number of cores and puts each
+/// thread's own affinity back.
+#[test]
+fn overcommit_packs_and_restores_vcpu_affinity() {
+    require_kvm();
+    let l = host::launch(&spec(Workload::Random, 2), Serial::new(None, "")).unwrap();
+    let before = l.vm.vcpu_affinity().unwrap();
+    assert_eq!(before.len(), 2);
+    let cpus = l.vm.overcommit(Some(1)).unwrap().expect("over-committed");
+    assert_eq!(cpus.len(), 1);
+    assert!(before[0].contains(&cpus[0]));
+    assert_eq!(
+        l.vm.vcpu_affinity().unwrap(),
+        vec![cpus.clone(), cpus.clone()]
+    );
+    // Asking again keeps the saved originals (it does not save the packed set).
+    l.vm.overcommit(Some(1)).unwrap();
+    assert_eq!(l.vm.overcommit(None).unwrap(), None);
+    assert_eq!(l.vm.vcpu_affinity().unwrap(), before);
+    // Restoring twice is harmless.
+    l.vm.overcommit(None).unwrap();
+    assert_eq!(l.vm.vcpu_affinity().unwrap(), before);
+    assert!(writes_during(&l.vm, Duration::from_millis(200)) > 0);
+}

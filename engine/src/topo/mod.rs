@@ -43,7 +43,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use discover::{format_cpulist, parse_cpulist};
-pub use pin::{current_affinity, online_cpus, pin_current_thread};
+pub use pin::{
+    current_affinity, online_cpus, pin_current_thread, set_thread_affinity, thread_affinity,
+};
 pub use plan::{
     human_bytes, plan, split_ranges, MemRegion, Plan, PlanConfig, PlanError, WorkerPlan,
     DEFAULT_RANGE_BYTES,

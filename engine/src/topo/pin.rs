@@ -6,18 +6,60 @@ use super::{format_cpulist, TopoError};
 
 /// The CPUs the calling thread may run on (`sched_getaffinity`), sorted.
 pub fn current_affinity() -> Result<Vec<usize>, TopoError> {
-    // SAFETY: cpu_set_t is a plain bitmask; all-zero is a valid (empty) set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let mut set = empty_set();
     // SAFETY: we pass the size of `set` and a valid pointer to it; pid 0 is this thread.
     let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
     if rc != 0 {
         return Err(TopoError::Affinity(io::Error::last_os_error()));
     }
+    Ok(set_to_cpus(&set))
+}
+
+/// The CPUs another thread of this process may run on (`pthread_getaffinity_np`), sorted.
+/// `thread` must be a thread that has not been joined yet.
+pub fn thread_affinity(thread: libc::pthread_t) -> Result<Vec<usize>, TopoError> {
+    let mut set = empty_set();
+    // SAFETY: `thread` is a live (not yet joined) thread of this process, as documented; we
+    // pass the size of `set` and a valid pointer to it.
+    let rc = unsafe { libc::pthread_getaffinity_np(thread, std::mem::size_of_val(&set), &mut set) };
+    if rc != 0 {
+        return Err(TopoError::Affinity(io::Error::from_raw_os_error(rc)));
+    }
+    Ok(set_to_cpus(&set))
+}
+
+/// Lets another thread of this process run only on `cpus` (`pthread_setaffinity_np`).
+/// `thread` must be a thread that has not been joined yet.
+pub fn set_thread_affinity(thread: libc::pthread_t, cpus: &[usize]) -> Result<(), TopoError> {
+    let mut set = empty_set();
     let max = 8 * std::mem::size_of_val(&set);
+    for &cpu in cpus {
+        if cpu >= max {
+            return Err(TopoError::Pin { cpu });
+        }
+        // SAFETY: CPU_SET writes bit `cpu` of `set`, and cpu < max is inside the set.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `thread` is a live (not yet joined) thread of this process, as documented; we
+    // pass the size of `set` and a valid pointer to it.
+    let rc = unsafe { libc::pthread_setaffinity_np(thread, std::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        return Err(TopoError::Affinity(io::Error::from_raw_os_error(rc)));
+    }
+    Ok(())
+}
+
+fn empty_set() -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bitmask; all-zero is a valid (empty) set.
+    unsafe { std::mem::zeroed() }
+}
+
+fn set_to_cpus(set: &libc::cpu_set_t) -> Vec<usize> {
+    let max = 8 * std::mem::size_of_val(set);
     // SAFETY: CPU_ISSET reads bit `cpu` of `set`; every cpu < max is inside the set.
-    Ok((0..max)
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect())
+    (0..max)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, set) })
+        .collect()
 }
 
 /// The CPUs that are online (`/sys/devices/system/cpu/online`).
