@@ -49,6 +49,12 @@ pub struct ProgressEvent {
     pub pages_sent: u64,
     pub never_sent_pages: u64,
     pub dirty_pages: u64,
+    /// Of which hot (deferred) pages.
+    pub hot_pages: u64,
+    /// vCPU throttle in force (0..1).
+    pub throttle: f64,
+    /// Cores the vCPU threads are packed onto, if over-committed.
+    pub vcpu_cores: Option<usize>,
     pub epoch: u32,
     /// Recent wire throughput.
     pub bytes_per_s: f64,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use ferry_engine::coordinator::{OnLimit, PolicyConfig, PolicyKind};
+use ferry_engine::coordinator::{OnLimit, Overcommit, PolicyConfig, PolicyKind};
 use ferry_engine::digest::VerifyMode;
 use ferry_engine::guest::{Fill, GuestParams, Workload};
 use ferry_engine::host::GuestSpec;
@@ -112,24 +112,43 @@ impl GuestOpts {
 /// How to migrate.
 #[derive(Args, Clone, Debug, Serialize, Deserialize)]
 pub struct MigrateOpts {
-    /// membound (memory-bound pre-copy, the default) or precopy (classic, the baseline).
+    /// membound (memory-bound pre-copy with hot-page deferral and a throttled tail, the
+    /// default), mplm (memory-bound pre-copy as published), timebound (TLM: mass transfer plus
+    /// a dirty-page sender), precopy (classic, the baseline) or autoconverge (precopy with
+    /// QEMU's vCPU throttling).
     #[arg(long, default_value = "membound")]
     pub policy: PolicyKind,
     /// Compare memory digests at switchover: full, sample, off.
     #[arg(long, default_value = "full")]
     pub verify: VerifyMode,
-    /// Seconds between dirty-log harvests (membound).
-    #[arg(long, default_value = "3", value_parser = parse_secs)]
-    pub epoch: Duration,
-    /// Pages per multiplexing cycle (membound) or per chunk (precopy).
+    /// Seconds between dirty-log harvests (default: 3 for membound and mplm, 1 for
+    /// timebound).
+    #[arg(long, value_parser = parse_secs)]
+    pub epoch: Option<Duration>,
+    /// Pages per multiplexing cycle (membound, mplm, timebound) or per chunk (precopy).
     #[arg(long, default_value_t = 100)]
     pub cycle_pages: u64,
-    /// Share of each cycle given to dirty pages (membound).
-    #[arg(long, default_value_t = 0.5)]
-    pub dirty_share: f64,
-    /// Downtime target in milliseconds (precopy).
+    /// Share of each cycle given to dirty pages (mplm; membound's largest; default 0.5, 0.2
+    /// for timebound).
+    #[arg(long)]
+    pub dirty_share: Option<f64>,
+    /// Downtime target in milliseconds (precopy, autoconverge).
     #[arg(long, default_value_t = 300)]
     pub max_downtime: u64,
+    /// Membound: page-transfer downtime in milliseconds above which the tail of the live phase
+    /// throttles the vCPUs and resends the dirty set (within the bound).
+    #[arg(long, default_value_t = 50)]
+    pub target_downtime: u64,
+    /// CPU over-commit: pack the vCPU threads onto this many cores during the live phase
+    /// (given back at switchover).
+    #[arg(long)]
+    pub overcommit: Option<usize>,
+    /// Progress fraction (0..1) from which --overcommit applies.
+    #[arg(long, default_value_t = 0.0, requires = "overcommit")]
+    pub overcommit_at: f64,
+    /// Remove one core per harvest down to --overcommit, instead of all at once.
+    #[arg(long, requires = "overcommit")]
+    pub overcommit_step: bool,
     /// Most dirty passes (precopy) before --on-limit applies.
     #[arg(long, default_value_t = 30)]
     pub max_epochs: u32,
@@ -200,10 +219,21 @@ fn parse_fault(s: &str) -> Result<ferry_engine::source::Fault, String> {
 
 impl MigrateOpts {
     pub fn source_config(&self) -> anyhow::Result<SourceConfig> {
+        let defaults = PolicyConfig::default();
+        let overcommit = self.overcommit.map(|cores| Overcommit {
+            cores,
+            at: self.overcommit_at,
+            stepwise: self.overcommit_step,
+            from: ferry_engine::topo::current_affinity().map_or(cores, |c| c.len()),
+        });
         let policy_cfg = PolicyConfig {
             cycle_pages: self.cycle_pages,
-            dirty_share: self.dirty_share,
-            epoch: self.epoch,
+            dirty_share: self.dirty_share.unwrap_or(defaults.dirty_share),
+            timebound_dirty_share: self.dirty_share.unwrap_or(defaults.timebound_dirty_share),
+            epoch: self.epoch.unwrap_or(defaults.epoch),
+            timebound_epoch: self.epoch.unwrap_or(defaults.timebound_epoch),
+            target_downtime: Duration::from_millis(self.target_downtime),
+            overcommit,
             max_downtime: Duration::from_millis(self.max_downtime),
             max_epochs: self.max_epochs,
             timeout: self.timeout,

@@ -1,46 +1,66 @@
-//! Memory-bound pre-copy (MPLM, Chanchio & Yaothanee).
+//! Membound: MPLM's guarantee (live phase bounded by the memory size) with lower downtime.
+//!
+//! Three changes to [`super::Mplm`], none of which can send more pages than MPLM's bound:
+//!
+//! - **Hot pages wait.** A page written again within an epoch of being resent is hot; the
+//!   executor keeps it in the dirty group but sends none while [`Controls::defer_hot`] is on:
+//!   resending it would only be wasted, it goes in the stop-and-copy (or the tail).
+//! - **The split adapts.** The dirty share of a cycle is what drains the cold dirty backlog and
+//!   keeps up with the measured dirty rate by the time the never-sent group is empty, at most
+//!   `dirty_share` (MPLM's 50%): a quiet guest gets its never-sent pages sooner.
+//! - **A throttled tail.** When the never-sent group is empty, MPLM stops the VM whatever is
+//!   dirty. Membound harvests once more and, if the dirty set would take longer than
+//!   `target_downtime` to send, throttles the vCPUs just enough for a pass over the dirty set
+//!   (hot pages too) to leave less than the target behind, then harvests and decides again; at
+//!   most [`MAX_TAIL_PASSES`] passes and never more resends than MPLM's budget.
 //!
 //! ```mermaid
 //! stateDiagram-v2
 //!     [*] --> Epoch0
 //!     Epoch0: epoch 0, never-sent pages only
-//!     Epoch0 --> Epoch0: Send{cycle, 0}
 //!     Epoch0 --> Multiplex: Harvest (since_harvest >= epoch)
-//!     Multiplex: cycles split dirty_share dirty / rest never-sent
-//!     Multiplex --> Multiplex: Send{q_n, q_d} / Harvest every epoch
-//!     Epoch0 --> Hurry: timeout, on_limit = switchover
+//!     Multiplex: adaptive split, cold dirty pages only
+//!     Multiplex --> Multiplex: Send / Harvest every epoch
+//!     Multiplex --> Tail: never_sent == 0 → Harvest
+//!     Epoch0 --> Tail: never_sent == 0 → Harvest
+//!     Tail: dirty × page time vs target_downtime
+//!     Tail --> [*]: fits, budget spent or MAX_TAIL_PASSES → Switchover
+//!     Tail --> Pass: throttle, resend the dirty set
+//!     Pass --> Tail: pass done → Harvest
 //!     Multiplex --> Hurry: timeout, on_limit = switchover
-//!     Hurry: never-sent pages only, no harvests
-//!     Epoch0 --> [*]: never_sent == 0 → Switchover
-//!     Multiplex --> [*]: never_sent == 0 → Switchover
 //!     Hurry --> [*]: never_sent == 0 → Switchover
 //!     Multiplex --> [*]: timeout, on_limit = abort → Abort
 //! ```
 
-use super::{forecast_from, page_time, EpochTracker, OnLimit, Policy, PolicyConfig};
-use super::{Decision, Forecast, Progress};
+use super::{forecast_from, page_time, resend_budget, resent, EpochTracker, OnLimit, Policy};
+use super::{Controls, Decision, Forecast, PolicyConfig, Progress};
 
-/// The most dirty pages membound resends during the live phase of a migration of `total_pages`
-/// pages: `⌈N × q_d / q_n⌉` (see [`super::bound`]).
-pub(super) fn resend_budget(total_pages: u64, cfg: &PolicyConfig) -> u64 {
-    let (q_dirty, q_never) = cfg.split();
-    let budget = u128::from(total_pages) * u128::from(q_dirty);
-    u64::try_from(budget.div_ceil(u128::from(q_never))).unwrap_or(u64::MAX)
+/// The most passes over the dirty set after the never-sent group is empty.
+pub const MAX_TAIL_PASSES: u32 = 3;
+
+/// The tail of the live phase: passes over the dirty set under a throttle.
+#[derive(Debug, Clone, Default)]
+struct Tail {
+    /// Epoch whose harvest has been evaluated.
+    evaluated: u32,
+    passes: u32,
+    /// Pages of the current pass not asked for yet.
+    pass_left: u64,
 }
 
-/// Memory-bound pre-copy: never-sent and dirty pages multiplexed in fixed cycles; the live phase
-/// ends exactly when no never-sent page is left. No downtime knob; time bounded by memory size.
+/// MPLM with hot-page deferral, an adaptive split and a throttled tail.
 #[derive(Debug, Clone)]
 pub struct Membound {
     cfg: PolicyConfig,
+    /// MPLM's split: the most dirty pages per cycle, and the resend budget's ratio.
     q_dirty: u64,
     q_never: u64,
-    /// The previous decision was a harvest: send before harvesting again (progress guarantee).
     harvested: bool,
-    /// The timeout passed with `on_limit = switchover`: send only never-sent pages.
     hurry: bool,
     limit: bool,
     track: EpochTracker,
+    tail: Option<Tail>,
+    throttle: f64,
 }
 
 impl Membound {
@@ -55,28 +75,169 @@ impl Membound {
             hurry: false,
             limit: false,
             track: EpochTracker::default(),
+            tail: None,
+            throttle: 0.0,
         }
     }
 
-    /// Dirty pages resent so far in the live phase: every send beyond the first of each page.
-    fn resent(p: &Progress) -> u64 {
-        let first_sends = p.total_pages.saturating_sub(p.never_sent);
-        p.pages_sent.saturating_sub(first_sends)
+    fn budget_left(&self, p: &Progress) -> u64 {
+        resend_budget(p.total_pages, (self.q_dirty, self.q_never)).saturating_sub(resent(p))
     }
 
-    /// One multiplexing cycle: up to `q_dirty` dirty pages, never-sent pages for the rest, and
-    /// whichever group has pages left fills the cycle when the other runs short. Dirty pages are
-    /// also capped by what is left of the live resend budget.
+    fn max_share(&self) -> f64 {
+        self.q_dirty as f64 / (self.q_dirty + self.q_never) as f64
+    }
+
+    /// The dirty share that resends the cold backlog and what the guest dirties meanwhile by
+    /// the time the never-sent pages are gone: with `x` = dirty rate ÷ link rate (pages), `D`
+    /// dirty pages to send satisfy `D = backlog + x (ns + D)`, and the share is `D / (D + ns)`,
+    /// at most MPLM's share. But when a resent cold page would most likely be dirtied again
+    /// before the never-sent pages are gone (`λ_cold × ns × t > 1`, `λ_cold` the rate at which
+    /// a clean page turns cold-dirty), or the guest dirties faster than that share can follow,
+    /// resending now is wasted: the share is 0 and the whole budget waits for the tail, where a
+    /// throttle keeps resent pages clean.
+    fn share(&self, p: &Progress) -> f64 {
+        let max = self.max_share();
+        let Some(t) = page_time(p) else {
+            return max;
+        };
+        let ns = p.never_sent as f64;
+        if self.track.cold_clean_rate() * ns * t > 1.0 {
+            return 0.0;
+        }
+        let x = self.track.dirty_rate() * t;
+        if x >= 1.0 {
+            return 0.0;
+        }
+        let backlog = p.dirty.saturating_sub(p.hot) as f64;
+        let d = (backlog + ns * x) / (1.0 - x);
+        if d + ns <= 0.0 {
+            return 0.0;
+        }
+        let share = d / (d + ns);
+        if share > max {
+            0.0
+        } else {
+            share
+        }
+    }
+
+    /// One cycle of the main phase: the adaptive split, cold dirty pages only, whichever group
+    /// has pages left filling the cycle, dirty pages capped by the resend budget.
     fn cycle(&self, p: &Progress) -> Decision {
         let cycle = self.q_dirty + self.q_never;
-        let budget = resend_budget(p.total_pages, &self.cfg).saturating_sub(Self::resent(p));
-        let dirty_avail = p.dirty.min(budget);
-        let dirty = dirty_avail.min(self.q_dirty);
+        let (q_dirty, _) = self.cfg.split_at(self.share(p));
+        let q_dirty = q_dirty.min(self.q_dirty);
+        let cold = p.dirty.saturating_sub(p.hot);
+        let dirty_avail = cold.min(self.budget_left(p));
+        let dirty = dirty_avail.min(q_dirty);
         let never_sent = p.never_sent.min(cycle - dirty);
         let fill = (dirty_avail - dirty).min(cycle - dirty - never_sent);
         Decision::Send {
             never_sent,
             dirty: dirty + fill,
+        }
+    }
+
+    /// The throttle for a tail pass over `pages` dirty pages of `t` seconds each, so that at
+    /// most `target_downtime` worth of pages is dirty after it. A clean page becomes dirty at
+    /// `λ` per second (measured over the last epoch, under the throttle then in force); during
+    /// a pass of `T = pages × t` the `C` pages clean at its start and each resent page (clean
+    /// for the rest of the pass) are dirtied with chance `1 − e^{−λ'T}` and `1 − e^{−λ'(T −
+    /// s)}`: `F(λ') = C (1 − e^{−λ'T}) + D (1 − (1 − e^{−λ'T}) / (λ'T))`. The throttle
+    /// `θ = 1 − λ'/λ` for the largest `λ'` with `F ≤ target`; on a second and later pass at
+    /// least `1 − (1 − θ_prev) / 4` (the model missed), at most `throttle_max`.
+    fn tail_throttle(&self, p: &Progress, pages: u64, t: f64, passes: u32) -> f64 {
+        let max = self.cfg.throttle_max.clamp(0.0, crate::vm::MAX_THROTTLE);
+        let lambda = self.track.clean_rate() / (1.0 - self.throttle).max(0.01);
+        let target = self.cfg.target_downtime.as_secs_f64() / t;
+        let d = pages as f64;
+        let c = p
+            .total_pages
+            .saturating_sub(p.never_sent)
+            .saturating_sub(p.dirty) as f64;
+        let span = d * t;
+        let dirty_after = |l: f64| {
+            let x = l * span;
+            if x <= 1e-12 {
+                return 0.0;
+            }
+            let e = 1.0 - (-x).exp();
+            c * e + d * (1.0 - e / x)
+        };
+        let need = if lambda <= 0.0 || dirty_after(lambda) <= target {
+            0.0
+        } else {
+            // F grows with λ': bisect for the largest λ' that keeps F within the target.
+            let (mut lo, mut hi) = (0.0, lambda);
+            for _ in 0..60 {
+                let mid = 0.5 * (lo + hi);
+                if dirty_after(mid) <= target {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            1.0 - lo / lambda
+        };
+        let escalate = if passes > 1 {
+            1.0 - (1.0 - self.throttle) / 4.0
+        } else {
+            0.0
+        };
+        need.max(escalate).clamp(0.0, max)
+    }
+
+    /// Decisions once the never-sent group is empty.
+    fn tail(&mut self, p: &Progress) -> Decision {
+        if self.hurry {
+            return Decision::Switchover;
+        }
+        let Some(tail) = self.tail.as_mut() else {
+            // Harvest first: what the guest wrote since the last harvest counts too.
+            self.tail = Some(Tail {
+                evaluated: p.epoch,
+                ..Tail::default()
+            });
+            return Decision::Harvest;
+        };
+        let budget =
+            resend_budget(p.total_pages, (self.q_dirty, self.q_never)).saturating_sub(resent(p));
+        if p.epoch != tail.evaluated {
+            tail.evaluated = p.epoch;
+            let Some(t) = page_time(p) else {
+                return Decision::Switchover;
+            };
+            let fits = p.dirty as f64 * t <= self.cfg.target_downtime.as_secs_f64();
+            if fits || budget == 0 || tail.passes >= MAX_TAIL_PASSES {
+                return Decision::Switchover;
+            }
+            tail.passes += 1;
+            tail.pass_left = p.dirty.min(budget);
+            let (pages, passes) = (tail.pass_left, tail.passes);
+            self.throttle = self.tail_throttle(p, pages, t, passes);
+            return self.tail_send(p, budget);
+        }
+        self.tail_send(p, budget)
+    }
+
+    fn tail_send(&mut self, p: &Progress, budget: u64) -> Decision {
+        let Some(tail) = self.tail.as_mut() else {
+            return Decision::Switchover;
+        };
+        let n = tail
+            .pass_left
+            .min(p.dirty)
+            .min(budget)
+            .min(self.cfg.cycle());
+        if n == 0 {
+            tail.pass_left = 0;
+            return Decision::Harvest;
+        }
+        tail.pass_left -= n;
+        Decision::Send {
+            never_sent: 0,
+            dirty: n,
         }
     }
 }
@@ -88,10 +249,7 @@ impl Policy for Membound {
 
     fn decide(&mut self, p: &Progress) -> Decision {
         self.track.observe(p);
-        if p.never_sent == 0 {
-            return Decision::Switchover;
-        }
-        if !self.hurry && self.cfg.timed_out(p) {
+        if !self.hurry && self.tail.is_none() && self.cfg.timed_out(p) {
             self.limit = true;
             match self.cfg.on_limit {
                 OnLimit::Abort => {
@@ -104,6 +262,9 @@ impl Policy for Membound {
                 }
                 OnLimit::Switchover => self.hurry = true,
             }
+        }
+        if p.never_sent == 0 {
+            return self.tail(p);
         }
         if !self.hurry && !self.harvested && p.since_harvest >= self.cfg.epoch {
             self.harvested = true;
@@ -120,30 +281,50 @@ impl Policy for Membound {
         }
     }
 
-    /// Model: every never-sent page goes once; resends follow the cycle ratio `q_d / q_n` as
-    /// long as dirty pages are there (pending now, plus the last epoch's dirty rate over the
-    /// rest of the live phase), within the resend budget; the stop-and-copy sends what is
-    /// dirty then.
+    /// Model: every never-sent page goes once; cold resends follow the current split while
+    /// dirty pages are there (within the budget); what is dirty when the never-sent group
+    /// empties goes in a tail pass if it would exceed the target (leaving about the target's
+    /// worth for the stop-and-copy), else in the stop-and-copy.
     fn forecast(&self, p: &Progress) -> Forecast {
+        let t = page_time(p);
+        let target_pages = t.map_or(f64::MAX, |t| self.cfg.target_downtime.as_secs_f64() / t);
+        let budget = self.budget_left(p) as f64;
+        if let Some(tail) = &self.tail {
+            let dirty = p.dirty as f64;
+            let pass = tail.pass_left.min(p.dirty) as f64;
+            let rate = self.track.dirty_rate() * (1.0 - self.throttle);
+            let after = (dirty - pass + rate * pass * t.unwrap_or(0.0)).max(0.0);
+            return forecast_from(p, pass, after);
+        }
         let ns = p.never_sent as f64;
-        let ratio = if self.hurry {
-            0.0
-        } else {
-            self.q_dirty as f64 / self.q_never as f64
-        };
-        let budget = resend_budget(p.total_pages, &self.cfg).saturating_sub(Self::resent(p));
+        let share = if self.hurry { 0.0 } else { self.share(p) };
+        let ratio = share / (1.0 - share);
         let rate = self.track.dirty_rate();
-        let live_secs = page_time(p).map_or(0.0, |t| ns * (1.0 + ratio) * t);
-        let new_dirty = rate * live_secs;
-        let resends = (ns * ratio)
-            .min(budget as f64)
-            .min(p.dirty as f64 + new_dirty);
-        let sent_pages = (p.total_pages as f64).max(0.0);
-        let final_dirty = (p.dirty as f64 + new_dirty - resends).clamp(0.0, sent_pages);
-        forecast_from(p, ns + resends, final_dirty)
+        let live_secs = t.map_or(0.0, |t| ns * (1.0 + ratio) * t);
+        let new_dirty = rate * (live_secs + p.since_harvest.as_secs_f64());
+        let cold = p.dirty.saturating_sub(p.hot) as f64;
+        let resends = (ns * ratio).min(budget).min(cold + new_dirty);
+        let total = p.total_pages as f64;
+        let at_end = (p.dirty as f64 + new_dirty - resends).clamp(0.0, total);
+        let budget_after = (budget - resends).max(0.0);
+        if !self.hurry && at_end > target_pages && budget_after > 0.0 {
+            let pass = at_end.min(budget_after);
+            let left = (at_end - pass + target_pages).min(at_end);
+            forecast_from(p, ns + resends + pass, left)
+        } else {
+            forecast_from(p, ns + resends, at_end)
+        }
     }
 
     fn limit_reached(&self) -> bool {
         self.limit
+    }
+
+    fn controls(&self) -> Controls {
+        Controls {
+            throttle: self.throttle,
+            cores: None,
+            defer_hot: self.tail.is_none(),
+        }
     }
 }

@@ -2,32 +2,52 @@
 //!
 //! The executor runs the migration (harvests dirty logs, encodes and sends pages) and, between
 //! steps, asks the policy what to do next, passing what it measured ([`Progress`]). The policy
-//! answers with a [`Decision`]; it never touches memory, sockets or clocks itself, so it is
-//! tested with a virtual clock and simulated bandwidth and dirty rates ([`sim`]).
+//! answers with a [`Decision`], and says through [`Policy::controls`] what it wants done to the
+//! vCPUs meanwhile (a throttle, an over-commit, hot pages deferred); it never touches memory,
+//! sockets or clocks itself, so it is tested with a virtual clock and simulated bandwidth and
+//! dirty rates ([`sim`]).
 //!
-//! Two policies:
+//! The policies:
 //!
-//! - [`Membound`] — memory-bound pre-copy (MPLM, Chanchio & Yaothanee). No downtime knob: the
-//!   never-sent and dirty groups are multiplexed, and the live phase ends exactly when the
-//!   never-sent group is empty. Its total migration time is bounded by the memory size whatever
-//!   the dirty rate (see [`bound`]).
+//! - [`Mplm`] — memory-bound pre-copy exactly as Chanchio & Yaothanee describe it. No downtime
+//!   knob: the never-sent and dirty groups are multiplexed in 50/50 cycles, and the live phase
+//!   ends exactly when the never-sent group is empty. Total time bounded by the memory size
+//!   whatever the dirty rate (see [`bound`]).
+//! - [`Membound`] — the default: MPLM's guarantee with lower downtime. Hot pages (written again
+//!   within an epoch of being resent) are deferred to the stop-and-copy, the dirty share of a
+//!   cycle follows the measured dirty rate, and when the downtime forecast exceeds
+//!   `target_downtime` a throttled tail resends the dirty set within MPLM's resend budget.
+//! - `timebound` ([`Mplm::timebound`]) — TLM: a mass transfer sends all memory once in address order while a small
+//!   share of each cycle resends pages dirtied since they were sent (harvested every
+//!   `timebound_epoch`); the VM stops when the mass transfer ends. About 2 × memory ÷ bandwidth.
 //! - [`Precopy`] — classic iterative pre-copy, the baseline: a first pass over all memory, then
 //!   passes over the dirty set until the estimated downtime fits `max_downtime`, or a limit
 //!   (`max_epochs`, `timeout`) forces the switchover or an abort.
+//! - [`Autoconverge`] — precopy with QEMU's auto-converge: vCPUs throttled from 20% in 10%
+//!   steps (at most 99%) while the guest dirties more than half of what an epoch sends.
+//!
+//! Any of them can be wrapped in CPU over-commit ([`Overcommit`]): past a progress mark the
+//! vCPU threads are packed onto fewer cores, and given their own affinity back at switchover.
 //!
 //! ## Contract with the executor
 //!
 //! - `Send { never_sent, dirty }`: send at most `never_sent` never-sent pages and at most `dirty`
-//!   dirty pages (fewer if fewer exist), then ask again. The bound assumes the executor never
-//!   sends more than it is asked to.
+//!   dirty pages (fewer if fewer exist), then ask again. Dirty pages are taken from the cold
+//!   ones first; hot ones only while [`Controls::defer_hot`] is off. The bound assumes the
+//!   executor never sends more than it is asked to.
 //! - `Harvest`: harvest (and clear) the dirty log; pages sent and written since move into the
-//!   dirty group; `epoch` goes up by one and `since_harvest` restarts.
-//! - `Switchover`: pause the VM, harvest once more, send every dirty page (the stop-and-copy),
-//!   drain the lanes, compare digests, send the vCPU/device state, resume on the destination.
-//!   Neither policy returns it while `never_sent > 0`.
-//! - `Abort(reason)`: give up and keep the VM running on the source.
+//!   dirty group (hot if they were resent during the epoch that just ended); `epoch` goes up by
+//!   one and `since_harvest` restarts.
+//! - `Switchover`: lift any throttle and over-commit, pause the VM, harvest once more, send
+//!   every dirty page (the stop-and-copy), drain the lanes, compare digests, send the
+//!   vCPU/device state, resume on the destination. No policy returns it while `never_sent > 0`.
+//! - `Abort(reason)`: give up and keep the VM running (unthrottled) on the source.
+//! - After every decision the executor reads [`Policy::controls`] and applies what changed.
 
+mod autoconverge;
 mod membound;
+mod mplm;
+mod overcommit;
 mod precopy;
 pub mod sim;
 
@@ -40,7 +60,10 @@ use serde::{Deserialize, Serialize};
 use crate::encode::{BATCH_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::memory::PAGE_SIZE;
 
+pub use autoconverge::Autoconverge;
 pub use membound::Membound;
+pub use mplm::Mplm;
+pub use overcommit::{Overcommit, Overcommitted};
 pub use precopy::Precopy;
 
 /// Wire bytes of one page in the worst case: a raw page, its record header and (for a batch of
@@ -66,6 +89,8 @@ pub struct Progress {
     pub never_sent: u64,
     /// Pages sent and dirtied since, as of the last harvest, minus those resent since.
     pub dirty: u64,
+    /// Of the `dirty` pages, the hot ones: written again within an epoch of being resent.
+    pub hot: u64,
     /// Pages sent so far (first sends and resends).
     pub pages_sent: u64,
     /// Wire bytes sent so far.
@@ -89,6 +114,18 @@ pub enum Decision {
     Switchover,
     /// Give up; the VM keeps running on the source. The string says why.
     Abort(String),
+}
+
+/// What a policy wants done while it runs, read by the executor after every decision.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Controls {
+    /// Share of vCPU time taken away (0 = none, at most 0.99).
+    pub throttle: f64,
+    /// Pack the vCPU threads onto this many cores (CPU over-commit); `None`: their own
+    /// affinity.
+    pub cores: Option<usize>,
+    /// Send no hot page while live: they wait for the stop-and-copy.
+    pub defer_hot: bool,
 }
 
 /// A policy's view of what is left, for progress bars, reports and schedulers.
@@ -127,6 +164,10 @@ pub trait Policy: Send {
     fn limit_reached(&self) -> bool {
         false
     }
+    /// What the executor should do to the vCPUs and the dirty group until the next decision.
+    fn controls(&self) -> Controls {
+        Controls::default()
+    }
 }
 
 /// What to do when a limit (`max_epochs`, `timeout`) is reached.
@@ -147,12 +188,32 @@ pub struct PolicyConfig {
     /// Pages per decision (one multiplexing cycle for membound, one chunk for precopy).
     /// Default 100. Values below 1 are treated as 1.
     pub cycle_pages: u64,
-    /// Membound: share of each cycle given to dirty pages once the first harvest is done; the
-    /// rest goes to never-sent pages. Default 0.5 (MPLM's 50/50). Clamped so that at least one
-    /// page per cycle is a never-sent one (else the live phase would never end).
+    /// Mplm: share of each cycle given to dirty pages once the first harvest is done; the rest
+    /// goes to never-sent pages. Membound: the largest share its adaptive split may give.
+    /// Default 0.5 (MPLM's 50/50). Clamped so that at least one page per cycle is a never-sent
+    /// one (else the live phase would never end).
     pub dirty_share: f64,
-    /// Membound: time between dirty-log harvests during the live phase. Default 3 s.
+    /// Mplm and membound: time between dirty-log harvests during the live phase. Default 3 s.
     pub epoch: Duration,
+    /// Membound: the downtime (page transfer) above which the tail of the live phase throttles
+    /// the vCPUs and resends the dirty set. Default 50 ms.
+    pub target_downtime: Duration,
+    /// Timebound: time between dirty-log harvests. Default 1 s.
+    pub timebound_epoch: Duration,
+    /// Timebound: share of each cycle the dirty-page sender gets next to the mass transfer.
+    /// Default 0.2 (bound: `2.25 × N` pages).
+    pub timebound_dirty_share: f64,
+    /// Autoconverge: throttle when pages dirtied in an epoch exceed this share of the pages
+    /// sent in it, two epochs in a row. Default 0.5 (QEMU's `throttle-trigger-threshold`).
+    pub throttle_trigger: f64,
+    /// Autoconverge: the first throttle. Default 0.2 (QEMU's `cpu-throttle-initial`).
+    pub throttle_initial: f64,
+    /// Autoconverge: added at each later step. Default 0.1 (`cpu-throttle-increment`).
+    pub throttle_step: f64,
+    /// Autoconverge: the most. Default 0.99 (QEMU's maximum).
+    pub throttle_max: f64,
+    /// CPU over-commit of the vCPU threads during the live phase. Default none.
+    pub overcommit: Option<Overcommit>,
     /// Precopy: switch over once the dirty set would take at most this long to send.
     /// Default 300 ms. Membound has no downtime knob and ignores it.
     pub max_downtime: Duration,
@@ -182,6 +243,14 @@ impl Default for PolicyConfig {
             cycle_pages: 100,
             dirty_share: 0.5,
             epoch: Duration::from_secs(3),
+            target_downtime: Duration::from_millis(50),
+            timebound_epoch: Duration::from_secs(1),
+            timebound_dirty_share: 0.2,
+            throttle_trigger: 0.5,
+            throttle_initial: 0.2,
+            throttle_step: 0.1,
+            throttle_max: 0.99,
+            overcommit: None,
             max_downtime: Duration::from_millis(300),
             max_epochs: 30,
             timeout: None,
@@ -204,6 +273,12 @@ pub enum ConfigError {
     Epoch,
     #[error("bound_slack must be a finite number >= 1, got {0}")]
     BoundSlack(f64),
+    #[error("timebound_dirty_share must be in [0, 1), got {0}")]
+    TimeboundShare(f64),
+    #[error("throttle values must be in [0, 0.99] with initial <= max, got initial {initial}, step {step}, max {max}")]
+    Throttle { initial: f64, step: f64, max: f64 },
+    #[error("over-commit needs at least 1 core and a progress mark in [0, 1]")]
+    Overcommit,
 }
 
 impl PolicyConfig {
@@ -222,6 +297,26 @@ impl PolicyConfig {
         if !(self.bound_slack.is_finite() && self.bound_slack >= 1.0) {
             return Err(ConfigError::BoundSlack(self.bound_slack));
         }
+        if !(0.0..1.0).contains(&self.timebound_dirty_share) {
+            return Err(ConfigError::TimeboundShare(self.timebound_dirty_share));
+        }
+        let in_range = |v: f64| (0.0..=crate::vm::MAX_THROTTLE).contains(&v);
+        if !(in_range(self.throttle_initial)
+            && in_range(self.throttle_step)
+            && in_range(self.throttle_max)
+            && self.throttle_initial <= self.throttle_max)
+        {
+            return Err(ConfigError::Throttle {
+                initial: self.throttle_initial,
+                step: self.throttle_step,
+                max: self.throttle_max,
+            });
+        }
+        if let Some(o) = &self.overcommit {
+            if o.cores == 0 || !(0.0..=1.0).contains(&o.at) {
+                return Err(ConfigError::Overcommit);
+            }
+        }
         Ok(())
     }
 
@@ -230,12 +325,18 @@ impl PolicyConfig {
         self.cycle_pages.max(1)
     }
 
-    /// Membound's split of a cycle: `(dirty quota, never-sent quota)`, the never-sent quota
-    /// being at least 1.
+    /// Mplm's split of a cycle (membound's largest): `(dirty quota, never-sent quota)`, the
+    /// never-sent quota being at least 1.
     fn split(&self) -> (u64, u64) {
+        self.split_at(self.dirty_share)
+    }
+
+    /// The split of a cycle giving `share` to dirty pages: `(dirty quota, never-sent quota)`,
+    /// the never-sent quota being at least 1.
+    fn split_at(&self, share: f64) -> (u64, u64) {
         let cycle = self.cycle();
-        let share = if self.dirty_share.is_finite() {
-            self.dirty_share.clamp(0.0, 1.0)
+        let share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
         } else {
             0.5
         };
@@ -252,19 +353,38 @@ impl PolicyConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {
-    /// Memory-bound pre-copy (MPLM); the default.
+    /// Memory-bound pre-copy with hot-page deferral, an adaptive split and a throttled tail;
+    /// the default.
     #[default]
     Membound,
+    /// Memory-bound pre-copy exactly as published (MPLM).
+    Mplm,
+    /// Time-bound migration (TLM): mass transfer plus a concurrent dirty-page sender.
+    Timebound,
     /// Classic iterative pre-copy with a downtime target.
     Precopy,
+    /// Precopy with QEMU's auto-converge vCPU throttling.
+    Autoconverge,
 }
 
 impl PolicyKind {
+    /// Every policy, in the order of the docs.
+    pub const ALL: [PolicyKind; 5] = [
+        PolicyKind::Membound,
+        PolicyKind::Mplm,
+        PolicyKind::Timebound,
+        PolicyKind::Precopy,
+        PolicyKind::Autoconverge,
+    ];
+
     /// The name used on the command line, in config files and in reports.
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyKind::Membound => "membound",
+            PolicyKind::Mplm => "mplm",
+            PolicyKind::Timebound => "timebound",
             PolicyKind::Precopy => "precopy",
+            PolicyKind::Autoconverge => "autoconverge",
         }
     }
 }
@@ -277,26 +397,32 @@ impl fmt::Display for PolicyKind {
 
 /// A policy name that is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown policy {0:?} (expected \"membound\" or \"precopy\")")]
+#[error("unknown policy {0:?} (expected membound, mplm, timebound, precopy or autoconverge)")]
 pub struct UnknownPolicy(pub String);
 
 impl FromStr for PolicyKind {
     type Err = UnknownPolicy;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "membound" => Ok(PolicyKind::Membound),
-            "precopy" => Ok(PolicyKind::Precopy),
-            other => Err(UnknownPolicy(other.to_owned())),
-        }
+        PolicyKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| UnknownPolicy(s.to_owned()))
     }
 }
 
-/// Builds a fresh policy of the given kind.
+/// Builds a fresh policy of the given kind, wrapped in over-commit if the config asks for it.
 pub fn make_policy(kind: PolicyKind, cfg: &PolicyConfig) -> Box<dyn Policy> {
-    match kind {
+    let inner: Box<dyn Policy> = match kind {
         PolicyKind::Membound => Box::new(Membound::new(cfg.clone())),
+        PolicyKind::Mplm => Box::new(Mplm::new(cfg.clone())),
+        PolicyKind::Timebound => Box::new(Mplm::timebound(cfg.clone())),
         PolicyKind::Precopy => Box::new(Precopy::new(cfg.clone())),
+        PolicyKind::Autoconverge => Box::new(Autoconverge::new(cfg.clone())),
+    };
+    match cfg.overcommit {
+        Some(o) => Box::new(Overcommitted::new(inner, o)),
+        None => inner,
     }
 }
 
@@ -306,11 +432,15 @@ pub fn make_policy(kind: PolicyKind, cfg: &PolicyConfig) -> Box<dyn Policy> {
 pub fn bound_pages(kind: PolicyKind, total_pages: u64, cfg: &PolicyConfig) -> Option<u64> {
     let n = total_pages;
     match kind {
-        PolicyKind::Membound => Some(
-            n.saturating_add(membound::resend_budget(n, cfg))
+        PolicyKind::Membound | PolicyKind::Mplm => Some(
+            n.saturating_add(resend_budget(n, cfg.split()))
                 .saturating_add(n),
         ),
-        PolicyKind::Precopy => match cfg.on_limit {
+        PolicyKind::Timebound => Some(
+            n.saturating_add(resend_budget(n, cfg.split_at(cfg.timebound_dirty_share)))
+                .saturating_add(n),
+        ),
+        PolicyKind::Precopy | PolicyKind::Autoconverge => match cfg.on_limit {
             OnLimit::Abort => None,
             OnLimit::Switchover => {
                 let passes = u64::from(cfg.max_epochs.max(1)) + 1;
@@ -333,10 +463,11 @@ pub fn bound_pages(kind: PolicyKind, total_pages: u64, cfg: &PolicyConfig) -> Op
 /// `bound = pages × bytes_per_page / bandwidth × bound_slack + bound_fixed + bound_per_gib ×
 /// GiB`, where `pages` is [`bound_pages`]:
 ///
-/// ## Membound
+/// ## Mplm and membound
 ///
 /// Let `N` be the number of guest pages, `c` = `cycle_pages`, `q_d` = round(`c` ×
-/// `dirty_share`) the dirty quota of a cycle and `q_n = c − q_d ≥ 1` the never-sent quota.
+/// `dirty_share`) the dirty quota of a cycle and `q_n = c − q_d ≥ 1` the never-sent quota
+/// (membound's adaptive split never gives dirty pages more than `q_d`).
 ///
 /// - Never-sent pages: each is sent exactly once while live (sending it moves it out of the
 ///   group for good, and the live phase ends when the group is empty): `N` pages. This covers
@@ -350,13 +481,23 @@ pub fn bound_pages(kind: PolicyKind, total_pages: u64, cfg: &PolicyConfig) -> Op
 ///   With the timeout and `on_limit = switchover` it only sends fewer.
 /// - Stop-and-copy: only pages that were sent can be dirty, each once: at most `N`.
 ///
+/// - Membound's tail (after the never-sent group is empty, when the downtime forecast exceeds
+///   `target_downtime`): passes over the dirty set, still counted against the same budget, and
+///   at most [`membound::MAX_TAIL_PASSES`] of them; the budget spent, it switches over.
+///
 /// Hence at most `2N + ⌈N q_d / q_n⌉` pages (`3N` by default), whatever the dirty rate. The
 /// live phase is link-bound (every decision sends a full cycle or ends the phase), so the time
 /// is that many pages at `bandwidth`; what is not page transfer (harvests, the digest
 /// comparison, state, resume) is the allowance. With `timeout` and `on_limit = abort`, a
 /// timeout shorter than the bound may abort it, and the bound is `None`.
 ///
-/// ## Precopy
+/// ## Timebound
+///
+/// The same count with the split of `timebound_dirty_share` (`q_d = 20`, `q_n = 80` by
+/// default): the mass transfer sends `N` pages, the dirty sender at most `⌈N/4⌉` while it
+/// runs, the stop-and-copy at most `N`: `2.25 N` pages.
+///
+/// ## Precopy and autoconverge
 ///
 /// With `on_limit = abort`: `None` (it may give up). With `on_limit = switchover`: the first
 /// pass sends each page once (`N`); a dirty pass happens after harvest `k` only while `k <
@@ -391,18 +532,33 @@ pub fn bound(
         cfg.bound_fixed.as_secs_f64() + cfg.bound_per_gib.as_secs_f64() * mem_bytes as f64 / GIB;
     let mut secs = transfer(bound_pages(kind, n, cfg)?) + allowance;
     if let Some(t) = cfg.timeout {
-        match (kind, cfg.on_limit) {
-            (PolicyKind::Precopy, OnLimit::Switchover) => {
+        let iterative = matches!(kind, PolicyKind::Precopy | PolicyKind::Autoconverge);
+        match (iterative, cfg.on_limit) {
+            (true, OnLimit::Switchover) => {
                 let by_timeout = t.as_secs_f64()
                     + transfer(n.saturating_mul(2).saturating_add(cfg.cycle()))
                     + allowance;
                 secs = secs.min(by_timeout);
             }
-            (PolicyKind::Membound, OnLimit::Abort) if t.as_secs_f64() < secs => return None,
+            (false, OnLimit::Abort) if t.as_secs_f64() < secs => return None,
             _ => {}
         }
     }
     Some(secs_to_duration(secs))
+}
+
+/// The most dirty pages a bounded policy resends during the live phase of a migration of
+/// `total_pages` pages, given its largest cycle split `(q_d, q_n)`: `⌈N × q_d / q_n⌉` (see
+/// [`bound`]).
+fn resend_budget(total_pages: u64, (q_dirty, q_never): (u64, u64)) -> u64 {
+    let budget = u128::from(total_pages) * u128::from(q_dirty);
+    u64::try_from(budget.div_ceil(u128::from(q_never.max(1)))).unwrap_or(u64::MAX)
+}
+
+/// Dirty pages resent so far in the live phase: every send beyond the first of each page.
+fn resent(p: &Progress) -> u64 {
+    let first_sends = p.total_pages.saturating_sub(p.never_sent);
+    p.pages_sent.saturating_sub(first_sends)
 }
 
 /// Converts seconds to a [`Duration`], saturating (NaN and negatives become zero).
@@ -439,6 +595,14 @@ struct EpochTracker {
     last_harvest_at: f64,
     /// Smoothed pages put in the dirty group per second; `None` before the first harvest.
     rate: Option<f64>,
+    /// In the last epoch, the rate at which a clean (sent, not dirty) page became dirty, per
+    /// second: pages newly dirtied ÷ (clean pages × epoch length). Unlike `rate`, it does not
+    /// collapse when most pages are dirty already.
+    clean_rate: Option<f64>,
+    /// The same for cold pages only: pages that became hot in the epoch are not counted.
+    cold_clean_rate: Option<f64>,
+    /// Hot pages at the last harvest.
+    last_hot: u64,
 }
 
 impl EpochTracker {
@@ -456,7 +620,15 @@ impl EpochTracker {
                 Some(old) => old + RATE_SMOOTHING * (rate - old),
                 None => rate,
             });
+            let sent = p.total_pages.saturating_sub(p.never_sent);
+            let already = p.dirty.saturating_sub(p.dirtied_last_epoch);
+            let clean = sent.saturating_sub(already).max(1) as f64;
+            self.clean_rate = Some(p.dirtied_last_epoch as f64 / (clean * len));
+            let new_hot = p.hot.saturating_sub(self.last_hot);
+            let new_cold = p.dirtied_last_epoch.saturating_sub(new_hot);
+            self.cold_clean_rate = Some(new_cold as f64 / (clean * len));
         }
+        self.last_hot = p.hot;
         self.last_harvest_at = at;
         self.seen_epoch = p.epoch;
         true
@@ -465,6 +637,16 @@ impl EpochTracker {
     /// Pages newly dirtied per second (0 before the first harvest).
     fn dirty_rate(&self) -> f64 {
         self.rate.unwrap_or(0.0)
+    }
+
+    /// Per second, the chance that a clean page becomes dirty, as of the last epoch.
+    fn clean_rate(&self) -> f64 {
+        self.clean_rate.unwrap_or(0.0)
+    }
+
+    /// The same, counting only pages that became cold dirty (not hot).
+    fn cold_clean_rate(&self) -> f64 {
+        self.cold_clean_rate.unwrap_or(0.0)
     }
 }
 

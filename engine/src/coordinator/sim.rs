@@ -5,13 +5,15 @@
 //! bytes/s at `bytes_per_page` wire bytes per page; a virtual clock advances by one page time per
 //! page sent. The simulator plays the executor: it asks a [`Policy`] for decisions and carries
 //! them out with the same semantics as the real one (dirty log cleared by each harvest, pages
-//! read when sent, a final harvest and pass after the pause), and checks at the end that every
-//! page on the destination has its last version.
+//! read when sent, hot pages classified and deferred, a final harvest and pass after the
+//! pause), applies the policy's [`Controls`] (a throttle of `θ` scales the dirty rate by `1 −
+//! θ`; packing `vcpus` vCPUs onto `c` cores scales it by `c / vcpus`), and checks at the end
+//! that every page on the destination has its last version.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::{secs_to_duration, Decision, Policy, Progress};
+use super::{secs_to_duration, Controls, Decision, Policy, Progress};
 
 /// How the simulated guest writes its memory. Rates are page writes per second.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +57,8 @@ pub struct SimConfig {
     pub bytes_per_page: f64,
     /// How the guest writes.
     pub dirty: DirtyModel,
+    /// vCPUs writing (each at `rate / vcpus`), for over-commit. Default 1.
+    pub vcpus: u32,
     /// Seed of the dirty model's RNG.
     pub seed: u64,
     /// Time a live harvest takes (the guest keeps running). Default 1 ms.
@@ -75,6 +79,7 @@ impl Default for SimConfig {
             bandwidth: 4096.0 * 4096.0,
             bytes_per_page: 4096.0,
             dirty: DirtyModel::Idle,
+            vcpus: 1,
             seed: 1,
             harvest_cost: Duration::from_millis(1),
             switchover_cost: Duration::ZERO,
@@ -121,6 +126,12 @@ pub struct SimOutcome {
     pub empty_sends: u64,
     /// Every page on the destination holds its last version (checked when completed).
     pub consistent: bool,
+    /// The highest throttle the policy asked for.
+    pub max_throttle: f64,
+    /// The fewest cores the policy packed the vCPUs onto, if it did.
+    pub min_cores: Option<usize>,
+    /// The policy's controls after its last decision (what the executor would undo).
+    pub end_controls: Controls,
 }
 
 /// SplitMix64: small, fast and the same on every platform and crate version.
@@ -167,6 +178,13 @@ pub struct Sim {
     log: Vec<u32>,
     in_dirty: Vec<bool>,
     dirty: VecDeque<u32>,
+    /// Hot pages: resent and written again within the epoch.
+    in_hot: Vec<bool>,
+    hot: VecDeque<u32>,
+    /// Resent since the last harvest.
+    resent: Vec<bool>,
+    resent_list: Vec<u32>,
+    controls: Controls,
     never_cursor: u64,
     never_sent: u64,
 
@@ -205,6 +223,11 @@ impl Sim {
             log: Vec::new(),
             in_dirty: vec![false; n],
             dirty: VecDeque::new(),
+            in_hot: vec![false; n],
+            hot: VecDeque::new(),
+            resent: vec![false; n],
+            resent_list: Vec::new(),
+            controls: Controls::default(),
             never_cursor: 0,
             never_sent: cfg.pages,
             epoch: 0,
@@ -228,7 +251,8 @@ impl Sim {
             epoch: self.epoch,
             total_pages: self.cfg.pages,
             never_sent: self.never_sent,
-            dirty: self.dirty.len() as u64,
+            dirty: (self.dirty.len() + self.hot.len()) as u64,
+            hot: self.hot.len() as u64,
             pages_sent: self.pages_sent,
             bytes_sent: (self.pages_sent as f64 * self.cfg.bytes_per_page) as u64,
             bandwidth: if known { self.cfg.bandwidth } else { 0.0 },
@@ -277,7 +301,13 @@ impl Sim {
         if self.paused {
             return;
         }
-        let due = self.cfg.dirty.rate() * secs + self.write_carry;
+        let vcpus = f64::from(self.cfg.vcpus.max(1));
+        let packed = self
+            .controls
+            .cores
+            .map_or(1.0, |c| (c.max(1) as f64 / vcpus).min(1.0));
+        let speed = (1.0 - self.controls.throttle.clamp(0.0, 1.0)) * packed;
+        let due = self.cfg.dirty.rate() * speed * secs + self.write_carry;
         let writes = due.floor();
         self.write_carry = due - writes;
         for _ in 0..writes as u64 {
@@ -304,13 +334,23 @@ impl Sim {
         n
     }
 
-    fn send_dirty(&mut self, max: u64) -> u64 {
+    /// Sends up to `max` dirty pages: cold ones first, then hot ones unless they are deferred.
+    fn send_dirty(&mut self, max: u64, defer_hot: bool) -> u64 {
         let mut sent = 0;
         while sent < max {
-            let Some(page) = self.dirty.pop_front() else {
+            let page = if let Some(page) = self.dirty.pop_front() {
+                self.in_dirty[page as usize] = false;
+                page
+            } else if let Some(page) = self.hot.pop_front().filter(|_| !defer_hot) {
+                self.in_hot[page as usize] = false;
+                page
+            } else {
                 break;
             };
-            self.in_dirty[page as usize] = false;
+            if !self.resent[page as usize] {
+                self.resent[page as usize] = true;
+                self.resent_list.push(page);
+            }
             self.send_page(page as usize);
             sent += 1;
         }
@@ -323,11 +363,19 @@ impl Sim {
         for page in std::mem::take(&mut self.log) {
             let page = page as usize;
             self.logged[page] = false;
-            if self.sent[page] && !self.in_dirty[page] {
-                self.in_dirty[page] = true;
-                self.dirty.push_back(page as u32);
+            if self.sent[page] && !self.in_dirty[page] && !self.in_hot[page] {
+                if self.resent[page] {
+                    self.in_hot[page] = true;
+                    self.hot.push_back(page as u32);
+                } else {
+                    self.in_dirty[page] = true;
+                    self.dirty.push_back(page as u32);
+                }
                 newly += 1;
             }
+        }
+        for page in std::mem::take(&mut self.resent_list) {
+            self.resent[page as usize] = false;
         }
         self.epoch += 1;
         self.dirtied_last_epoch = newly;
@@ -338,15 +386,24 @@ impl Sim {
     pub fn run(&mut self, policy: &mut dyn Policy) -> SimOutcome {
         let mut decisions = 0;
         let mut empty_sends = 0;
+        let mut max_throttle: f64 = 0.0;
+        let mut min_cores: Option<usize> = None;
         let max_time = self.cfg.max_time.as_secs_f64();
         let end = loop {
             if decisions >= self.cfg.max_decisions || self.now > max_time {
                 break SimEnd::Stalled;
             }
             decisions += 1;
-            match policy.decide(&self.progress()) {
+            let decision = policy.decide(&self.progress());
+            self.controls = policy.controls();
+            max_throttle = max_throttle.max(self.controls.throttle);
+            if let Some(c) = self.controls.cores {
+                min_cores = Some(min_cores.map_or(c, |m| m.min(c)));
+            }
+            match decision {
                 Decision::Send { never_sent, dirty } => {
-                    let sent = self.send_never_sent(never_sent) + self.send_dirty(dirty);
+                    let sent = self.send_never_sent(never_sent)
+                        + self.send_dirty(dirty, self.controls.defer_hot);
                     if sent == 0 {
                         // A real executor would spin; let time pass so the caps apply.
                         empty_sends += 1;
@@ -370,8 +427,8 @@ impl Sim {
             self.harvest();
             let left = self.never_sent;
             self.send_never_sent(left);
-            let dirty = self.dirty.len() as u64;
-            self.send_dirty(dirty);
+            let dirty = (self.dirty.len() + self.hot.len()) as u64;
+            self.send_dirty(dirty, false);
             self.advance(self.cfg.switchover_cost.as_secs_f64());
             consistent = self.version == self.sent_version && self.never_sent == 0;
         }
@@ -388,6 +445,9 @@ impl Sim {
             decisions,
             empty_sends,
             consistent,
+            max_throttle,
+            min_cores,
+            end_controls: self.controls,
             end,
         }
     }

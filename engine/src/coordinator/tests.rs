@@ -37,6 +37,9 @@ impl Policy for Spy {
     fn limit_reached(&self) -> bool {
         self.inner.limit_reached()
     }
+    fn controls(&self) -> Controls {
+        self.inner.controls()
+    }
 }
 
 const N: u64 = 4096;
@@ -56,6 +59,7 @@ fn sim_cfg(dirty: DirtyModel) -> SimConfig {
 fn policy_cfg() -> PolicyConfig {
     PolicyConfig {
         epoch: Duration::from_millis(200),
+        timebound_epoch: Duration::from_millis(200),
         ..PolicyConfig::default()
     }
 }
@@ -118,6 +122,7 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
         total_pages: N,
         never_sent,
         dirty,
+        hot: 0,
         pages_sent: N - never_sent,
         bytes_sent: (N - never_sent) * 4096,
         bandwidth: 1e6,
@@ -126,16 +131,16 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
     }
 }
 
-// ---- membound ----
+// ---- mplm ----
 
 #[test]
-fn membound_switches_over_exactly_when_never_sent_empties() {
+fn mplm_switches_over_exactly_when_never_sent_empties() {
     let cfg = policy_cfg();
     let sim = sim_cfg(DirtyModel::Uniform {
         rate: 2000.0,
         working_set: N / 2,
     });
-    let (out, log) = run(PolicyKind::Membound, &cfg, sim);
+    let (out, log) = run(PolicyKind::Mplm, &cfg, sim);
     assert_eq!(out.end, SimEnd::Completed);
     assert!(out.consistent && out.converged);
     let (last_p, last_d) = log.last().unwrap();
@@ -148,8 +153,8 @@ fn membound_switches_over_exactly_when_never_sent_empties() {
 }
 
 #[test]
-fn membound_cycle_split_is_exact() {
-    let mut m = Membound::new(PolicyConfig::default());
+fn mplm_cycle_split_is_exact() {
+    let mut m = Mplm::new(PolicyConfig::default());
     let send = |never_sent, dirty| Decision::Send { never_sent, dirty };
     assert_eq!(m.decide(&progress(1, 1000, 1000)), send(50, 50));
     // Dirty short: never-sent fills the cycle.
@@ -163,7 +168,7 @@ fn membound_cycle_split_is_exact() {
     p.pages_sent += N;
     assert_eq!(m.decide(&p), send(100, 0));
     // Another split.
-    let mut m = Membound::new(PolicyConfig {
+    let mut m = Mplm::new(PolicyConfig {
         cycle_pages: 64,
         dirty_share: 0.25,
         ..PolicyConfig::default()
@@ -171,7 +176,7 @@ fn membound_cycle_split_is_exact() {
     assert_eq!(m.decide(&progress(3, 1000, 1000)), send(48, 16));
 
     // In a whole simulated migration: every cycle with both groups plentiful is 50/50.
-    let (out, log) = run(PolicyKind::Membound, &policy_cfg(), sim_cfg(dirty_all(0.5)));
+    let (out, log) = run(PolicyKind::Mplm, &policy_cfg(), sim_cfg(dirty_all(0.5)));
     assert_eq!(out.end, SimEnd::Completed);
     let mut split_cycles = 0;
     for (p, d) in &log {
@@ -187,8 +192,8 @@ fn membound_cycle_split_is_exact() {
 }
 
 #[test]
-fn membound_epoch0_sends_only_never_sent() {
-    let (out, log) = run(PolicyKind::Membound, &policy_cfg(), sim_cfg(dirty_all(1.0)));
+fn mplm_epoch0_sends_only_never_sent() {
+    let (out, log) = run(PolicyKind::Mplm, &policy_cfg(), sim_cfg(dirty_all(1.0)));
     assert_eq!(out.end, SimEnd::Completed);
     let epoch0: Vec<_> = log.iter().filter(|(p, _)| p.epoch == 0).collect();
     assert!(epoch0.len() > 5);
@@ -205,11 +210,11 @@ fn membound_epoch0_sends_only_never_sent() {
 }
 
 #[test]
-fn membound_harvest_cadence_follows_epoch() {
+fn mplm_harvest_cadence_follows_epoch() {
     let cfg = policy_cfg();
     let sim = sim_cfg(dirty_all(0.8));
     let cycle_secs = 100.0 / N as f64;
-    let (out, log) = run(PolicyKind::Membound, &cfg, sim);
+    let (out, log) = run(PolicyKind::Mplm, &cfg, sim);
     assert_eq!(out.end, SimEnd::Completed);
     assert!(out.epochs >= 5, "{} epochs", out.epochs);
     let mut harvest_times = Vec::new();
@@ -236,33 +241,29 @@ fn membound_harvest_cadence_follows_epoch() {
 }
 
 #[test]
-fn membound_finishes_within_bound_when_dirty_rate_exceeds_link() {
+fn mplm_finishes_within_bound_when_dirty_rate_exceeds_link() {
     for times_link in [1.0, 2.0, 4.0] {
         let cfg = policy_cfg();
         let mut sim = sim_cfg(dirty_all(times_link));
         sim.harvest_cost = Duration::ZERO;
-        let (out, _) = run(PolicyKind::Membound, &tight(&cfg), sim.clone());
+        let (out, _) = run(PolicyKind::Mplm, &tight(&cfg), sim.clone());
         assert_eq!(out.end, SimEnd::Completed);
         assert!(out.consistent);
-        assert_within_bound(PolicyKind::Membound, &tight(&cfg), &sim, &out);
+        assert_within_bound(PolicyKind::Mplm, &tight(&cfg), &sim, &out);
         // Dirty-all: the live phase resends about as many pages as it first-sends.
         assert!(out.live_pages > N * 3 / 2, "{out:?}");
 
         // With realistic costs and the default allowance.
         let mut sim = sim_cfg(dirty_all(times_link));
         sim.switchover_cost = Duration::from_millis(500);
-        let (out, _) = run(PolicyKind::Membound, &cfg, sim.clone());
-        assert_within_bound(PolicyKind::Membound, &cfg, &sim, &out);
+        let (out, _) = run(PolicyKind::Mplm, &cfg, sim.clone());
+        assert_within_bound(PolicyKind::Mplm, &cfg, &sim, &out);
     }
 }
 
 #[test]
-fn membound_idle_vm_sends_each_page_once() {
-    let (out, log) = run(
-        PolicyKind::Membound,
-        &policy_cfg(),
-        sim_cfg(DirtyModel::Idle),
-    );
+fn mplm_idle_vm_sends_each_page_once() {
+    let (out, log) = run(PolicyKind::Mplm, &policy_cfg(), sim_cfg(DirtyModel::Idle));
     assert_eq!(out.end, SimEnd::Completed);
     assert_eq!(out.pages_sent, N);
     assert_eq!(out.final_pages, 0);
@@ -271,20 +272,20 @@ fn membound_idle_vm_sends_each_page_once() {
 }
 
 #[test]
-fn membound_empty_vm_switches_over_at_once() {
-    let mut m = Membound::new(PolicyConfig::default());
+fn mplm_empty_vm_switches_over_at_once() {
+    let mut m = Mplm::new(PolicyConfig::default());
     let p = Progress::default();
     assert_eq!(m.decide(&p), Decision::Switchover);
 }
 
 #[test]
-fn membound_zero_epoch_still_makes_progress() {
+fn mplm_zero_epoch_still_makes_progress() {
     let cfg = PolicyConfig {
         epoch: Duration::ZERO,
         ..PolicyConfig::default()
     };
     assert!(cfg.validate().is_err());
-    let (out, log) = run(PolicyKind::Membound, &cfg, sim_cfg(dirty_all(0.5)));
+    let (out, log) = run(PolicyKind::Mplm, &cfg, sim_cfg(dirty_all(0.5)));
     assert_eq!(out.end, SimEnd::Completed);
     // Harvests and sends alternate.
     for w in log.windows(2) {
@@ -293,12 +294,12 @@ fn membound_zero_epoch_still_makes_progress() {
 }
 
 #[test]
-fn membound_timeout_hurries_or_aborts() {
+fn mplm_timeout_hurries_or_aborts() {
     let base = PolicyConfig {
         timeout: Some(Duration::from_millis(1500)),
         ..policy_cfg()
     };
-    let (out, log) = run(PolicyKind::Membound, &base, sim_cfg(dirty_all(2.0)));
+    let (out, log) = run(PolicyKind::Mplm, &base, sim_cfg(dirty_all(2.0)));
     assert_eq!(out.end, SimEnd::Completed);
     assert!(out.consistent && !out.converged);
     for (p, d) in &log {
@@ -314,13 +315,13 @@ fn membound_timeout_hurries_or_aborts() {
         on_limit: OnLimit::Abort,
         ..base
     };
-    let (out, _) = run(PolicyKind::Membound, &cfg, sim_cfg(dirty_all(2.0)));
+    let (out, _) = run(PolicyKind::Mplm, &cfg, sim_cfg(dirty_all(2.0)));
     assert!(
         matches!(out.end, SimEnd::Aborted(ref why) if why.contains("timeout")),
         "{out:?}"
     );
     // A timeout shorter than the bound voids the promise.
-    assert_eq!(bound(PolicyKind::Membound, 1 << 30, 1e8, 0.0, &cfg), None);
+    assert_eq!(bound(PolicyKind::Mplm, 1 << 30, 1e8, 0.0, &cfg), None);
 }
 
 // ---- precopy ----
@@ -442,6 +443,275 @@ fn precopy_timeout() {
     assert!(matches!(out.end, SimEnd::Aborted(ref why) if why.contains("timeout")));
 }
 
+// ---- membound ----
+
+fn hotcold() -> DirtyModel {
+    DirtyModel::HotCold {
+        rate: 8000.0,
+        working_set: N,
+        hot_pages: 256,
+        hot_share: 0.9,
+    }
+}
+
+/// The target in the simulator: on hotcold and seq (sweeps slower and faster than the
+/// link, over all memory and a quarter of it), membound's downtime is at most half of mplm's and
+/// its total time no longer.
+#[test]
+fn membound_halves_mplm_downtime_without_taking_longer() {
+    let seq_quarter = DirtyModel::Sequential {
+        rate: 2000.0,
+        working_set: N / 4,
+    };
+    for dirty in [hotcold(), dirty_all(0.5), dirty_all(2.0), seq_quarter] {
+        let cfg = policy_cfg();
+        let (mplm, _) = run(PolicyKind::Mplm, &cfg, sim_cfg(dirty.clone()));
+        let (mb, _) = run(PolicyKind::Membound, &cfg, sim_cfg(dirty.clone()));
+        assert!(mb.consistent && mplm.consistent);
+        assert!(
+            mb.downtime.as_secs_f64() <= 0.5 * mplm.downtime.as_secs_f64(),
+            "{dirty:?}: membound {mb:?} vs mplm {mplm:?}"
+        );
+        assert!(
+            mb.total <= mplm.total,
+            "{dirty:?}: membound {mb:?} vs mplm {mplm:?}"
+        );
+        assert_within_bound(PolicyKind::Membound, &tight(&cfg), &sim_cfg(dirty), &mb);
+    }
+}
+
+/// While never-sent pages are left, no hot page is resent: a cycle asks for at most the cold
+/// dirty pages, and the controls say hot pages wait; in the tail they go too.
+#[test]
+fn membound_defers_hot_pages_until_the_tail() {
+    let cfg = policy_cfg();
+    let mut m = Membound::new(cfg.clone());
+    let (out, log) = run(PolicyKind::Membound, &cfg, sim_cfg(hotcold()));
+    assert_eq!(out.end, SimEnd::Completed);
+    let mut saw_hot = false;
+    let mut tail_sent_hot = false;
+    for (p, d) in &log {
+        assert_eq!(m.decide(p), *d);
+        let c = m.controls();
+        if p.never_sent > 0 {
+            assert!(c.defer_hot, "hot pages not deferred at {p:?}");
+            if let Decision::Send { dirty, .. } = d {
+                assert!(*dirty <= p.dirty - p.hot, "{d:?} at {p:?}");
+            }
+            saw_hot |= p.hot > 0;
+        } else if let Decision::Send { dirty, .. } = d {
+            assert!(!c.defer_hot);
+            tail_sent_hot |= *dirty > p.dirty - p.hot;
+        }
+    }
+    assert!(saw_hot, "the workload made no hot page");
+    assert!(tail_sent_hot, "the tail never resent hot pages");
+}
+
+/// A quiet guest gets a small dirty share (never-sent pages go sooner) and no throttle; a guest
+/// that dirties faster than resends can follow gets share 0 and a throttled tail.
+#[test]
+fn membound_adapts_its_share_and_throttles_only_when_needed() {
+    let cfg = policy_cfg();
+    let quiet = DirtyModel::Uniform {
+        rate: 200.0,
+        working_set: N,
+    };
+    let (out, log) = run(PolicyKind::Membound, &cfg, sim_cfg(quiet));
+    assert_eq!(out.max_throttle, 0.0, "{out:?}");
+    let shares: Vec<u64> = log
+        .iter()
+        .filter(|(p, _)| p.epoch >= 2 && p.never_sent >= 100)
+        .filter_map(|(p, d)| match d {
+            Decision::Send { dirty, .. } if p.dirty - p.hot >= 50 => Some(*dirty),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        shares.iter().all(|&d| d < 50),
+        "quiet guest got MPLM's share: {shares:?}"
+    );
+    let (fast, log) = run(PolicyKind::Membound, &cfg, sim_cfg(dirty_all(2.0)));
+    assert!(fast.max_throttle > 0.5, "{fast:?}");
+    assert!(log
+        .iter()
+        .filter(|(p, _)| p.epoch >= 2 && p.never_sent >= 100)
+        .all(|(_, d)| matches!(d, Decision::Send { dirty: 0, .. } | Decision::Harvest)));
+}
+
+// ---- timebound ----
+
+/// TLM: harvests every `timebound_epoch`, the dirty sender gets at most its share of a cycle,
+/// the VM stops exactly when the mass transfer ends, within 2.25 N pages whatever the rate.
+#[test]
+fn timebound_mass_transfer_with_a_dirty_sender() {
+    let cfg = PolicyConfig {
+        timebound_epoch: Duration::from_millis(250),
+        ..PolicyConfig::default()
+    };
+    for dirty in [dirty_all(0.5), dirty_all(4.0), hotcold()] {
+        let sim = sim_cfg(dirty);
+        let (out, log) = run(PolicyKind::Timebound, &tight(&cfg), sim.clone());
+        assert_eq!(out.end, SimEnd::Completed);
+        assert!(out.consistent);
+        assert!(out.pages_sent <= N + N / 4 + N, "{out:?}");
+        assert_within_bound(PolicyKind::Timebound, &tight(&cfg), &sim, &out);
+        let mut last_harvest = Duration::ZERO;
+        for (p, d) in &log {
+            assert_eq!(*d == Decision::Switchover, p.never_sent == 0);
+            match d {
+                Decision::Send { never_sent, dirty } if p.never_sent >= 100 => {
+                    assert!(*dirty <= 20 && never_sent + dirty <= 100, "{d:?}");
+                }
+                Decision::Harvest => {
+                    let at = p.elapsed;
+                    assert!(at - last_harvest >= Duration::from_millis(250));
+                    assert!(at - last_harvest < Duration::from_millis(280), "{at:?}");
+                    last_harvest = at;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+// ---- autoconverge ----
+
+/// QEMU's steps exactly: two epochs in a row above half of what was sent → 20%, then +10%
+/// for every further two, capped at 99%; an epoch under the trigger restarts the count.
+#[test]
+fn autoconverge_throttle_steps_are_exact() {
+    let mut a = Autoconverge::new(PolicyConfig::default());
+    let mut sent = 0;
+    let mut epoch = 0;
+    // Feed one harvest: `sent_now` pages sent in the epoch, `dirtied` dirtied in it.
+    let mut harvest = |a: &mut Autoconverge, sent_now: u64, dirtied: u64| {
+        sent += sent_now;
+        epoch += 1;
+        let mut p = progress(epoch, 0, dirtied);
+        p.pages_sent = sent;
+        p.dirtied_last_epoch = dirtied;
+        a.decide(&p);
+        a.controls().throttle
+    };
+    assert_eq!(a.controls(), Controls::default());
+    assert_eq!(harvest(&mut a, 1000, 600), 0.0); // high 1
+    assert_eq!(harvest(&mut a, 1000, 400), 0.0); // under: restart
+    assert_eq!(harvest(&mut a, 1000, 501), 0.0); // high 1
+    assert_eq!(harvest(&mut a, 1000, 900), 0.2); // high 2 → 20%
+    assert_eq!(harvest(&mut a, 1000, 900), 0.2); // high 1
+    let t = harvest(&mut a, 1000, 900); // high 2 → 30%
+    assert!((t - 0.3).abs() < 1e-9, "{t}");
+    assert_eq!(harvest(&mut a, 1000, 500), t); // exactly half is not above it
+    let mut last = t;
+    for _ in 0..40 {
+        last = harvest(&mut a, 1000, 1000);
+    }
+    assert_eq!(last, 0.99);
+    assert!(!a.controls().defer_hot);
+}
+
+/// Where plain precopy never converges, auto-converge's throttle lets it.
+#[test]
+fn autoconverge_converges_where_precopy_does_not() {
+    let cfg = policy_cfg();
+    let (pre, _) = run(PolicyKind::Precopy, &cfg, sim_cfg(dirty_all(2.0)));
+    let (auto, _) = run(PolicyKind::Autoconverge, &cfg, sim_cfg(dirty_all(2.0)));
+    assert!(!pre.converged, "{pre:?}");
+    assert!(auto.converged && auto.consistent, "{auto:?}");
+    assert!(
+        auto.max_throttle >= 0.2 && auto.total < pre.total,
+        "{auto:?}"
+    );
+}
+
+// ---- over-commit ----
+
+/// Cores are packed from the progress mark on (at once, or one fewer per harvest), and given
+/// back at the switchover and on abort.
+#[test]
+fn overcommit_packs_from_the_mark_and_restores() {
+    let oc = Overcommit {
+        cores: 1,
+        at: 0.5,
+        stepwise: false,
+        from: 4,
+    };
+    let cfg = PolicyConfig::default();
+    let mut w = Overcommitted::new(Box::new(Mplm::new(cfg.clone())), oc);
+    let mut p = progress(0, N - 100, 0);
+    p.pages_sent = 100;
+    w.decide(&p);
+    assert_eq!(w.controls().cores, None, "before the mark");
+    let mut p = progress(0, N / 4, 0);
+    p.pages_sent = N - N / 4;
+    w.decide(&p);
+    assert_eq!(w.controls().cores, Some(1));
+    assert_eq!(w.decide(&progress(1, 0, 0)), Decision::Switchover);
+    assert_eq!(w.controls().cores, None, "not restored at switchover");
+
+    let mut step = Overcommitted::new(
+        Box::new(Mplm::new(cfg.clone())),
+        Overcommit {
+            stepwise: true,
+            at: 0.0,
+            ..oc
+        },
+    );
+    let mut got = Vec::new();
+    for epoch in 0..5 {
+        let mut p = progress(epoch, N / 2, 0);
+        p.pages_sent = N / 2;
+        step.decide(&p);
+        got.push(step.controls().cores);
+    }
+    assert_eq!(got, [Some(3), Some(2), Some(1), Some(1), Some(1)]);
+
+    let mut abort = Overcommitted::new(
+        Box::new(Mplm::new(PolicyConfig {
+            timeout: Some(Duration::from_secs(1)),
+            on_limit: OnLimit::Abort,
+            ..cfg
+        })),
+        Overcommit { at: 0.0, ..oc },
+    );
+    let mut p = progress(1, N / 2, 0);
+    p.elapsed = Duration::from_millis(10);
+    abort.decide(&p);
+    assert_eq!(abort.controls().cores, Some(1));
+    p.elapsed = Duration::from_secs(2);
+    assert!(matches!(abort.decide(&p), Decision::Abort(_)));
+    assert_eq!(abort.controls().cores, None, "not restored on abort");
+}
+
+/// Packing 4 busy vCPUs onto 1 core lowers their dirty rate: precopy resends less.
+#[test]
+fn overcommit_lowers_the_dirty_rate_in_the_simulator() {
+    let sim = SimConfig {
+        vcpus: 4,
+        ..sim_cfg(DirtyModel::Uniform {
+            rate: 3000.0,
+            working_set: N,
+        })
+    };
+    let plain = policy_cfg();
+    let packed = PolicyConfig {
+        overcommit: Some(Overcommit {
+            cores: 1,
+            at: 0.0,
+            stepwise: false,
+            from: 4,
+        }),
+        ..plain.clone()
+    };
+    let (a, _) = run(PolicyKind::Timebound, &plain, sim.clone());
+    let (b, _) = run(PolicyKind::Timebound, &packed, sim);
+    assert_eq!(b.min_cores, Some(1));
+    assert_eq!(b.end_controls.cores, None);
+    assert!(b.pages_sent < a.pages_sent, "{b:?} vs {a:?}");
+    assert!(b.downtime < a.downtime, "{b:?} vs {a:?}");
+}
+
 // ---- bound, config, forecasts ----
 
 #[test]
@@ -472,6 +742,21 @@ fn bound_figures() {
         ..cfg.clone()
     };
     assert_eq!(bound_pages(PolicyKind::Membound, 300, &split), Some(700));
+    // Mplm promises what membound promises; timebound 2.25 N; autoconverge what precopy does.
+    for n in [1, 300, pages] {
+        assert_eq!(
+            bound_pages(PolicyKind::Mplm, n, &cfg),
+            bound_pages(PolicyKind::Membound, n, &cfg)
+        );
+        assert_eq!(
+            bound_pages(PolicyKind::Autoconverge, n, &cfg),
+            bound_pages(PolicyKind::Precopy, n, &cfg)
+        );
+    }
+    assert_eq!(
+        bound_pages(PolicyKind::Timebound, 400, &cfg),
+        Some(400 + 100 + 400)
+    );
     // Precopy with a timeout: the timeout caps the bound.
     let timed = PolicyConfig {
         timeout: Some(Duration::from_secs(10)),
@@ -492,7 +777,7 @@ fn bound_figures() {
 
 #[test]
 fn policy_kind_names() {
-    for kind in [PolicyKind::Membound, PolicyKind::Precopy] {
+    for kind in PolicyKind::ALL {
         assert_eq!(kind.to_string().parse::<PolicyKind>(), Ok(kind));
         assert_eq!(
             make_policy(kind, &PolicyConfig::default()).name(),
@@ -541,7 +826,7 @@ fn config_defaults_validate_and_deserialize() {
         assert!(bad.validate().is_err(), "{bad:?}");
     }
     // An unchecked dirty_share of 1 still leaves one never-sent page per cycle.
-    let mut m = Membound::new(PolicyConfig {
+    let mut m = Mplm::new(PolicyConfig {
         dirty_share: 1.0,
         ..PolicyConfig::default()
     });
@@ -569,7 +854,7 @@ fn forecasts_are_sane() {
             hot_share: 0.9,
         },
     ];
-    for kind in [PolicyKind::Membound, PolicyKind::Precopy] {
+    for kind in PolicyKind::ALL {
         for dirty in workloads.clone() {
             let cfg = policy_cfg();
             let sim = sim_cfg(dirty);
@@ -602,7 +887,7 @@ fn forecasts_are_sane() {
                 last = Some(f);
             }
             let last = last.unwrap();
-            assert!(last.fraction_done > 0.75, "{kind}: {last:?}");
+            assert!(last.fraction_done > 0.6, "{kind}: {last:?}");
             let (down, actual) = (last.downtime.as_secs_f64(), out.downtime.as_secs_f64());
             assert!(
                 (down - actual).abs() < 0.1 + 0.25 * actual,
@@ -644,18 +929,28 @@ proptest! {
         epoch_ms in 20u64..2000,
         cycle in 1u64..400,
         share in 0.0..0.9f64,
-        precopy in any::<bool>(),
+        kind in 0..PolicyKind::ALL.len(),
+        vcpus in 1u32..4,
+        overcommit in proptest::option::of((1usize..4, 0.0..1.0f64, any::<bool>())),
     ) {
-        let kind = if precopy { PolicyKind::Precopy } else { PolicyKind::Membound };
+        let kind = PolicyKind::ALL[kind];
         let cfg = tight(&PolicyConfig {
             epoch: Duration::from_millis(epoch_ms),
             cycle_pages: cycle,
             dirty_share: share,
+            timebound_dirty_share: share,
             max_epochs: 8,
+            overcommit: overcommit.map(|(cores, at, stepwise)| Overcommit {
+                cores,
+                at,
+                stepwise,
+                from: 4,
+            }),
             ..PolicyConfig::default()
         });
         let sim = SimConfig {
             pages: 1024,
+            vcpus,
             bandwidth: 1024.0 * 4096.0,
             harvest_cost: Duration::ZERO,
             seed,
@@ -667,8 +962,15 @@ proptest! {
         prop_assert!(out.consistent);
         prop_assert_eq!(out.empty_sends, 0);
         assert_within_bound(kind, &cfg, &sim, &out);
-        if kind == PolicyKind::Membound {
-            prop_assert!(log.iter().all(|(p, d)| (*d == Decision::Switchover) == (p.never_sent == 0)));
+        match kind {
+            PolicyKind::Mplm | PolicyKind::Timebound => prop_assert!(
+                log.iter().all(|(p, d)| (*d == Decision::Switchover) == (p.never_sent == 0))
+            ),
+            _ => prop_assert!(
+                log.iter().all(|(p, d)| *d != Decision::Switchover || p.never_sent == 0)
+            ),
         }
+        // Whatever was throttled or over-committed is undone at the switchover.
+        prop_assert_eq!(out.end_controls.cores, None);
     }
 }

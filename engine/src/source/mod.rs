@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use ferry_transport::SessionSender;
 
 use crate::bitmap::Bitmap;
-use crate::coordinator::{self, Decision, PolicyConfig, PolicyKind, Progress};
+use crate::coordinator::Progress;
+use crate::coordinator::{self, Controls, Decision, Forecast, PolicyConfig, PolicyKind};
 use crate::cpu;
 use crate::digest::{self, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
@@ -36,7 +37,8 @@ use crate::encode::{BatchEncoder, EncodeError, EncoderConfig};
 use crate::memory::{MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
-use crate::report::{CpuFigures, LaneReport, Phase, ProbeFigures, ProgressEvent, Report};
+use crate::report::{CpuFigures, ForecastRecord, LaneReport, Phase, ProbeFigures, ProgressEvent};
+use crate::report::{Report, Sample};
 use crate::vm::{Vm, VmError};
 
 /// Tuning of the source side; every field has a documented default.
@@ -258,7 +260,12 @@ struct Probe {
     compress: bool,
     rate: f64,
     bpp: f64,
+    /// Seconds one core takes to hash a page (xxh3), for the switchover's digest comparison.
+    secs_hash: f64,
 }
+
+/// Progress marks at which the report keeps the policy's forecast.
+const FORECAST_MARKS: [f64; 3] = [0.10, 0.25, 0.50];
 
 /// One migration of a running VM to the destination behind `tx`: the coordinator's state.
 struct Migration<'a, 'd, 's> {
@@ -272,10 +279,16 @@ struct Migration<'a, 'd, 's> {
     epoch: u32,
     never_sent: Bitmap,
     sent: Bitmap,
+    /// The dirty group: cold pages, and hot ones (written again within an epoch of being
+    /// resent), which a policy may defer.
     dirty: Bitmap,
+    hot: Bitmap,
+    /// Pages resent since the last harvest.
+    resent: Bitmap,
     scratch: Bitmap,
     cursor_never: u64,
     cursor_dirty: u64,
+    cursor_hot: u64,
     pending: Vec<u64>,
     pages_sent: u64,
     dirtied_last_epoch: u64,
@@ -283,6 +296,14 @@ struct Migration<'a, 'd, 's> {
     meter: Meter,
     probe: Probe,
     bound: Option<Duration>,
+    /// The controls in force (as last applied to the VM).
+    controls: Controls,
+    max_throttle: f64,
+    min_cores: Option<usize>,
+    /// Forecast cost of the switchover besides page transfer (digests, state, round trips).
+    switchover_cost: Duration,
+    forecasts: Vec<ForecastRecord>,
+    timeline: Vec<Sample>,
 }
 
 /// Migrates `vm` (running, with `tracker` watching its memory) over `tx`. On success the
@@ -332,9 +353,12 @@ pub fn migrate(
             never_sent,
             sent: Bitmap::new(span),
             dirty: Bitmap::new(span),
+            hot: Bitmap::new(span),
+            resent: Bitmap::new(span),
             scratch: Bitmap::new(span),
             cursor_never: 0,
             cursor_dirty: 0,
+            cursor_hot: 0,
             pending: Vec::new(),
             pages_sent: 0,
             dirtied_last_epoch: 0,
@@ -342,12 +366,24 @@ pub fn migrate(
             meter: Meter::new(),
             probe: Probe::default(),
             bound: None,
+            controls: Controls::default(),
+            max_throttle: 0.0,
+            min_cores: None,
+            switchover_cost: Duration::ZERO,
+            forecasts: Vec::new(),
+            timeline: Vec::new(),
         };
         let r = m.run(progress);
         // Let the workers finish what they hold before the scope joins them.
         let _ = dispatch.drain();
         r
     });
+    // Whatever happened, the vCPUs get their time and cores back (on success they are paused
+    // for good; on failure the VM goes on running here).
+    vm.set_throttle(0.0);
+    if let Err(e) = vm.overcommit(None) {
+        log::warn!("could not give the vCPU threads their own affinity back: {e}");
+    }
     if let Ok(report) = &mut result {
         // Everything this process spent apart from running the guest.
         let spent = (cpu::process_time() - cpu0.0).saturating_sub(vm.vcpu_cpu_time() - cpu0.1);
@@ -391,6 +427,7 @@ impl Migration<'_, '_, '_> {
         )?;
         self.expect_reply(Tag::Ready)?;
         self.probe = self.probe()?;
+        self.switchover_cost = self.switchover_cost();
         self.shared
             .compress
             .store(self.probe.compress, Ordering::Relaxed);
@@ -409,25 +446,38 @@ impl Migration<'_, '_, '_> {
         self.last_harvest = self.t0;
         let mut last_event = self.t0;
         let mut pick = Vec::new();
-        loop {
+        let downtime_forecast = loop {
             let now = Instant::now();
             if now.duration_since(last_event) >= Duration::from_millis(100) {
                 last_event = now;
                 self.meter.add(now, self.wire_bytes());
                 self.check_destination()?;
-                let mut ev = self.event(Phase::Live);
                 let f = policy.forecast(&self.progress());
+                self.note_forecast(&f);
+                let mut ev = self.event(Phase::Live);
                 ev.fraction = f.fraction_done;
-                ev.eta_ms = f.remaining.as_secs_f64() * 1e3;
+                ev.eta_ms = self.with_switchover(f.remaining).as_secs_f64() * 1e3;
+                self.sample(Phase::Live, ev.eta_ms);
                 progress(&ev);
             }
-            match policy.decide(&self.progress()) {
+            let decision = policy.decide(&self.progress());
+            self.apply(policy.controls())?;
+            match decision {
                 Decision::Send { never_sent, dirty } => {
                     pick.clear();
                     self.never_sent
                         .take(&mut self.cursor_never, never_sent as usize, &mut pick);
-                    self.dirty
+                    let first_dirty = pick.len();
+                    let cold = self
+                        .dirty
                         .take(&mut self.cursor_dirty, dirty as usize, &mut pick);
+                    if cold < dirty as usize && !self.controls.defer_hot {
+                        self.hot
+                            .take(&mut self.cursor_hot, dirty as usize - cold, &mut pick);
+                    }
+                    for &p in &pick[first_dirty..] {
+                        self.resent.set(p);
+                    }
                     self.queue(&pick)?;
                 }
                 Decision::Harvest => {
@@ -437,12 +487,17 @@ impl Migration<'_, '_, '_> {
                     self.dispatch.drain()?;
                     self.harvest()?;
                 }
-                Decision::Switchover => break,
+                Decision::Switchover => {
+                    let f = policy.forecast(&self.progress());
+                    break f.is_known().then(|| self.with_switchover(f.downtime));
+                }
                 Decision::Abort(why) => return Err(MigrateError::Policy(why)),
             }
-        }
+        };
         self.flush()?;
         self.dispatch.drain()?;
+        // The vCPUs get their time and cores back before they stop.
+        self.apply(Controls::default())?;
 
         // Stop-and-copy, spread over every worker and lane.
         let paused_at = Instant::now();
@@ -451,13 +506,16 @@ impl Migration<'_, '_, '_> {
             vm: self.vm,
             armed: true,
         };
+        self.sample(Phase::StopAndCopy, 0.0);
         progress(&self.event(Phase::StopAndCopy));
         self.harvest()?;
         let mut rest: Vec<u64> = self.never_sent.iter_ones().collect();
         rest.extend(self.dirty.iter_ones());
+        rest.extend(self.hot.iter_ones());
         rest.sort_unstable();
         self.never_sent.clear_all();
         self.dirty.clear_all();
+        self.hot.clear_all();
         let final_pages = rest.len() as u64;
         if self.cfg.fault == Some(Fault::CorruptPage) {
             self.shared.corrupt_next_page();
@@ -468,6 +526,7 @@ impl Migration<'_, '_, '_> {
         self.tx.barrier()?;
 
         // Switchover: state, digests compared, commit.
+        self.sample(Phase::Switchover, 0.0);
         progress(&self.event(Phase::Switchover));
         let state = self.vm.save_state()?;
         let salt = self.t0.elapsed().as_nanos() as u64;
@@ -507,6 +566,7 @@ impl Migration<'_, '_, '_> {
         let resumed: DestFigures = proto::from_json("Resumed", &self.expect_reply(Tag::Resumed)?)?;
         guard.armed = false;
         let done = Instant::now();
+        self.sample(Phase::Done, 0.0);
 
         let total = done.duration_since(self.t0).as_secs_f64() * 1e3;
         let wire_bytes = self.wire_bytes();
@@ -550,7 +610,11 @@ impl Migration<'_, '_, '_> {
                 ..CpuFigures::default()
             },
             max_bandwidth_bytes_per_s: self.cfg.max_bandwidth,
-            ..Report::default()
+            forecasts: std::mem::take(&mut self.forecasts),
+            downtime_forecast_ms: downtime_forecast.map(|d| d.as_secs_f64() * 1e3),
+            max_throttle: self.max_throttle,
+            min_vcpu_cores: self.min_cores,
+            timeline: std::mem::take(&mut self.timeline),
         };
         for (i, l) in lane_stats.iter().enumerate() {
             report.lanes.push(LaneReport {
@@ -569,6 +633,60 @@ impl Migration<'_, '_, '_> {
 
     fn wire_bytes(&self) -> u64 {
         self.shared.wire_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Applies what changed in the policy's controls to the VM.
+    fn apply(&mut self, c: Controls) -> Result<(), MigrateError> {
+        if c.throttle != self.controls.throttle {
+            self.vm.set_throttle(c.throttle);
+            self.max_throttle = self.max_throttle.max(self.vm.throttle());
+        }
+        if c.cores != self.controls.cores {
+            if let Some(cpus) = self.vm.overcommit(c.cores)? {
+                self.min_cores = Some(self.min_cores.map_or(cpus.len(), |m| m.min(cpus.len())));
+            }
+        }
+        self.controls = c;
+        Ok(())
+    }
+
+    /// A forecast of page transfer plus the switchover's own cost.
+    fn with_switchover(&self, d: Duration) -> Duration {
+        d.saturating_add(self.switchover_cost)
+    }
+
+    /// Keeps the forecast made when progress first reaches each of [`FORECAST_MARKS`].
+    fn note_forecast(&mut self, f: &Forecast) {
+        if !f.is_known() {
+            return;
+        }
+        let elapsed_ms = self.t0.elapsed().as_secs_f64() * 1e3;
+        for mark in FORECAST_MARKS {
+            if f.fraction_done >= mark && !self.forecasts.iter().any(|r| r.at_fraction == mark) {
+                self.forecasts.push(ForecastRecord {
+                    at_fraction: mark,
+                    elapsed_ms,
+                    total_ms: elapsed_ms + self.with_switchover(f.remaining).as_secs_f64() * 1e3,
+                    downtime_ms: self.with_switchover(f.downtime).as_secs_f64() * 1e3,
+                });
+            }
+        }
+    }
+
+    /// One timeline point.
+    fn sample(&mut self, phase: Phase, eta_ms: f64) {
+        let p = self.progress();
+        self.timeline.push(Sample {
+            t_ms: p.elapsed.as_secs_f64() * 1e3,
+            phase,
+            lane_bytes: self.tx.stats().iter().map(|l| l.bytes).collect(),
+            dirty_pages: p.dirty,
+            hot_pages: p.hot,
+            never_sent_pages: p.never_sent,
+            throttle: self.controls.throttle,
+            vcpu_cores: self.controls.cores,
+            eta_ms,
+        });
     }
 
     /// Marks `pages` sent and queues them for the workers, in work items of one batch.
@@ -635,7 +753,8 @@ impl Migration<'_, '_, '_> {
             epoch: self.epoch,
             total_pages: self.sent.len(),
             never_sent: self.never_sent.count(),
-            dirty: self.dirty.count(),
+            dirty: self.dirty.count() + self.hot.count(),
+            hot: self.hot.count(),
             pages_sent: self.pages_sent,
             bytes_sent: wire_bytes,
             bandwidth: match self.meter.rate() {
@@ -662,6 +781,9 @@ impl Migration<'_, '_, '_> {
             pages_sent: self.pages_sent,
             never_sent_pages: p.never_sent,
             dirty_pages: p.dirty,
+            hot_pages: p.hot,
+            throttle: self.controls.throttle,
+            vcpu_cores: self.controls.cores,
             epoch: self.epoch,
             bytes_per_s: p.bandwidth,
             bound_ms: self.bound.map(|b| b.as_secs_f64() * 1e3),
@@ -672,7 +794,14 @@ impl Migration<'_, '_, '_> {
     fn harvest(&mut self) -> Result<(), MigrateError> {
         self.scratch.clear_all();
         self.shared.tracker.harvest(&mut self.scratch)?;
-        self.dirtied_last_epoch = self.dirty.or_masked(&self.scratch, &self.sent);
+        self.dirtied_last_epoch = Bitmap::harvest_into(
+            &self.scratch,
+            &self.sent,
+            &self.resent,
+            &mut self.dirty,
+            &mut self.hot,
+        );
+        self.resent.clear_all();
         self.epoch += 1;
         self.last_harvest = Instant::now();
         Ok(())
@@ -709,6 +838,19 @@ impl Migration<'_, '_, '_> {
         };
         let (bpp_zstd, secs_zstd) = sample(true)?;
         let (bpp_raw, secs_raw) = sample(false)?;
+        let secs_hash = {
+            let t = Instant::now();
+            let mut n = 0u64;
+            let mut acc = 0u64;
+            for p in (0..span).step_by(step as usize) {
+                if mem.read(p << PAGE_SHIFT, &mut page).is_ok() {
+                    acc ^= xxhash_rust::xxh3::xxh3_64(&page);
+                    n += 1;
+                }
+            }
+            std::hint::black_box(acc);
+            t.elapsed().as_secs_f64() / n.max(1) as f64
+        };
 
         // Lane probe: 1 MiB messages the destination discards, for at most probe_time.
         let t = Instant::now();
@@ -750,7 +892,25 @@ impl Migration<'_, '_, '_> {
             compress,
             rate: pages * bpp,
             bpp,
+            secs_hash,
         })
+    }
+
+    /// What the switchover costs besides page transfer: hashing the pages `--verify` compares
+    /// (on as many threads as there are cores for them), plus a few round trips for the state,
+    /// the digests and the commit.
+    fn switchover_cost(&self) -> Duration {
+        let mem = self.vm.memory();
+        let pages = (mem.size() / PAGE_SIZE as u64) as f64;
+        let hashed = match self.cfg.verify {
+            VerifyMode::Full => pages,
+            VerifyMode::Sample => pages / digest::SAMPLE_STRIDE as f64,
+            VerifyMode::Off => 0.0,
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = self.cfg.digest_threads.clamp(1, cores) as f64;
+        const ROUND_TRIPS: Duration = Duration::from_millis(5);
+        Duration::from_secs_f64(hashed * self.probe.secs_hash / threads) + ROUND_TRIPS
     }
 
     /// Fails fast if the destination has reported a failure.

@@ -1,0 +1,163 @@
+//! Memory-bound pre-copy exactly as published (MPLM, Chanchio & Yaothanee), for comparison
+//! with [`super::Membound`]; and time-bound migration (TLM, Chanchio et al.), which is the same
+//! machine with its own split and epoch: a mass transfer of every page once, in address order,
+//! with a dirty-page sender taking `timebound_dirty_share` of each cycle, harvested every
+//! `timebound_epoch`, the VM stopping when the mass transfer ends.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Epoch0
+//!     Epoch0: epoch 0, never-sent pages only
+//!     Epoch0 --> Epoch0: Send{cycle, 0}
+//!     Epoch0 --> Multiplex: Harvest (since_harvest >= epoch)
+//!     Multiplex: cycles split dirty_share dirty / rest never-sent
+//!     Multiplex --> Multiplex: Send{q_n, q_d} / Harvest every epoch
+//!     Epoch0 --> Hurry: timeout, on_limit = switchover
+//!     Multiplex --> Hurry: timeout, on_limit = switchover
+//!     Hurry: never-sent pages only, no harvests
+//!     Epoch0 --> [*]: never_sent == 0 → Switchover
+//!     Multiplex --> [*]: never_sent == 0 → Switchover
+//!     Hurry --> [*]: never_sent == 0 → Switchover
+//!     Multiplex --> [*]: timeout, on_limit = abort → Abort
+//! ```
+
+use std::time::Duration;
+
+use super::{forecast_from, page_time, resend_budget, resent, EpochTracker, OnLimit, Policy};
+use super::{Decision, Forecast, PolicyConfig, Progress};
+
+/// Memory-bound pre-copy: never-sent and dirty pages multiplexed in fixed cycles; the live phase
+/// ends exactly when no never-sent page is left. No downtime knob; time bounded by memory size.
+#[derive(Debug, Clone)]
+pub struct Mplm {
+    name: &'static str,
+    cfg: PolicyConfig,
+    epoch: Duration,
+    q_dirty: u64,
+    q_never: u64,
+    /// The previous decision was a harvest: send before harvesting again (progress guarantee).
+    harvested: bool,
+    /// The timeout passed with `on_limit = switchover`: send only never-sent pages.
+    hurry: bool,
+    limit: bool,
+    track: EpochTracker,
+}
+
+impl Mplm {
+    /// A fresh MPLM policy with this configuration (`dirty_share`, `epoch`).
+    pub fn new(cfg: PolicyConfig) -> Self {
+        let split = cfg.split();
+        let epoch = cfg.epoch;
+        Self::with("mplm", cfg, split, epoch)
+    }
+
+    /// A fresh TLM policy with this configuration (`timebound_dirty_share`,
+    /// `timebound_epoch`).
+    pub fn timebound(cfg: PolicyConfig) -> Self {
+        let split = cfg.split_at(cfg.timebound_dirty_share);
+        let epoch = cfg.timebound_epoch;
+        Self::with("timebound", cfg, split, epoch)
+    }
+
+    fn with(name: &'static str, cfg: PolicyConfig, split: (u64, u64), epoch: Duration) -> Self {
+        let (q_dirty, q_never) = split;
+        Self {
+            name,
+            cfg,
+            epoch,
+            q_dirty,
+            q_never,
+            harvested: false,
+            hurry: false,
+            limit: false,
+            track: EpochTracker::default(),
+        }
+    }
+
+    /// One multiplexing cycle: up to `q_dirty` dirty pages, never-sent pages for the rest, and
+    /// whichever group has pages left fills the cycle when the other runs short. Dirty pages are
+    /// also capped by what is left of the live resend budget.
+    fn cycle(&self, p: &Progress) -> Decision {
+        let cycle = self.q_dirty + self.q_never;
+        let budget =
+            resend_budget(p.total_pages, (self.q_dirty, self.q_never)).saturating_sub(resent(p));
+        let dirty_avail = p.dirty.min(budget);
+        let dirty = dirty_avail.min(self.q_dirty);
+        let never_sent = p.never_sent.min(cycle - dirty);
+        let fill = (dirty_avail - dirty).min(cycle - dirty - never_sent);
+        Decision::Send {
+            never_sent,
+            dirty: dirty + fill,
+        }
+    }
+}
+
+impl Policy for Mplm {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn decide(&mut self, p: &Progress) -> Decision {
+        self.track.observe(p);
+        if p.never_sent == 0 {
+            return Decision::Switchover;
+        }
+        if !self.hurry && self.cfg.timed_out(p) {
+            self.limit = true;
+            match self.cfg.on_limit {
+                OnLimit::Abort => {
+                    return Decision::Abort(format!(
+                        "{}: timeout {:?} reached with {} of {} pages never sent",
+                        self.name,
+                        self.cfg.timeout.unwrap_or_default(),
+                        p.never_sent,
+                        p.total_pages
+                    ));
+                }
+                OnLimit::Switchover => self.hurry = true,
+            }
+        }
+        if !self.hurry && !self.harvested && p.since_harvest >= self.epoch {
+            self.harvested = true;
+            return Decision::Harvest;
+        }
+        self.harvested = false;
+        if p.epoch == 0 || self.hurry {
+            Decision::Send {
+                never_sent: p.never_sent.min(self.cfg.cycle()),
+                dirty: 0,
+            }
+        } else {
+            self.cycle(p)
+        }
+    }
+
+    /// Model: every never-sent page goes once; resends follow the cycle ratio `q_d / q_n` as
+    /// long as dirty pages are there (pending now, plus the last epoch's dirty rate over the
+    /// rest of the live phase), within the resend budget; the stop-and-copy sends what is
+    /// dirty then.
+    fn forecast(&self, p: &Progress) -> Forecast {
+        let ns = p.never_sent as f64;
+        let ratio = if self.hurry {
+            0.0
+        } else {
+            self.q_dirty as f64 / self.q_never as f64
+        };
+        let budget =
+            resend_budget(p.total_pages, (self.q_dirty, self.q_never)).saturating_sub(resent(p));
+        let rate = self.track.dirty_rate();
+        let live_secs = page_time(p).map_or(0.0, |t| ns * (1.0 + ratio) * t);
+        // Pages dirtied since the last harvest count too (they are not in `p.dirty` yet).
+        let new_dirty = rate * (live_secs + p.since_harvest.as_secs_f64());
+        let resends = (ns * ratio)
+            .min(budget as f64)
+            .min(p.dirty as f64 + new_dirty);
+        let sent_pages = (p.total_pages as f64).max(0.0);
+        let final_dirty = (p.dirty as f64 + new_dirty - resends).clamp(0.0, sent_pages);
+        forecast_from(p, ns + resends, final_dirty)
+    }
+
+    fn limit_reached(&self) -> bool {
+        self.limit
+    }
+}

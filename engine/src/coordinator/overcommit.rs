@@ -1,0 +1,95 @@
+//! CPU over-commit (TLM): past a progress mark, the vCPU threads are packed onto fewer cores,
+//! which lowers the dirty rate and leaves cores to the migration workers. Wraps any policy.
+//!
+//! Once the wrapped policy's own progress fraction reaches `at`, [`Controls::cores`] becomes
+//! `cores` (or, `stepwise`, one core fewer than `from` and then one fewer at every harvest,
+//! down to `cores`). On `Switchover` or `Abort` it goes back to `None`: the executor gives the
+//! vCPU threads their own affinity back (it also does so on any rollback).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Controls, Decision, Forecast, Policy, Progress};
+
+/// Over-commit settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Overcommit {
+    /// Cores the vCPU threads are packed onto (at least 1).
+    pub cores: usize,
+    /// Progress fraction (0..=1) from which they are; 0 = from the start.
+    pub at: f64,
+    /// Remove one core at a time (at each harvest) instead of all at once.
+    pub stepwise: bool,
+    /// Cores the vCPU threads may use before over-commit (where a stepwise descent starts).
+    pub from: usize,
+}
+
+/// A policy whose vCPUs are over-committed past a progress mark.
+pub struct Overcommitted {
+    inner: Box<dyn Policy>,
+    cfg: Overcommit,
+    cores: Option<usize>,
+    seen_epoch: u32,
+}
+
+impl Overcommitted {
+    /// Wraps `inner`.
+    pub fn new(inner: Box<dyn Policy>, cfg: Overcommit) -> Self {
+        Self {
+            inner,
+            cfg,
+            cores: None,
+            seen_epoch: 0,
+        }
+    }
+
+    fn update(&mut self, p: &Progress) {
+        let floor = self.cfg.cores.max(1);
+        match self.cores {
+            None => {
+                if self.inner.forecast(p).fraction_done >= self.cfg.at {
+                    self.seen_epoch = p.epoch;
+                    self.cores = Some(if self.cfg.stepwise {
+                        self.cfg.from.saturating_sub(1).max(floor)
+                    } else {
+                        floor
+                    });
+                }
+            }
+            Some(c) if self.cfg.stepwise && p.epoch != self.seen_epoch => {
+                self.seen_epoch = p.epoch;
+                self.cores = Some(c.saturating_sub(1).max(floor));
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+impl Policy for Overcommitted {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn decide(&mut self, p: &Progress) -> Decision {
+        let d = self.inner.decide(p);
+        match d {
+            Decision::Switchover | Decision::Abort(_) => self.cores = None,
+            Decision::Send { .. } | Decision::Harvest => self.update(p),
+        }
+        d
+    }
+
+    fn forecast(&self, p: &Progress) -> Forecast {
+        self.inner.forecast(p)
+    }
+
+    fn limit_reached(&self) -> bool {
+        self.inner.limit_reached()
+    }
+
+    fn controls(&self) -> Controls {
+        Controls {
+            cores: self.cores,
+            ..self.inner.controls()
+        }
+    }
+}
