@@ -7,6 +7,7 @@ mod listen;
 mod migrate;
 mod net;
 mod opts;
+mod plot;
 mod topo;
 mod vmrun;
 
@@ -46,6 +47,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Work with migration reports: `ferry report plot` draws a timeline.
+    Report {
+        #[command(subcommand)]
+        cmd: ReportCmd,
+    },
     /// Show this host's NUMA nodes, CPUs and NICs, and how ferry would place its workers.
     Topo(topo::TopoArgs),
 }
@@ -54,6 +60,13 @@ enum Cmd {
 enum VmCmd {
     /// Run a VM (serial output on stdout) until it is migrated away or interrupted.
     Run(vmrun::RunArgs),
+}
+
+#[derive(Subcommand)]
+enum ReportCmd {
+    /// Draw the timeline of one migration (throughput per lane, dirty and never-sent memory,
+    /// vCPU throttle) as an SVG.
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -77,6 +90,9 @@ fn main() {
         Cmd::Migrate(a) => migrate::run(a),
         Cmd::Bench { cmd } => bench::run(cmd),
         Cmd::Topo(a) => topo::run(a),
+        Cmd::Report {
+            cmd: ReportCmd::Plot(a),
+        } => plot::run(a),
         Cmd::Key {
             cmd: KeyCmd::New { file, json },
         } => ferry_transport::Key::generate(&file)
