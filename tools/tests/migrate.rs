@@ -122,6 +122,56 @@ fn every_workload_under_both_policies() {
     }
 }
 
+/// The other policies, over-commit included, on a hot/cold guest: verified identical, the
+/// guest goes on, the bounded ones within their bound, and the report has its timeline,
+/// forecasts and controls.
+#[test]
+fn every_policy_and_overcommit() {
+    require_kvm();
+    let runs: [(&str, &[&str]); 5] = [
+        ("mplm", &["--epoch", "0.3"]),
+        ("timebound", &["--epoch", "0.3"]),
+        ("autoconverge", &["--max-epochs", "6"]),
+        ("membound", &["--epoch", "0.3", "--target-downtime", "1"]),
+        (
+            "timebound",
+            &[
+                "--overcommit",
+                "1",
+                "--overcommit-at",
+                "0.2",
+                "--vcpus",
+                "2",
+            ],
+        ),
+    ];
+    for (policy, extra) in runs {
+        let mut args = vec!["--workload", "hotcold", "--policy", policy];
+        args.extend_from_slice(extra);
+        let (v, out) = demo(&args);
+        let what = format!("{policy} {extra:?}");
+        assert_migrated(&v, &out, &what);
+        assert_eq!(v["policy"], policy, "{what}");
+        if policy != "autoconverge" {
+            assert_eq!(v["within_bound"], true, "{what}: {v:#}");
+        }
+        let timeline = v["timeline"].as_array().expect("a timeline");
+        assert!(timeline.len() >= 3, "{what}: {v:#}");
+        assert_eq!(timeline.last().unwrap()["phase"], "done", "{what}");
+        assert!(
+            v["downtime_forecast_ms"].as_f64().is_some(),
+            "{what}: {v:#}"
+        );
+        if extra.contains(&"--overcommit") {
+            assert_eq!(v["min_vcpu_cores"], 1, "{what}: {v:#}");
+            assert!(
+                timeline.iter().any(|s| s["vcpu_cores"] == 1),
+                "{what}: no over-committed sample"
+            );
+        }
+    }
+}
+
 /// Two vCPUs, zero fill, sampled verification.
 #[test]
 fn two_vcpus_zero_fill_sampled_verify() {
