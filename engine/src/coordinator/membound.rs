@@ -32,8 +32,9 @@
 //!     Multiplex --> [*]: timeout, on_limit = abort → Abort
 //! ```
 
-use super::{forecast_from, page_time, resend_budget, resent, EpochTracker, OnLimit, Policy};
+use super::{forecast_from, page_time, resend_budget, resent, timeout_reason, EpochTracker};
 use super::{Controls, Decision, Forecast, PolicyConfig, Progress};
+use super::{OnLimit, Policy};
 
 /// The most passes over the dirty set after the never-sent group is empty.
 pub const MAX_TAIL_PASSES: u32 = 3;
@@ -193,6 +194,7 @@ impl Membound {
         if self.hurry {
             return Decision::Switchover;
         }
+        let budget = self.budget_left(p);
         let Some(tail) = self.tail.as_mut() else {
             // Harvest first: what the guest wrote since the last harvest counts too.
             self.tail = Some(Tail {
@@ -201,8 +203,6 @@ impl Membound {
             });
             return Decision::Harvest;
         };
-        let budget =
-            resend_budget(p.total_pages, (self.q_dirty, self.q_never)).saturating_sub(resent(p));
         if p.epoch != tail.evaluated {
             tail.evaluated = p.epoch;
             let Some(t) = page_time(p) else {
@@ -253,12 +253,7 @@ impl Policy for Membound {
             self.limit = true;
             match self.cfg.on_limit {
                 OnLimit::Abort => {
-                    return Decision::Abort(format!(
-                        "membound: timeout {:?} reached with {} of {} pages never sent",
-                        self.cfg.timeout.unwrap_or_default(),
-                        p.never_sent,
-                        p.total_pages
-                    ));
+                    return Decision::Abort(timeout_reason(self.name(), p, &self.cfg))
                 }
                 OnLimit::Switchover => self.hurry = true,
             }

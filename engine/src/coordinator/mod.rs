@@ -555,6 +555,16 @@ fn resend_budget(total_pages: u64, (q_dirty, q_never): (u64, u64)) -> u64 {
     u64::try_from(budget.div_ceil(u128::from(q_never.max(1)))).unwrap_or(u64::MAX)
 }
 
+/// Why a memory-bound policy aborts at its timeout (`on_limit = abort`).
+fn timeout_reason(name: &str, p: &Progress, cfg: &PolicyConfig) -> String {
+    format!(
+        "{name}: timeout {:?} reached with {} of {} pages never sent",
+        cfg.timeout.unwrap_or_default(),
+        p.never_sent,
+        p.total_pages
+    )
+}
+
 /// Dirty pages resent so far in the live phase: every send beyond the first of each page.
 fn resent(p: &Progress) -> u64 {
     let first_sends = p.total_pages.saturating_sub(p.never_sent);

@@ -23,8 +23,9 @@
 
 use std::time::Duration;
 
-use super::{forecast_from, page_time, resend_budget, resent, EpochTracker, OnLimit, Policy};
+use super::{forecast_from, page_time, resend_budget, resent, timeout_reason, EpochTracker};
 use super::{Decision, Forecast, PolicyConfig, Progress};
+use super::{OnLimit, Policy};
 
 /// Memory-bound pre-copy: never-sent and dirty pages multiplexed in fixed cycles; the live phase
 /// ends exactly when no never-sent page is left. No downtime knob; time bounded by memory size.
@@ -105,15 +106,7 @@ impl Policy for Mplm {
         if !self.hurry && self.cfg.timed_out(p) {
             self.limit = true;
             match self.cfg.on_limit {
-                OnLimit::Abort => {
-                    return Decision::Abort(format!(
-                        "{}: timeout {:?} reached with {} of {} pages never sent",
-                        self.name,
-                        self.cfg.timeout.unwrap_or_default(),
-                        p.never_sent,
-                        p.total_pages
-                    ));
-                }
+                OnLimit::Abort => return Decision::Abort(timeout_reason(self.name, p, &self.cfg)),
                 OnLimit::Switchover => self.hurry = true,
             }
         }
