@@ -182,6 +182,14 @@ pub struct ProbeFigures {
     /// The wire rate and bytes per page of the chosen mode, which the bound uses.
     pub bytes_per_s: f64,
     pub wire_bytes_per_page: f64,
+    /// The guest's writes, fitted during the probe: a working set (pages) written at first at
+    /// `write_pages_per_s`, plus a drift over all memory (pages/s). `None` without a fit.
+    #[serde(default)]
+    pub write_pages_per_s: Option<f64>,
+    #[serde(default)]
+    pub working_set_pages: Option<f64>,
+    #[serde(default)]
+    pub write_drift_pages_per_s: Option<f64>,
 }
 
 /// Per-lane figures.

@@ -77,7 +77,7 @@ impl Policy for Autoconverge {
     }
 
     fn forecast(&self, p: &Progress) -> Forecast {
-        self.precopy.forecast(p)
+        self.precopy.forecast_throttled(p, self.throttle)
     }
 
     fn limit_reached(&self) -> bool {

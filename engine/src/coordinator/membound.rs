@@ -32,7 +32,8 @@
 //!     Multiplex --> [*]: timeout, on_limit = abort → Abort
 //! ```
 
-use super::{forecast_from, page_time, resend_budget, resent, timeout_reason, EpochTracker};
+use super::{expected_writes, forecast_from, multiplexed_forecast, page_time, resend_budget};
+use super::{resent, timeout_reason, EpochTracker};
 use super::{Controls, Decision, Forecast, PolicyConfig, Progress};
 use super::{OnLimit, Policy};
 
@@ -285,29 +286,29 @@ impl Policy for Membound {
         let target_pages = t.map_or(f64::MAX, |t| self.cfg.target_downtime.as_secs_f64() / t);
         let budget = self.budget_left(p) as f64;
         if let Some(tail) = &self.tail {
-            let dirty = p.dirty as f64;
             let pass = tail.pass_left.min(p.dirty) as f64;
-            let rate = self.track.dirty_rate() * (1.0 - self.throttle);
-            let after = (dirty - pass + rate * pass * t.unwrap_or(0.0)).max(0.0);
+            let span = pass * t.unwrap_or(0.0);
+            let written = expected_writes(p, &self.track, span, 0.0, false, self.throttle);
+            let after = (p.dirty as f64 - pass).max(written);
             return forecast_from(p, pass, after);
         }
-        let ns = p.never_sent as f64;
         let share = if self.hurry { 0.0 } else { self.share(p) };
-        let ratio = share / (1.0 - share);
-        let rate = self.track.dirty_rate();
-        let live_secs = t.map_or(0.0, |t| ns * (1.0 + ratio) * t);
-        let new_dirty = rate * (live_secs + p.since_harvest.as_secs_f64());
         let cold = p.dirty.saturating_sub(p.hot) as f64;
-        let resends = (ns * ratio).min(budget).min(cold + new_dirty);
-        let total = p.total_pages as f64;
-        let at_end = (p.dirty as f64 + new_dirty - resends).clamp(0.0, total);
-        let budget_after = (budget - resends).max(0.0);
+        let (live, at_end) = multiplexed_forecast(
+            p,
+            &self.track,
+            share / (1.0 - share),
+            self.cfg.epoch,
+            cold,
+            budget,
+        );
+        let budget_after = (budget - (live - p.never_sent as f64)).max(0.0);
         if !self.hurry && at_end > target_pages && budget_after > 0.0 {
             let pass = at_end.min(budget_after);
             let left = (at_end - pass + target_pages).min(at_end);
-            forecast_from(p, ns + resends + pass, left)
+            forecast_from(p, live + pass, left)
         } else {
-            forecast_from(p, ns + resends, at_end)
+            forecast_from(p, live, at_end)
         }
     }
 

@@ -50,6 +50,7 @@ mod mplm;
 mod overcommit;
 mod precopy;
 pub mod sim;
+mod writes;
 
 use std::fmt;
 use std::str::FromStr;
@@ -65,6 +66,7 @@ pub use membound::Membound;
 pub use mplm::Mplm;
 pub use overcommit::{Overcommit, Overcommitted};
 pub use precopy::Precopy;
+pub use writes::WriteModel;
 
 /// Wire bytes of one page in the worst case: a raw page, its record header and (for a batch of
 /// one page) the batch header. The encoder never emits a larger record: a page that zstd does
@@ -101,6 +103,10 @@ pub struct Progress {
     pub bytes_per_page: f64,
     /// Pages newly put in the dirty group by the last harvest.
     pub dirtied_last_epoch: u64,
+    /// How many distinct pages the guest writes in a given time, unthrottled, as measured;
+    /// `None` if the executor has no such measurement (forecasts then extrapolate the dirty
+    /// rate of the last epochs).
+    pub writes: Option<WriteModel>,
 }
 
 /// What the executor should do next.
@@ -613,6 +619,8 @@ struct EpochTracker {
     cold_clean_rate: Option<f64>,
     /// Hot pages at the last harvest.
     last_hot: u64,
+    /// Never-sent pages at the last harvest (`None` before the first).
+    never_sent_at_harvest: Option<u64>,
 }
 
 impl EpochTracker {
@@ -639,6 +647,7 @@ impl EpochTracker {
             self.cold_clean_rate = Some(new_cold as f64 / (clean * len));
         }
         self.last_hot = p.hot;
+        self.never_sent_at_harvest = Some(p.never_sent);
         self.last_harvest_at = at;
         self.seen_epoch = p.epoch;
         true
@@ -658,6 +667,103 @@ impl EpochTracker {
     fn cold_clean_rate(&self) -> f64 {
         self.cold_clean_rate.unwrap_or(0.0)
     }
+}
+
+/// Pages the guest is expected to dirty (write after they were sent) from the last harvest, or
+/// from now if not `from_harvest`, until `ahead` seconds from now, under `throttle`; the
+/// never-sent pages go out at an even pace over the first `sending` of those seconds. Uses the
+/// executor's write model ([`WriteModel::dirtied`]) when there is one, else the dirty rate of
+/// the last epochs.
+fn expected_writes(
+    p: &Progress,
+    track: &EpochTracker,
+    ahead: f64,
+    sending: f64,
+    from_harvest: bool,
+    throttle: f64,
+) -> f64 {
+    let g = (1.0 - throttle).max(0.0);
+    let ahead = ahead.max(0.0);
+    let since = if from_harvest {
+        p.since_harvest.as_secs_f64()
+    } else {
+        0.0
+    };
+    let Some(m) = &p.writes else {
+        return track.dirty_rate() * g * (since + ahead);
+    };
+    let total = p.total_pages.max(1) as f64;
+    let ns_now = p.never_sent as f64;
+    let ns_then = if from_harvest {
+        track.never_sent_at_harvest.unwrap_or(p.total_pages) as f64
+    } else {
+        ns_now
+    };
+    let shares = [
+        // Sent before the window: written to for all of it.
+        (1.0 - ns_then / total, since + ahead),
+        // Sent since the window began, evenly: on average for half of that.
+        ((ns_then - ns_now).max(0.0) / total, since / 2.0 + ahead),
+        // Still to send.
+        (ns_now / total, ahead - sending.clamp(0.0, ahead) / 2.0),
+    ]
+    .map(|(share, t)| (share, t * g));
+    m.dirtied((since + ahead) * g, &shares)
+}
+
+/// The live phase of a multiplexing policy (MPLM, TLM, membound), forecast. Every never-sent
+/// page goes once; from the first harvest on (every `epoch`), each brings `ratio` resends
+/// along, while there are dirty pages to resend: the `resendable` ones now and those the
+/// harvests before the end will find, at most `budget`. Pages written after the last harvest
+/// before the end cannot be resent. The guest writes within a working set, so the pages dirty
+/// at the end are what is dirty now or written until then (whichever is more), less the
+/// resends, and at least what is written after that last harvest.
+///
+/// Returns the pages sent live and the pages dirty at the end of the live phase.
+fn multiplexed_forecast(
+    p: &Progress,
+    track: &EpochTracker,
+    ratio: f64,
+    epoch: Duration,
+    resendable: f64,
+    budget: f64,
+) -> (f64, f64) {
+    let ns = p.never_sent as f64;
+    let t = page_time(p).unwrap_or(0.0);
+    let e = epoch.as_secs_f64();
+    let since = p.since_harvest.as_secs_f64();
+    // Before the first harvest, never-sent pages only.
+    let plain = if p.epoch > 0 {
+        0.0
+    } else if t > 0.0 {
+        ((e - since).max(0.0) / t).min(ns)
+    } else {
+        ns
+    };
+    let capacity = (ns - plain) * ratio.max(0.0);
+    let window = since + (ns + capacity) * t;
+    let after_last = if e > 0.0 { window % e } else { window };
+    let live = (ns + capacity) * t;
+    let written = expected_writes(p, track, live, live, true, 0.0);
+    let unsendable = if after_last >= window {
+        written
+    } else {
+        // From the last harvest before the end: the never-sent pages left then go out evenly
+        // over the rest of the live phase.
+        let at_last = Progress {
+            never_sent: (ns * after_last / live.max(f64::MIN_POSITIVE)).min(ns) as u64,
+            ..p.clone()
+        };
+        let sending = after_last.min(live);
+        expected_writes(&at_last, track, after_last, sending, false, 0.0)
+    };
+    let resends = capacity
+        .min(budget.max(0.0))
+        .min(resendable + (written - unsendable).max(0.0));
+    let at_end = ((p.dirty as f64).max(written) - resends)
+        .max(unsendable)
+        .clamp(0.0, p.total_pages as f64);
+    (ns + resends, at_end)
 }
 
 /// Builds a [`Forecast`] from pages left to send live and in the stop-and-copy.

@@ -23,7 +23,8 @@
 
 use std::time::Duration;
 
-use super::{forecast_from, page_time, resend_budget, resent, timeout_reason, EpochTracker};
+use super::EpochTracker;
+use super::{forecast_from, multiplexed_forecast, resend_budget, resent, timeout_reason};
 use super::{Decision, Forecast, PolicyConfig, Progress};
 use super::{OnLimit, Policy};
 
@@ -125,12 +126,10 @@ impl Policy for Mplm {
         }
     }
 
-    /// Model: every never-sent page goes once; resends follow the cycle ratio `q_d / q_n` as
-    /// long as dirty pages are there (pending now, plus the last epoch's dirty rate over the
-    /// rest of the live phase), within the resend budget; the stop-and-copy sends what is
-    /// dirty then.
+    /// Model ([`multiplexed_forecast`]): every never-sent page goes once; resends follow the
+    /// cycle ratio `q_d / q_n` from the first harvest on, while dirty pages are there, within
+    /// the resend budget; the stop-and-copy sends what is dirty then.
     fn forecast(&self, p: &Progress) -> Forecast {
-        let ns = p.never_sent as f64;
         let ratio = if self.hurry {
             0.0
         } else {
@@ -138,16 +137,15 @@ impl Policy for Mplm {
         };
         let budget =
             resend_budget(p.total_pages, (self.q_dirty, self.q_never)).saturating_sub(resent(p));
-        let rate = self.track.dirty_rate();
-        let live_secs = page_time(p).map_or(0.0, |t| ns * (1.0 + ratio) * t);
-        // Pages dirtied since the last harvest count too (they are not in `p.dirty` yet).
-        let new_dirty = rate * (live_secs + p.since_harvest.as_secs_f64());
-        let resends = (ns * ratio)
-            .min(budget as f64)
-            .min(p.dirty as f64 + new_dirty);
-        let sent_pages = (p.total_pages as f64).max(0.0);
-        let final_dirty = (p.dirty as f64 + new_dirty - resends).clamp(0.0, sent_pages);
-        forecast_from(p, ns + resends, final_dirty)
+        let (live, at_end) = multiplexed_forecast(
+            p,
+            &self.track,
+            ratio,
+            self.epoch,
+            p.dirty as f64,
+            budget as f64,
+        );
+        forecast_from(p, live, at_end)
     }
 
     fn limit_reached(&self) -> bool {

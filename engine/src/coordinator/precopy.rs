@@ -19,8 +19,9 @@
 
 use std::time::Duration;
 
-use super::{forecast_from, page_time, secs_to_duration, EpochTracker, OnLimit, Policy};
+use super::{expected_writes, forecast_from, page_time, secs_to_duration, EpochTracker};
 use super::{Decision, Forecast, PolicyConfig, Progress};
+use super::{OnLimit, Policy};
 
 /// Classic pre-copy: a first pass over all memory, then passes over the dirty set until the
 /// estimated downtime fits `max_downtime`, or `max_epochs` / `timeout` apply `on_limit`.
@@ -62,6 +63,51 @@ impl Precopy {
             OnLimit::Switchover => Decision::Switchover,
             OnLimit::Abort => Decision::Abort(why),
         }
+    }
+
+    /// Model: the first pass sends the never-sent pages; then each dirty pass of `D` pages takes
+    /// `D × page time`, during which the last epoch's dirty rate dirties the next pass, until
+    /// the pass fits `max_downtime` or `max_epochs` harvests are done (or the timeout). The guest runs under `throttle`.
+    pub(super) fn forecast_throttled(&self, p: &Progress, throttle: f64) -> Forecast {
+        let total = p.total_pages as f64;
+        let t = page_time(p).unwrap_or(0.0);
+        let max_down = self.cfg.max_downtime.as_secs_f64();
+        let mut live = p.never_sent as f64;
+        let mut elapsed = p.elapsed.as_secs_f64() + live * t;
+        let mut epoch = p.epoch;
+        // Dirty pages the next check sees: those of the harvest just done, or those the rest of
+        // the current pass (the first one, or a dirty pass) leaves for the harvest at its end.
+        let left = if p.never_sent > 0 || epoch == 0 {
+            Some(0.0)
+        } else if p.epoch == self.evaluated {
+            Some(self.pass_left.min(p.dirty) as f64)
+        } else {
+            None
+        };
+        let mut dirty = match left {
+            None => p.dirty as f64,
+            Some(left) => {
+                live += left;
+                elapsed += left * t;
+                epoch += 1;
+                let ahead = (p.never_sent as f64 + left) * t;
+                let sending = p.never_sent as f64 * t;
+                expected_writes(p, &self.track, ahead, sending, true, throttle).min(total)
+            }
+        };
+        let deadline = self.cfg.timeout.map(|d| d.as_secs_f64());
+        loop {
+            let fits = dirty * t <= max_down || dirty == 0.0;
+            let limited = epoch >= self.cfg.max_epochs || deadline.is_some_and(|d| elapsed > d);
+            if fits || limited || t == 0.0 {
+                break;
+            }
+            live += dirty;
+            elapsed += dirty * t;
+            dirty = expected_writes(p, &self.track, dirty * t, 0.0, false, throttle).min(total);
+            epoch += 1;
+        }
+        forecast_from(p, live, dirty)
     }
 }
 
@@ -122,49 +168,8 @@ impl Policy for Precopy {
         }
     }
 
-    /// Model: the first pass sends the never-sent pages; then each dirty pass of `D` pages takes
-    /// `D × page time`, during which the last epoch's dirty rate dirties the next pass, until
-    /// the pass fits `max_downtime` or `max_epochs` harvests are done (or the timeout).
     fn forecast(&self, p: &Progress) -> Forecast {
-        let total = p.total_pages as f64;
-        let rate = self.track.dirty_rate();
-        let t = page_time(p).unwrap_or(0.0);
-        let max_down = self.cfg.max_downtime.as_secs_f64();
-        let since = p.since_harvest.as_secs_f64();
-        let mut live = p.never_sent as f64;
-        let mut elapsed = p.elapsed.as_secs_f64() + live * t;
-        let mut epoch = p.epoch;
-        // Dirty pages the next check sees: those of the harvest just done, or those the rest of
-        // the current pass (the first one, or a dirty pass) leaves for the harvest at its end.
-        let left = if p.never_sent > 0 || epoch == 0 {
-            Some(0.0)
-        } else if p.epoch == self.evaluated {
-            Some(self.pass_left.min(p.dirty) as f64)
-        } else {
-            None
-        };
-        let mut dirty = match left {
-            None => p.dirty as f64,
-            Some(left) => {
-                live += left;
-                elapsed += left * t;
-                epoch += 1;
-                (rate * (since + (p.never_sent as f64 + left) * t)).min(total)
-            }
-        };
-        let deadline = self.cfg.timeout.map(|d| d.as_secs_f64());
-        loop {
-            let fits = dirty * t <= max_down || dirty == 0.0;
-            let limited = epoch >= self.cfg.max_epochs || deadline.is_some_and(|d| elapsed > d);
-            if fits || limited || t == 0.0 {
-                break;
-            }
-            live += dirty;
-            elapsed += dirty * t;
-            dirty = (rate * dirty * t).min(total);
-            epoch += 1;
-        }
-        forecast_from(p, live, dirty)
+        self.forecast_throttled(p, 0.0)
     }
 
     fn limit_reached(&self) -> bool {

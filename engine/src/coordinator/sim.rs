@@ -258,6 +258,7 @@ impl Sim {
             bandwidth: if known { self.cfg.bandwidth } else { 0.0 },
             bytes_per_page: if known { self.cfg.bytes_per_page } else { 0.0 },
             dirtied_last_epoch: self.dirtied_last_epoch,
+            writes: None,
         }
     }
 

@@ -128,6 +128,35 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
         bandwidth: 1e6,
         bytes_per_page: 4096.0,
         dirtied_last_epoch: dirty,
+        writes: None,
+    }
+}
+
+/// With a write model, the multiplexing policies forecast a stop-and-copy of what the guest
+/// rewrites, not what a linear rate would pile up: a saturated working set of 1000 pages and
+/// no drift leave at most those 1000 pages, and a drift adds more.
+#[test]
+fn forecasts_follow_the_write_model() {
+    let mut p = progress(0, N * 3 / 4, 0);
+    p.since_harvest = Duration::from_secs(1);
+    let ws = WriteModel {
+        rate: 1e6,
+        wss: 1000.0,
+        drift: 0.0,
+        memory: N as f64,
+    };
+    let page = 4096.0 / 1e6;
+    for kind in [PolicyKind::Mplm, PolicyKind::Timebound] {
+        let policy = make_policy(kind, &PolicyConfig::default());
+        p.writes = Some(ws);
+        let saturated = policy.forecast(&p).downtime.as_secs_f64() / page;
+        assert!((999.0..=1000.5).contains(&saturated), "{kind}: {saturated}");
+        p.writes = Some(WriteModel { drift: 100.0, ..ws });
+        let drifting = policy.forecast(&p).downtime.as_secs_f64() / page;
+        assert!(
+            drifting > saturated + 10.0,
+            "{kind}: {drifting} vs {saturated}"
+        );
     }
 }
 

@@ -28,13 +28,13 @@ use std::time::{Duration, Instant};
 use ferry_transport::SessionSender;
 
 use crate::bitmap::Bitmap;
-use crate::coordinator::Progress;
 use crate::coordinator::{self, Controls, Decision, Forecast, PolicyConfig, PolicyKind};
+use crate::coordinator::{Progress, WriteModel};
 use crate::cpu;
 use crate::digest::{self, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::encode::{BatchEncoder, EncodeError, EncoderConfig};
-use crate::memory::{MemoryError, PAGE_SHIFT, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
 use crate::report::{CpuFigures, ForecastRecord, LaneReport, Phase, ProbeFigures, ProgressEvent};
@@ -264,6 +264,37 @@ struct Probe {
     secs_hash: f64,
 }
 
+/// The guest's writes over `window`: the dirty log is cleared for all of memory (nothing has
+/// been sent yet, so nothing is lost), then harvested at a third, two thirds and the end of the
+/// window; the pages written by each mark fit the forecasts' [`WriteModel`].
+fn measure_writes(
+    tracker: &dyn DirtyTracker,
+    mem: &GuestMemory,
+    window: Duration,
+) -> Result<WriteModel, DirtyError> {
+    let all: Vec<u64> = mem
+        .regions()
+        .iter()
+        .flat_map(|r| r.first_page()..r.first_page() + r.pages())
+        .collect();
+    let mut seen = Bitmap::new(mem.page_span());
+    tracker.clear(&all)?;
+    let start = Instant::now();
+    let mut u = [0.0; 3];
+    for (k, u) in u.iter_mut().enumerate() {
+        let mark = start + window * (k as u32 + 1) / 3;
+        std::thread::sleep(mark.saturating_duration_since(Instant::now()));
+        seen.clear_all();
+        tracker.harvest(&mut seen)?;
+        *u = seen.count() as f64;
+    }
+    Ok(WriteModel::fit(
+        window.as_secs_f64() / 3.0,
+        u,
+        all.len() as f64,
+    ))
+}
+
 /// Progress marks at which the report keeps the policy's forecast.
 const FORECAST_MARKS: [f64; 3] = [0.10, 0.25, 0.50];
 
@@ -295,6 +326,8 @@ struct Migration<'a, 'd, 's> {
     last_harvest: Instant,
     meter: Meter,
     probe: Probe,
+    /// The guest's writes, as the probe measured them.
+    writes: Option<WriteModel>,
     bound: Option<Duration>,
     /// The controls in force (as last applied to the VM).
     controls: Controls,
@@ -365,6 +398,7 @@ pub fn migrate(
             last_harvest: Instant::now(),
             meter: Meter::new(),
             probe: Probe::default(),
+            writes: None,
             bound: None,
             controls: Controls::default(),
             max_throttle: 0.0,
@@ -600,6 +634,9 @@ impl Migration<'_, '_, '_> {
                 raw_us_per_page: self.probe.secs_raw * 1e6,
                 bytes_per_s: self.probe.rate,
                 wire_bytes_per_page: self.probe.bpp,
+                write_pages_per_s: self.writes.map(|m| m.rate),
+                working_set_pages: self.writes.map(|m| m.wss),
+                write_drift_pages_per_s: self.writes.map(|m| m.drift),
             },
             final_pages,
             digest_ranges: ours.len(),
@@ -767,6 +804,7 @@ impl Migration<'_, '_, '_> {
                 self.probe.bpp
             },
             dirtied_last_epoch: self.dirtied_last_epoch,
+            writes: self.writes,
         }
     }
 
@@ -852,17 +890,29 @@ impl Migration<'_, '_, '_> {
             t.elapsed().as_secs_f64() / n.max(1) as f64
         };
 
-        // Lane probe: 1 MiB messages the destination discards, for at most probe_time.
-        let t = Instant::now();
-        let mut sent = 0u64;
-        let chunk = vec![0xa5u8; 1 << 20];
-        while t.elapsed() < self.cfg.probe_time && sent < (1 << 30) {
-            self.shared.pacer.pace(chunk.len() as u64);
-            self.tx.send(Tag::Probe as u16, chunk.clone())?;
-            sent += chunk.len() as u64;
-        }
-        self.tx.barrier()?;
-        let mut lane_rate = sent as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        // Lane probe: 1 MiB messages the destination discards, for at most probe_time;
+        // meanwhile, on another thread, the guest's writes over the same time.
+        let tracker = self.shared.tracker;
+        let window = self.cfg.probe_time;
+        let (writes, sent, lane_secs) = std::thread::scope(|s| {
+            let writes = s.spawn(|| measure_writes(tracker, mem, window));
+            let t = Instant::now();
+            let mut sent = 0u64;
+            let chunk = vec![0xa5u8; 1 << 20];
+            let lanes = (|| {
+                while t.elapsed() < window && sent < (1 << 30) {
+                    self.shared.pacer.pace(chunk.len() as u64);
+                    self.tx.send(Tag::Probe as u16, chunk.clone())?;
+                    sent += chunk.len() as u64;
+                }
+                self.tx.barrier()
+            })();
+            let lane_secs = t.elapsed().as_secs_f64();
+            let writes = writes.join().expect("the write probe does not panic");
+            lanes.map(|()| (writes, sent, lane_secs))
+        })?;
+        self.writes = Some(writes?);
+        let mut lane_rate = sent as f64 / lane_secs.max(1e-6);
         if let Some(cap) = self.cfg.max_bandwidth {
             lane_rate = lane_rate.min(cap);
         }
