@@ -1,154 +1,496 @@
-//! The whole-migration matrix: every workload × policy through `ferry demo --json` (source
-//! and destination processes on loopback TCP), one row each. Writes JSON lines and a CSV to
-//! the output directory and a markdown table to stdout.
+//! The policy matrix: every workload (with a working set that fits the link and one that does
+//! not) × every policy, each a live migration of a running VM over the testbed's shaped links.
+//! Run it inside the testbed, which makes the namespaces and links and removes them after:
 //!
 //! ```text
 //! cargo build --release -p ferry -p ferry-benches
-//! target/release/matrix --mem 1G --out docs/results
+//! benches/testbed.sh exec --lanes 1 --rate 1gbit -- target/release/matrix --out docs/results/policies
 //! ```
-//! Options: `--mem SIZE` (default 1G), `--workloads a,b,..`, `--policies a,b`, `--out DIR`
-//! (default `bench-results`), `--ferry PATH` (default: `ferry` next to this binary),
-//! `--extra "ARGS"` (more `ferry demo` arguments, split on spaces).
+//!
+//! Per row: `ferry listen` in the destination namespace, `ferry vm run` in the source one, a
+//! warm-up, then `ferry migrate --json` over every lane. `precopy` (at `--max-downtime 300ms`)
+//! and `autoconverge` get `--timeout` 10 × membound's bound for the workload (run first) and
+//! `--on-limit abort`: a row they do not finish in time is "did not converge", and the VM
+//! stays on the source. Writes `matrix.jsonl` (the reports), `matrix.csv`, `matrix.md` (the
+//! table) and, with `--plots`, `timeline-hotcold-POLICY.{json,svg}` for the hotcold workload
+//! whose working set does not fit, to the output directory.
+//!
+//! Options: `--mem SIZE` (default 512M), `--vcpus N` (2), `--fit SIZE` and `--nofit SIZE`
+//! (working set per vCPU, 8M and 128M), `--workloads a,b,..`, `--policies a,b,..` (names as
+//! below), `--warmup SECS` (2), `--out DIR`, `--ferry PATH` (default: `ferry` next to this
+//! binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate` arguments).
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
+
+const POLICIES: [&str; 6] = [
+    "membound",
+    "mplm",
+    "timebound",
+    "timebound+overcommit",
+    "precopy",
+    "autoconverge",
+];
+const PORT: u16 = 7900;
 
 struct Args {
     mem: String,
+    vcpus: u32,
+    fit: String,
+    nofit: String,
     workloads: Vec<String>,
     policies: Vec<String>,
+    warmup: f64,
     out: PathBuf,
     ferry: PathBuf,
+    plots: bool,
     extra: Vec<String>,
 }
 
 fn parse_args() -> Args {
-    let exe = std::env::current_exe().expect("own path");
+    let ferry = std::env::var_os("FERRY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::current_exe()
+                .expect("own path")
+                .with_file_name("ferry")
+        });
     let mut a = Args {
-        mem: "1G".into(),
+        mem: "512M".into(),
+        vcpus: 2,
+        fit: "8M".into(),
+        nofit: "128M".into(),
         workloads: ["idle", "dirty-all", "seq", "random", "hotcold"]
             .map(String::from)
             .to_vec(),
-        policies: ["membound", "precopy"].map(String::from).to_vec(),
+        policies: POLICIES.map(String::from).to_vec(),
+        warmup: 2.0,
         out: "bench-results".into(),
-        ferry: exe.with_file_name("ferry"),
+        ferry,
+        plots: false,
         extra: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--plots" {
+            a.plots = true;
+            continue;
+        }
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
         match k.as_str() {
             "--mem" => a.mem = v(),
+            "--vcpus" => a.vcpus = v().parse().expect("--vcpus N"),
+            "--fit" => a.fit = v(),
+            "--nofit" => a.nofit = v(),
             "--workloads" => a.workloads = v().split(',').map(String::from).collect(),
             "--policies" => a.policies = v().split(',').map(String::from).collect(),
+            "--warmup" => a.warmup = v().parse().expect("--warmup SECS"),
             "--out" => a.out = v().into(),
             "--ferry" => a.ferry = v().into(),
             "--extra" => a.extra = v().split_whitespace().map(String::from).collect(),
             _ => panic!("unknown option {k}"),
         }
     }
+    for p in &a.policies {
+        assert!(POLICIES.contains(&p.as_str()), "unknown policy {p}");
+    }
     a
 }
 
-/// Workload parameters used in the matrix: working sets that are a quarter of memory.
-fn workload_args(w: &str, mem: &str) -> Vec<String> {
-    let quarter = format!("{}M", parse_mib(mem) / 4);
-    match w {
-        "seq" | "random" | "hotcold" => vec!["--wss".into(), quarter],
-        _ => vec![],
+/// What `benches/testbed.sh exec` describes in the environment.
+struct Testbed {
+    src_ns: String,
+    dst_ns: String,
+    /// `LOCAL=REMOTE` per lane.
+    lanes: Vec<String>,
+    dst_addrs: Vec<String>,
+    rate: String,
+    tmp: PathBuf,
+}
+
+impl Testbed {
+    fn from_env() -> Self {
+        let var = |k: &str| {
+            std::env::var(k).unwrap_or_else(|_| {
+                panic!("{k} is not set: run this under `benches/testbed.sh exec -- ...`")
+            })
+        };
+        let words = |k: &str| var(k).split_whitespace().map(String::from).collect();
+        Self {
+            src_ns: var("FERRY_SRC_NS"),
+            dst_ns: var("FERRY_DST_NS"),
+            lanes: words("FERRY_LANES"),
+            dst_addrs: words("FERRY_DST_ADDRS"),
+            rate: var("FERRY_RATE"),
+            tmp: var("FERRY_TMP").into(),
+        }
     }
 }
 
-fn parse_mib(s: &str) -> u64 {
-    let (n, u) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().expect("size");
-    match u {
-        "G" | "GiB" => n * 1024,
-        "M" | "MiB" | "" => n,
-        _ => panic!("use M or G in --mem"),
+/// A process this program started, killed (by its PID) and reaped when dropped.
+struct Started(Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn in_ns(ns: &str, ferry: &Path) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(ferry);
+    c
+}
+
+/// Waits until `ok()` or `deadline`; false if it never held.
+fn wait_for(deadline: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < deadline {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// One row: a VM started fresh, migrated with `policy_args`; the report (or the error) as
+/// JSON, with the destination's result under `"destination"`.
+fn migrate(
+    a: &Args,
+    tb: &Testbed,
+    key: &Path,
+    workload: &str,
+    wss: Option<&str>,
+    policy_args: &[String],
+) -> Value {
+    let sock = tb.tmp.join("vm.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listen_out = tb.tmp.join("listen.json");
+    let mut listen = in_ns(&tb.dst_ns, &a.ferry);
+    listen.arg("listen");
+    for addr in &tb.dst_addrs {
+        listen.args(["--listen", &format!("{addr}:{PORT}")]);
+    }
+    listen
+        .arg("--key")
+        .arg(key)
+        .args(["--json", "--exit-after", "1", "--serial", "/dev/null"])
+        .stdout(std::fs::File::create(&listen_out).expect("listen.json"))
+        .stderr(Stdio::null());
+    let mut dst = Started(listen.spawn().expect("starting ferry listen"));
+    let listening = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&listen_out).is_ok_and(|s| s.contains("listening"))
+    });
+    if !listening {
+        return json!({ "error": "ferry listen did not start" });
+    }
+    let mut vm = in_ns(&tb.src_ns, &a.ferry);
+    vm.args(["vm", "run", "--mem", &a.mem, "--workload", workload])
+        .args(["--vcpus", &a.vcpus.to_string(), "--serial", "/dev/null"])
+        .arg("--control")
+        .arg(&sock)
+        .args(wss.map(|w| ["--wss", w]).into_iter().flatten())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _vm = Started(vm.spawn().expect("starting ferry vm run"));
+    if !wait_for(Duration::from_secs(30), || sock.exists()) {
+        return json!({ "error": "ferry vm run did not start" });
+    }
+    std::thread::sleep(Duration::from_secs_f64(a.warmup));
+    let mut m = Command::new(&a.ferry);
+    m.arg("migrate")
+        .arg("--control")
+        .arg(&sock)
+        .arg("--key")
+        .arg(key);
+    for lane in &tb.lanes {
+        m.args(["--lane", &format!("{lane}:{PORT}")]);
+    }
+    let out = m
+        .arg("--json")
+        .args(policy_args)
+        .args(&a.extra)
+        .output()
+        .expect("running ferry migrate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut v: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| json!({ "error": String::from_utf8_lossy(&out.stderr).trim() }));
+    if out.status.success() {
+        // The destination runs the guest for a second and checks it, then exits.
+        let _ = wait_for(Duration::from_secs(20), || {
+            matches!(dst.0.try_wait(), Ok(Some(_)))
+        });
+        let result = std::fs::read_to_string(&listen_out).unwrap_or_default();
+        v["destination"] = result
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or(Value::Null);
+    }
+    v
+}
+
+/// `ferry migrate` arguments for a policy name of the matrix.
+fn policy_args(policy: &str, timeout_ms: Option<f64>) -> Vec<String> {
+    let mut v: Vec<String> = match policy {
+        "timebound+overcommit" => ["--policy", "timebound", "--overcommit", "1"]
+            .map(String::from)
+            .into(),
+        "precopy" | "autoconverge" => vec![
+            "--policy".into(),
+            policy.into(),
+            "--max-downtime".into(),
+            "300".into(),
+            "--max-epochs".into(),
+            "100000".into(),
+            "--on-limit".into(),
+            "abort".into(),
+        ],
+        p => vec!["--policy".into(), p.into()],
+    };
+    if let (Some(ms), "precopy" | "autoconverge") = (timeout_ms, policy) {
+        v.extend(["--timeout".into(), format!("{:.1}", ms / 1e3)]);
+    }
+    v
+}
+
+/// Relative error of a forecast, `(forecast − actual) / actual`.
+fn rel(forecast: f64, actual: f64) -> f64 {
+    (forecast - actual) / actual
+}
+
+/// The error of the ETA forecast at a progress mark: forecast time left against the time that
+/// was actually left.
+fn eta_error(v: &Value, mark: f64) -> f64 {
+    let total = v["total_ms"].as_f64().unwrap_or(f64::NAN);
+    v["forecasts"]
+        .as_array()
+        .and_then(|f| f.iter().find(|r| r["at_fraction"].as_f64() == Some(mark)))
+        .map_or(f64::NAN, |r| {
+            let at = r["elapsed_ms"].as_f64().unwrap_or(f64::NAN);
+            rel(r["total_ms"].as_f64().unwrap_or(f64::NAN) - at, total - at)
+        })
+}
+
+fn pct(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:+.0}%", 100.0 * x)
+    } else {
+        "–".into()
     }
 }
 
 fn main() {
     let a = parse_args();
+    let tb = Testbed::from_env();
     std::fs::create_dir_all(&a.out).expect("creating the output directory");
+    let key = tb.tmp.join("matrix.key");
+    let ok = Command::new(&a.ferry)
+        .args(["key", "new"])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running ferry key new");
+    assert!(ok.success(), "ferry key new failed");
     let cmdline = std::env::args().collect::<Vec<_>>().join(" ");
+    let header = format!(
+        "<!-- {cmdline} (testbed: {} lane(s) at {}; {} guest, {} vCPUs, mixed fill) -->",
+        tb.lanes.len(),
+        tb.rate,
+        a.mem,
+        a.vcpus
+    );
     let mut jsonl = std::fs::File::create(a.out.join("matrix.jsonl")).expect("matrix.jsonl");
     let mut csv = std::fs::File::create(a.out.join("matrix.csv")).expect("matrix.csv");
+    let mut md = std::fs::File::create(a.out.join("matrix.md")).expect("matrix.md");
     writeln!(csv, "# {cmdline}").unwrap();
     writeln!(
         csv,
-        "workload,policy,mem_bytes,verified,converged,total_ms,live_ms,downtime_ms,bound_ms,wire_bytes,wire_over_mem,throughput_mib_s,epochs,pages_sent,final_pages"
+        "workload,wss,policy,verified,converged,total_ms,live_ms,downtime_ms,bound_ms,within_bound,wire_bytes,mem_bytes,eta_err_25,eta_err_50,downtime_forecast_ms,downtime_forecast_err,max_throttle,min_vcpu_cores,error"
     )
     .unwrap();
-    println!("<!-- {cmdline} -->");
-    println!("| workload | policy | verified | converged | total ms | live ms | downtime ms | bound ms | wire MiB | wire/mem | MiB/s | epochs |");
-    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut table = vec![
+        header,
+        "| workload | wss/vCPU | policy | result | total ms | live ms | downtime ms | bound ms | wire MiB | ETA err @25% | ETA err @50% | downtime forecast ms (err) | max throttle |".into(),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into(),
+    ];
+    let mut rows = Vec::new();
     for w in &a.workloads {
-        for p in &a.policies {
-            let out = Command::new(&a.ferry)
-                .args([
-                    "demo",
-                    "--json",
-                    "--mem",
-                    &a.mem,
-                    "--workload",
-                    w,
-                    "--policy",
-                    p,
-                ])
-                .args(["--warmup", "2", "--after", "1"])
-                .args(workload_args(w, &a.mem))
-                .args(&a.extra)
-                .output()
-                .unwrap_or_else(|e| panic!("running {}: {e}", a.ferry.display()));
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let v: Value = stdout
-                .lines()
-                .last()
-                .and_then(|l| serde_json::from_str(l).ok())
-                .unwrap_or_else(|| {
-                    serde_json::json!({ "error": String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("").to_string() })
-                });
-            let mut row = v.clone();
-            row["workload"] = w.as_str().into();
-            writeln!(jsonl, "{row}").unwrap();
-            let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-            let mem = f("mem_bytes");
-            println!(
-                "| {w} | {p} | {} | {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.1} | {:.2} | {:.1} | {} |",
-                v["verified"],
-                v["converged"],
-                f("total_ms"),
-                f("live_ms"),
-                f("downtime_ms"),
-                f("bound_ms"),
-                f("wire_bytes") / 1048576.0,
-                f("wire_bytes") / mem,
-                f("throughput_bytes_per_s") / 1048576.0,
-                v["epochs"]
-            );
-            writeln!(
-                csv,
-                "{w},{p},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                mem,
-                v["verified"],
-                v["converged"],
-                f("total_ms"),
-                f("live_ms"),
-                f("downtime_ms"),
-                f("bound_ms"),
-                f("wire_bytes"),
-                f("wire_bytes") / mem,
-                f("throughput_bytes_per_s") / 1048576.0,
-                v["epochs"],
-                v["pages_sent"],
-                v["final_pages"]
-            )
-            .unwrap();
+        let sizes: Vec<Option<&str>> = match w.as_str() {
+            "seq" | "random" | "hotcold" => vec![Some(&a.fit), Some(&a.nofit)],
+            _ => vec![None],
+        };
+        for wss in sizes {
+            let mut bound_ms = None;
+            // membound first: its bound sets the others' timeout.
+            let mut order: Vec<&String> = a.policies.iter().filter(|p| *p == "membound").collect();
+            order.extend(a.policies.iter().filter(|p| *p != "membound"));
+            for p in order {
+                let timeout = bound_ms.map(|b: f64| 10.0 * b);
+                eprintln!("matrix: {w} wss={} {p}", wss.unwrap_or("-"));
+                let v = migrate(&a, &tb, &key, w, wss, &policy_args(p, timeout));
+                if p == "membound" {
+                    bound_ms = v["bound_ms"].as_f64();
+                }
+                let mut row = v.clone();
+                row["workload"] = w.as_str().into();
+                row["wss"] = wss.unwrap_or("").into();
+                row["matrix_policy"] = p.as_str().into();
+                writeln!(jsonl, "{}", strip_timeline(&row)).unwrap();
+                if a.plots && w == "hotcold" && wss == Some(a.nofit.as_str()) {
+                    plot(&a, p, &v);
+                }
+                let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+                let error = v["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .lines()
+                    .next()
+                    .unwrap_or("");
+                let converged = error.is_empty() && v["converged"].as_bool() == Some(true);
+                // Digests equal, and on the destination the guest's self-check passed and it
+                // went on running.
+                let dest = &v["destination"];
+                let verified = v["verified"].as_bool() == Some(true)
+                    && dest["self_check_ok"].as_bool() == Some(true)
+                    && dest["progressed"].as_bool() == Some(true);
+                let result = if !error.is_empty() {
+                    if error.contains("timeout") || error.contains("did not converge") {
+                        "did not converge".to_owned()
+                    } else {
+                        format!("error: {error}")
+                    }
+                } else if !verified {
+                    "NOT VERIFIED".to_owned()
+                } else if v["within_bound"].as_bool() == Some(false) {
+                    "verified, OVER BOUND".to_owned()
+                } else {
+                    "verified".to_owned()
+                };
+                let (eta25, eta50) = (eta_error(&v, 0.25), eta_error(&v, 0.5));
+                let dfc = f("downtime_forecast_ms");
+                let dfc_err = rel(dfc, f("downtime_ms"));
+                writeln!(
+                    csv,
+                    "{w},{},{p},{verified},{converged},{},{},{},{},{},{},{},{eta25},{eta50},{dfc},{dfc_err},{},{},\"{}\"",
+                    wss.unwrap_or(""),
+                    f("total_ms"),
+                    f("live_ms"),
+                    f("downtime_ms"),
+                    f("bound_ms"),
+                    v["within_bound"],
+                    f("wire_bytes"),
+                    f("mem_bytes"),
+                    f("max_throttle"),
+                    v["min_vcpu_cores"],
+                    error.replace('"', "'")
+                )
+                .unwrap();
+                let ok = error.is_empty();
+                let num = |x: f64, digits: usize| {
+                    if ok && x.is_finite() {
+                        format!("{x:.digits$}")
+                    } else {
+                        "–".into()
+                    }
+                };
+                table.push(format!(
+                    "| {w} | {} | {p} | {result} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    wss.unwrap_or("–"),
+                    num(f("total_ms"), 0),
+                    num(f("live_ms"), 0),
+                    num(f("downtime_ms"), 0),
+                    num(f("bound_ms"), 0),
+                    num(f("wire_bytes") / 1048576.0, 0),
+                    pct(eta25),
+                    pct(eta50),
+                    if ok && dfc.is_finite() {
+                        format!("{dfc:.0} ({})", pct(dfc_err))
+                    } else {
+                        "–".into()
+                    },
+                    num(f("max_throttle"), 2),
+                ));
+                println!("{}", table.last().unwrap());
+                rows.push((w.clone(), wss.map(String::from), p.clone(), v));
+            }
         }
     }
+    table.push(String::new());
+    table.extend(summary(&rows));
+    writeln!(md, "{}", table.join("\n")).unwrap();
+    println!("{}", table.join("\n"));
+}
+
+/// The report without its timeline (kept in the per-policy timeline files).
+fn strip_timeline(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("timeline");
+    }
+    v
+}
+
+/// Writes the hotcold report and `ferry report plot`'s SVG of it.
+fn plot(a: &Args, policy: &str, v: &Value) {
+    let name = format!("timeline-hotcold-{}", policy.replace('+', "-"));
+    let json_path = a.out.join(format!("{name}.json"));
+    std::fs::write(&json_path, v.to_string()).expect("writing the timeline report");
+    let status = Command::new(&a.ferry)
+        .args(["report", "plot"])
+        .arg(&json_path)
+        .arg("-o")
+        .arg(a.out.join(format!("{name}.svg")))
+        .status()
+        .expect("running ferry report plot");
+    if !status.success() {
+        eprintln!("matrix: ferry report plot failed for {policy}");
+    }
+}
+
+/// The issue's target checks, in words: bounds kept, and membound's downtime and total
+/// against mplm's on `hotcold` and `seq`.
+fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
+    let mut out = Vec::new();
+    let bounded = ["membound", "mplm", "timebound", "timebound+overcommit"];
+    let over: Vec<String> = rows
+        .iter()
+        .filter(|(_, _, p, v)| {
+            bounded.contains(&p.as_str()) && v["within_bound"].as_bool() != Some(true)
+        })
+        .map(|(w, s, p, _)| format!("{w}/{}/{p}", s.as_deref().unwrap_or("-")))
+        .collect();
+    out.push(if over.is_empty() {
+        "- Bounded policies (membound, mplm, timebound): every run within its printed bound.".into()
+    } else {
+        format!("- Over bound or failed: {}.", over.join(", "))
+    });
+    for (w, s, _, mv) in rows
+        .iter()
+        .filter(|(w, _, p, _)| (w == "hotcold" || w == "seq") && p == "membound")
+    {
+        let Some((_, _, _, pv)) = rows
+            .iter()
+            .find(|(w2, s2, p, _)| w2 == w && s2 == s && p == "mplm")
+        else {
+            continue;
+        };
+        let r = |k: &str| mv[k].as_f64().unwrap_or(f64::NAN) / pv[k].as_f64().unwrap_or(f64::NAN);
+        out.push(format!(
+            "- {w} (wss {}): membound ÷ mplm downtime {:.2}, total {:.2}.",
+            s.as_deref().unwrap_or("-"),
+            r("downtime_ms"),
+            r("total_ms")
+        ));
+    }
+    out
 }

@@ -93,8 +93,11 @@ pub struct Progress {
     pub dirty: u64,
     /// Of the `dirty` pages, the hot ones: written again within an epoch of being resent.
     pub hot: u64,
-    /// Pages sent so far (first sends and resends).
+    /// Pages sent so far (first sends and resends), counted when they are handed to the
+    /// executor's workers.
     pub pages_sent: u64,
+    /// Of those, the pages not encoded yet (in the workers' queues): still to go on the wire.
+    pub queued: u64,
     /// Wire bytes sent so far.
     pub bytes_sent: u64,
     /// Measured wire bytes per second over a recent window; 0 if unknown yet.
@@ -768,8 +771,9 @@ fn multiplexed_forecast(
 
 /// Builds a [`Forecast`] from pages left to send live and in the stop-and-copy.
 fn forecast_from(p: &Progress, live_pages: f64, final_pages: f64) -> Forecast {
-    let left = live_pages.max(0.0) + final_pages.max(0.0);
-    let done = p.pages_sent as f64;
+    let queued = p.queued.min(p.pages_sent) as f64;
+    let left = queued + live_pages.max(0.0) + final_pages.max(0.0);
+    let done = p.pages_sent as f64 - queued;
     let fraction_done = if done + left > 0.0 {
         (done / (done + left)).clamp(0.0, 1.0)
     } else {

@@ -254,6 +254,7 @@ impl Sim {
             dirty: (self.dirty.len() + self.hot.len()) as u64,
             hot: self.hot.len() as u64,
             pages_sent: self.pages_sent,
+            queued: 0,
             bytes_sent: (self.pages_sent as f64 * self.cfg.bytes_per_page) as u64,
             bandwidth: if known { self.cfg.bandwidth } else { 0.0 },
             bytes_per_page: if known { self.cfg.bytes_per_page } else { 0.0 },

@@ -124,6 +124,7 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
         dirty,
         hot: 0,
         pages_sent: N - never_sent,
+        queued: 0,
         bytes_sent: (N - never_sent) * 4096,
         bandwidth: 1e6,
         bytes_per_page: 4096.0,

@@ -38,6 +38,8 @@ pub(super) struct Shared<'a> {
     /// Whether pages are compressed (the coordinator's choice, read per work item).
     pub compress: AtomicBool,
     pub wire_bytes: AtomicU64,
+    /// Pages encoded so far (the pages behind `wire_bytes`).
+    pub encoded_pages: AtomicU64,
     pub stats: Mutex<BatchStats>,
     /// The `--max-bandwidth` cap.
     pub pacer: Pacer,
@@ -67,6 +69,7 @@ impl<'a> Shared<'a> {
             compress: AtomicBool::new(encoder.compress),
             encoder,
             wire_bytes: AtomicU64::new(0),
+            encoded_pages: AtomicU64::new(0),
             stats: Mutex::new(BatchStats::default()),
             pacer: Pacer::new(max_bandwidth),
             cpu_ns: AtomicU64::new(0),
@@ -272,6 +275,8 @@ fn flush(shared: &Shared<'_>, enc: &mut BatchEncoder, epoch: u32) -> Result<(), 
         return Ok(());
     }
     let (payload, stats) = enc.finish();
+    let pages = stats.zero.pages + stats.duplicate.pages + stats.compressed.pages + stats.raw.pages;
+    shared.encoded_pages.fetch_add(pages, Ordering::Relaxed);
     shared
         .wire_bytes
         .fetch_add(payload.len() as u64, Ordering::Relaxed);
