@@ -173,8 +173,18 @@ cleanup() {
   for pid in "${ours[@]}"; do wait "$pid" 2>/dev/null; done
   for ns in "$SRC_NS" "$DST_NS"; do
     if ip netns list | grep -qw "^$ns"; then
+      # Whatever still runs in our namespaces was started inside them by our command (a
+      # process it started and could not reap, e.g. when it was killed itself): end it.
       left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-      [[ -z $left ]] || note "processes not started by the testbed are still in $ns: $left"
+      if [[ -n $left ]]; then
+        note "ending processes our command left in $ns: $left"
+        # shellcheck disable=SC2086
+        kill -TERM $left 2>/dev/null
+        sleep 0.5
+        left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+        # shellcheck disable=SC2086
+        [[ -z $left ]] || kill -KILL $left 2>/dev/null
+      fi
       ip netns del "$ns" || note "could not delete namespace $ns"
     fi
   done

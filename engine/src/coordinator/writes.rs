@@ -27,10 +27,22 @@ pub struct WriteModel {
     pub memory: f64,
 }
 
+/// Increments that fall off more slowly than this per window are steady writing.
+const LINEAR: f64 = 0.9;
+
 impl WriteModel {
     /// Distinct pages written in `secs` seconds.
     pub fn distinct(&self, secs: f64) -> f64 {
         saturating(self.rate, self.wss, secs) + saturating(self.drift, self.memory, secs)
+    }
+
+    /// The same guest running `speed` times as fast.
+    pub fn scaled(&self, speed: f64) -> Self {
+        Self {
+            rate: self.rate * speed,
+            drift: self.drift * speed,
+            ..*self
+        }
     }
 
     /// Of the pages written in the `secs` seconds before a switchover, those dirty then: pages
@@ -66,10 +78,14 @@ impl WriteModel {
             return drift_only(d3.max(d1) / h);
         }
         // x in [0, 1): d2 = d3 means the working set was saturated within the first window.
-        let x = ((d2 - d3) / (d1 - d2)).clamp(0.0, 0.999);
+        let x = ((d2 - d3) / (d1 - d2)).max(0.0);
         let wss = (d1 - d2) / ((1.0 - x) * (1.0 - x));
+        if x > LINEAR || wss > memory {
+            // Barely falling off, or a working set larger than memory: noise on steady
+            // writing, not a working set.
+            return drift_only(u3 / (3.0 * h));
+        }
         let drift = ((d1 - wss * (1.0 - x)) / h).max(0.0);
-        let wss = wss.min(memory);
         // A working set saturated within the first window has an unknown, high rate: take the
         // one that fills 99% of it in that window.
         let x = x.max(0.01);
@@ -110,6 +126,13 @@ mod tests {
     }
 
     #[test]
+    fn noise_on_steady_writing_is_a_drift() {
+        let m = WriteModel::fit(0.1, [17_000.0, 33_900.0, 50_700.0], MEM);
+        assert_eq!(m.wss, 0.0);
+        assert!((m.drift - 169_000.0).abs() < 1.0, "{m:?}");
+    }
+
+    #[test]
     fn a_quiet_guest_writes_nothing() {
         let m = WriteModel::fit(0.1, [0.0; 3], MEM);
         assert_eq!(m.distinct(10.0), 0.0);
@@ -141,6 +164,20 @@ mod tests {
             prop_assert!((m.wss / wss - 1.0).abs() < 1e-6, "{m:?}");
             prop_assert!((m.rate / rate - 1.0).abs() < 1e-6, "{m:?}");
             prop_assert!((m.drift - drift).abs() < 1e-3 * rate, "{m:?}");
+        }
+
+        /// A guest running `s` times as fast writes in `t` what it wrote in `s × t`.
+        #[test]
+        fn scaling_is_time(
+            rate in 1f64..1e6,
+            wss in 1f64..1e6,
+            drift in 0f64..1e5,
+            s in 0.05f64..4.0,
+            t in 0f64..10.0,
+        ) {
+            let m = WriteModel { rate, wss, drift, memory: MEM };
+            let (a, b) = (m.scaled(s).distinct(t), m.distinct(s * t));
+            prop_assert!((a - b).abs() <= 1e-9 * b.max(1.0), "{a} vs {b}");
         }
 
         /// More time never means fewer distinct pages, nor more than the working set and the

@@ -328,6 +328,10 @@ struct Migration<'a, 'd, 's> {
     dirtied_last_epoch: u64,
     last_harvest: Instant,
     meter: Meter,
+    /// vCPU CPU time (ns) over the recent window, and its rate during the probe (ns/s): how
+    /// fast the guest runs now against when its writes were measured.
+    guest_cpu: Meter,
+    probe_guest_cpu: f64,
     probe: Probe,
     /// The guest's writes, as the probe measured them.
     writes: Option<WriteModel>,
@@ -337,7 +341,7 @@ struct Migration<'a, 'd, 's> {
     max_throttle: f64,
     min_cores: Option<usize>,
     /// Forecast cost of the switchover besides page transfer (digests, state, round trips).
-    switchover_cost: Duration,
+    hash_time: Duration,
     forecasts: Vec<ForecastRecord>,
     timeline: Vec<Sample>,
 }
@@ -400,13 +404,15 @@ pub fn migrate(
             dirtied_last_epoch: 0,
             last_harvest: Instant::now(),
             meter: Meter::new(),
+            guest_cpu: Meter::new(),
+            probe_guest_cpu: 0.0,
             probe: Probe::default(),
             writes: None,
             bound: None,
             controls: Controls::default(),
             max_throttle: 0.0,
             min_cores: None,
-            switchover_cost: Duration::ZERO,
+            hash_time: Duration::ZERO,
             forecasts: Vec::new(),
             timeline: Vec::new(),
         };
@@ -464,7 +470,7 @@ impl Migration<'_, '_, '_> {
         )?;
         self.expect_reply(Tag::Ready)?;
         self.probe = self.probe()?;
-        self.switchover_cost = self.switchover_cost();
+        self.hash_time = self.hash_time();
         self.shared
             .compress
             .store(self.probe.compress, Ordering::Relaxed);
@@ -488,12 +494,14 @@ impl Migration<'_, '_, '_> {
             if now.duration_since(last_event) >= Duration::from_millis(100) {
                 last_event = now;
                 self.meter.add(now, self.wire_bytes());
+                let guest_ns = self.vm.vcpu_cpu_time().as_nanos() as u64;
+                self.guest_cpu.add(now, guest_ns);
                 self.check_destination()?;
                 let f = policy.forecast(&self.progress());
                 self.note_forecast(&f);
                 let mut ev = self.event(Phase::Live);
                 ev.fraction = f.fraction_done;
-                ev.eta_ms = self.with_switchover(f.remaining).as_secs_f64() * 1e3;
+                ev.eta_ms = self.with_switchover(f.remaining, f.downtime).as_secs_f64() * 1e3;
                 self.sample(Phase::Live, ev.eta_ms);
                 progress(&ev);
             }
@@ -526,7 +534,9 @@ impl Migration<'_, '_, '_> {
                 }
                 Decision::Switchover => {
                     let f = policy.forecast(&self.progress());
-                    break f.is_known().then(|| self.with_switchover(f.downtime));
+                    break f
+                        .is_known()
+                        .then(|| self.with_switchover(f.downtime, f.downtime));
                 }
                 Decision::Abort(why) => return Err(MigrateError::Policy(why)),
             }
@@ -557,16 +567,35 @@ impl Migration<'_, '_, '_> {
         if self.cfg.fault == Some(Fault::CorruptPage) {
             self.shared.corrupt_next_page();
         }
-        self.queue(&rest)?;
-        self.flush()?;
-        self.dispatch.drain()?;
-        self.tx.barrier()?;
+        // Memory stands still from here: hash it while the last pages travel, so only the
+        // destination's hashing is left after the barrier.
+        let salt = self.t0.elapsed().as_nanos() as u64;
+        let (verify, range, threads) = (
+            self.cfg.verify,
+            self.cfg.digest_range,
+            self.cfg.digest_threads,
+        );
+        let (ours, ours_ms) = std::thread::scope(|s| -> Result<_, MigrateError> {
+            let hasher = s.spawn(move || {
+                let t = Instant::now();
+                let d = digest::digests(mem, verify, range, salt, threads);
+                (d, t.elapsed().as_secs_f64() * 1e3)
+            });
+            let sent = (|| {
+                self.queue(&rest)?;
+                self.flush()?;
+                self.dispatch.drain()?;
+                self.tx.barrier().map_err(MigrateError::from)
+            })();
+            let (digests, ms) = hasher.join().expect("hashing does not panic");
+            sent?;
+            Ok((digests?, ms))
+        })?;
 
         // Switchover: state, digests compared, commit.
         self.sample(Phase::Switchover, 0.0);
         progress(&self.event(Phase::Switchover));
         let state = self.vm.save_state()?;
-        let salt = self.t0.elapsed().as_nanos() as u64;
         self.tx.send(
             Tag::Switchover as u16,
             proto::encode_switchover(
@@ -579,15 +608,6 @@ impl Migration<'_, '_, '_> {
                 &state.to_bytes(),
             ),
         )?;
-        let hash_start = Instant::now();
-        let ours = digest::digests(
-            mem,
-            self.cfg.verify,
-            self.cfg.digest_range,
-            salt,
-            self.cfg.digest_threads,
-        )?;
-        let ours_ms = hash_start.elapsed().as_secs_f64() * 1e3;
         let theirs: Digests = proto::from_json("Digests", &self.expect_reply(Tag::Digests)?)?;
         let bad = digest::mismatches(&ours, &theirs.digests);
         if !bad.is_empty() {
@@ -690,9 +710,15 @@ impl Migration<'_, '_, '_> {
         Ok(())
     }
 
-    /// A forecast of page transfer plus the switchover's own cost.
-    fn with_switchover(&self, d: Duration) -> Duration {
-        d.saturating_add(self.switchover_cost)
+    /// A forecast `d` that ends with `pages` of stop-and-copy transfer, plus the switchover's
+    /// own cost: the source hashes its memory while those pages travel, the destination after
+    /// the last one, then a few round trips (state, digests, commit).
+    fn with_switchover(&self, d: Duration, pages: Duration) -> Duration {
+        const ROUND_TRIPS: Duration = Duration::from_millis(5);
+        let hash = self.hash_time;
+        d.saturating_add(hash.saturating_sub(pages))
+            .saturating_add(hash)
+            .saturating_add(ROUND_TRIPS)
     }
 
     /// Keeps the forecast made when progress first reaches each of [`FORECAST_MARKS`].
@@ -706,8 +732,9 @@ impl Migration<'_, '_, '_> {
                 self.forecasts.push(ForecastRecord {
                     at_fraction: mark,
                     elapsed_ms,
-                    total_ms: elapsed_ms + self.with_switchover(f.remaining).as_secs_f64() * 1e3,
-                    downtime_ms: self.with_switchover(f.downtime).as_secs_f64() * 1e3,
+                    total_ms: elapsed_ms
+                        + self.with_switchover(f.remaining, f.downtime).as_secs_f64() * 1e3,
+                    downtime_ms: self.with_switchover(f.downtime, f.downtime).as_secs_f64() * 1e3,
                 });
             }
         }
@@ -810,8 +837,20 @@ impl Migration<'_, '_, '_> {
                 self.probe.bpp
             },
             dirtied_last_epoch: self.dirtied_last_epoch,
-            writes: self.writes,
+            writes: self.writes.map(|m| m.scaled(self.guest_speed())),
         }
+    }
+
+    /// How fast the vCPUs run now (over the last second) against during the probe, throttle
+    /// aside (policies apply their own): a guest starved of CPU by the migration writes less
+    /// than the probe saw, and over-commit slows it too. 1 until measured.
+    fn guest_speed(&self) -> f64 {
+        let now = self.guest_cpu.rate();
+        let free = 1.0 - self.controls.throttle;
+        if now <= 0.0 || self.probe_guest_cpu <= 0.0 || free <= 0.0 {
+            return 1.0;
+        }
+        (now / (self.probe_guest_cpu * free)).clamp(0.05, 4.0)
     }
 
     fn event(&self, phase: Phase) -> ProgressEvent {
@@ -884,10 +923,11 @@ impl Migration<'_, '_, '_> {
         let (bpp_raw, secs_raw) = sample(false)?;
         // The digests at switchover stream all of memory through xxh3, at memory speed rather
         // than cache speed: time the same on up to 32 MiB of contiguous pages not read yet.
+        // In CPU time: the vCPUs compete for the cores now, not at switchover.
         let secs_hash = {
             let first = span / 2 + step / 2;
             let pages = first..(first + HASH_PROBE_PAGES).min(span);
-            let t = Instant::now();
+            let t = cpu::thread_time();
             let mut h = xxhash_rust::xxh3::Xxh3::new();
             let mut n = 0u64;
             for p in pages {
@@ -897,13 +937,14 @@ impl Migration<'_, '_, '_> {
                 }
             }
             std::hint::black_box(h.digest());
-            t.elapsed().as_secs_f64() / n.max(1) as f64
+            (cpu::thread_time() - t).as_secs_f64() / n.max(1) as f64
         };
 
         // Lane probe: 1 MiB messages the destination discards, for at most probe_time;
         // meanwhile, on another thread, the guest's writes over the same time.
         let tracker = self.shared.tracker;
         let window = self.cfg.probe_time;
+        let guest0 = self.vm.vcpu_cpu_time();
         let (writes, sent, lane_secs) = std::thread::scope(|s| {
             let writes = s.spawn(|| measure_writes(tracker, mem, window));
             let t = Instant::now();
@@ -922,6 +963,8 @@ impl Migration<'_, '_, '_> {
             lanes.map(|()| (writes, sent, lane_secs))
         })?;
         self.writes = Some(writes?);
+        let guest = self.vm.vcpu_cpu_time().saturating_sub(guest0);
+        self.probe_guest_cpu = guest.as_nanos() as f64 / lane_secs.max(1e-6);
         let mut lane_rate = sent as f64 / lane_secs.max(1e-6);
         if let Some(cap) = self.cfg.max_bandwidth {
             lane_rate = lane_rate.min(cap);
@@ -956,10 +999,9 @@ impl Migration<'_, '_, '_> {
         })
     }
 
-    /// What the switchover costs besides page transfer: hashing the pages `--verify` compares
-    /// (on as many threads as there are cores for them), plus a few round trips for the state,
-    /// the digests and the commit.
-    fn switchover_cost(&self) -> Duration {
+    /// How long one side takes to hash the pages `--verify` compares (on as many threads as
+    /// there are cores for them).
+    fn hash_time(&self) -> Duration {
         let mem = self.vm.memory();
         let pages = (mem.size() / PAGE_SIZE as u64) as f64;
         let hashed = match self.cfg.verify {
@@ -969,8 +1011,7 @@ impl Migration<'_, '_, '_> {
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = self.cfg.digest_threads.clamp(1, cores) as f64;
-        const ROUND_TRIPS: Duration = Duration::from_millis(5);
-        Duration::from_secs_f64(hashed * self.probe.secs_hash / threads) + ROUND_TRIPS
+        Duration::from_secs_f64(hashed * self.probe.secs_hash / threads)
     }
 
     /// Fails fast if the destination has reported a failure.
