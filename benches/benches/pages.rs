@@ -15,7 +15,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use ferry_engine::encode::{decode_batch, is_zero_page, BatchDecoder, BatchEncoder, EncoderConfig};
+use ferry_engine::encode::{
+    decode_batch, is_zero_page, BatchDecoder, BatchEncoder, Codec, EncoderConfig,
+};
 use ferry_engine::guest::{MixedFill, PageClass};
 use ferry_engine::memory::PAGE_SIZE;
 
@@ -172,6 +174,22 @@ fn batch_codec(c: &mut Criterion, pool: &Pool) {
             encode(&mut enc, &batches[n])
         })
     });
+    let lz4 = EncoderConfig {
+        codec: Codec::Lz4,
+        ..EncoderConfig::default()
+    };
+    let mut enc = BatchEncoder::new(lz4.clone());
+    let wire = encode(&mut enc, &batches[0]).len();
+    eprintln!(
+        "pages: mix mixed, lz4: a batch of {BATCH} pages encodes to {wire} bytes (ratio {:.2})",
+        BATCH_BYTES as f64 / wire as f64
+    );
+    g.bench_function("mixed_lz4", |b| {
+        b.iter(|| {
+            n = (n + 1) % ROTATE;
+            encode(&mut enc, &batches[n])
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("pages/decode_256");
@@ -201,6 +219,30 @@ fn batch_codec(c: &mut Criterion, pool: &Pool) {
                 .expect("a valid batch")
             })
         });
+        if mix == "mixed" {
+            let mut enc = BatchEncoder::new(lz4.clone());
+            let encoded: Vec<Vec<u8>> = pool
+                .batches(mix)
+                .iter()
+                .map(|batch| encode(&mut enc, batch))
+                .collect();
+            let mut dec = BatchDecoder::new();
+            g.bench_function("mixed_lz4", |b| {
+                b.iter(|| {
+                    n = (n + 1) % ROTATE;
+                    dec.decode(
+                        &encoded[n],
+                        |gpa| gpa < BATCH_BYTES,
+                        |gpa, _epoch, page| {
+                            let at = gpa as usize;
+                            dst[at..at + PAGE_SIZE].copy_from_slice(page);
+                            Ok::<(), Infallible>(())
+                        },
+                    )
+                    .expect("a valid batch")
+                })
+            });
+        }
         if mix == "mixed" {
             let mut dec = BatchDecoder::new();
             g.bench_function("mixed_reused_decoder", |b| {

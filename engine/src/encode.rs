@@ -16,13 +16,17 @@
 //! | duplicate | 2 | `u32` index of an earlier record of the same batch with the same content (`len` 4) |
 //! | compressed | 3 | a zstd frame that decompresses to exactly one page (`0 < len < PAGE_SIZE`; a page zstd does not shrink is sent raw) |
 //! | raw | 4 | the page (`len` = `PAGE_SIZE`) |
+//! | lz4 | 5 | an LZ4 block that decompresses to exactly one page (`0 < len < PAGE_SIZE`) |
 //!
 //! Class 0 and unknown classes are rejected, as are non-zero flags or reserved bytes, `count >
 //! MAX_BATCH_PAGES`, unaligned addresses and trailing bytes. `gpa` is page aligned; `epoch` is
 //! the harvest number the page was read in (DESIGN §4.1: the destination keeps the newest).
 //!
-//! The decoder validates a whole batch (every header, bound, address, duplicate index and zstd
-//! frame) before it applies any page: a malformed batch writes nothing.
+//! The decoder validates a whole batch (every header, bound, address, duplicate index, zstd
+//! frame and LZ4 block) before it applies any page: a malformed batch writes nothing.
+//!
+//! Which compressor the encoder uses ([`Codec`]) is the sender's choice, page by page: a
+//! decoder accepts any mix.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -63,6 +67,8 @@ pub enum PageClass {
     Zstd = 3,
     /// Sent as is.
     Raw = 4,
+    /// LZ4-compressed (block format).
+    Lz4 = 5,
 }
 
 impl PageClass {
@@ -73,6 +79,7 @@ impl PageClass {
             2 => Some(PageClass::Dup),
             3 => Some(PageClass::Zstd),
             4 => Some(PageClass::Raw),
+            5 => Some(PageClass::Lz4),
             _ => None,
         }
     }
@@ -84,6 +91,7 @@ impl PageClass {
             PageClass::Dup => "duplicate",
             PageClass::Zstd => "compressed",
             PageClass::Raw => "raw",
+            PageClass::Lz4 => "lz4",
         }
     }
 
@@ -92,7 +100,7 @@ impl PageClass {
         match self {
             PageClass::Zero => len == 0,
             PageClass::Dup => len == 4,
-            PageClass::Zstd => len > 0 && len < PAGE_SIZE,
+            PageClass::Zstd | PageClass::Lz4 => len > 0 && len < PAGE_SIZE,
             PageClass::Raw => len == PAGE_SIZE,
         }
     }
@@ -125,6 +133,8 @@ pub struct BatchStats {
     pub duplicate: ClassStats,
     pub compressed: ClassStats,
     pub raw: ClassStats,
+    #[serde(default)]
+    pub lz4: ClassStats,
     /// Wire bytes of the batches, headers included.
     pub wire_bytes: u64,
     /// Batches counted.
@@ -139,6 +149,7 @@ impl BatchStats {
             PageClass::Dup => &self.duplicate,
             PageClass::Zstd => &self.compressed,
             PageClass::Raw => &self.raw,
+            PageClass::Lz4 => &self.lz4,
         }
     }
 
@@ -148,6 +159,7 @@ impl BatchStats {
             PageClass::Dup => &mut self.duplicate,
             PageClass::Zstd => &mut self.compressed,
             PageClass::Raw => &mut self.raw,
+            PageClass::Lz4 => &mut self.lz4,
         }
     }
 
@@ -159,7 +171,11 @@ impl BatchStats {
 
     /// Pages of every class.
     pub fn pages(&self) -> u64 {
-        self.zero.pages + self.duplicate.pages + self.compressed.pages + self.raw.pages
+        self.zero.pages
+            + self.duplicate.pages
+            + self.compressed.pages
+            + self.raw.pages
+            + self.lz4.pages
     }
 
     /// Compression ratio: guest bytes carried per wire byte (0 when nothing was sent).
@@ -178,6 +194,7 @@ impl AddAssign for BatchStats {
         self.duplicate += o.duplicate;
         self.compressed += o.compressed;
         self.raw += o.raw;
+        self.lz4 += o.lz4;
         self.wire_bytes += o.wire_bytes;
         self.batches += o.batches;
     }
@@ -203,6 +220,53 @@ pub fn is_zero_page(page: &[u8; PAGE_SIZE]) -> bool {
     })
 }
 
+/// How the encoder compresses pages that are neither zero nor duplicates (a page the codec
+/// does not shrink goes raw).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// No compression: for lanes faster than the cores can compress.
+    Raw,
+    /// zstd at [`EncoderConfig::zstd_level`]: the best ratio.
+    #[default]
+    Zstd,
+    /// LZ4: about half zstd's CPU to compress and a fraction to decompress, for a little more
+    /// on the wire.
+    Lz4,
+}
+
+impl Codec {
+    /// Every codec, in the order the probe tries them.
+    pub const ALL: [Codec; 3] = [Codec::Zstd, Codec::Lz4, Codec::Raw];
+
+    /// The name used on the command line and in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Codec::Raw => "raw",
+            Codec::Zstd => "zstd",
+            Codec::Lz4 => "lz4",
+        }
+    }
+
+    /// A number for an atomic, and back.
+    pub fn to_u8(self) -> u8 {
+        self as u8
+    }
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Codec::Raw,
+            2 => Codec::Lz4,
+            _ => Codec::Zstd,
+        }
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Tuning of the encoder (STYLE 16).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -213,9 +277,8 @@ pub struct EncoderConfig {
     pub dedup: bool,
     /// Pages per batch, 1 to [`MAX_BATCH_PAGES`]. Default [`DEFAULT_BATCH_PAGES`].
     pub max_pages: usize,
-    /// Try zstd on pages that are neither zero nor duplicates; when false they go raw
-    /// (for lanes faster than the cores can compress). Default true.
-    pub compress: bool,
+    /// How pages that are neither zero nor duplicates are compressed. Default zstd.
+    pub codec: Codec,
 }
 
 impl Default for EncoderConfig {
@@ -224,7 +287,7 @@ impl Default for EncoderConfig {
             zstd_level: 1,
             dedup: true,
             max_pages: DEFAULT_BATCH_PAGES,
-            compress: true,
+            codec: Codec::Zstd,
         }
     }
 }
@@ -267,7 +330,8 @@ pub struct BatchEncoder {
     out: Vec<u8>,
     count: u32,
     stats: BatchStats,
-    scratch: Box<[u8; PAGE_SIZE]>,
+    /// Compressed output of one page (room for LZ4's worst case).
+    scratch: Vec<u8>,
     /// xxh3 of a page → (its record index, its offset in `kept`).
     index: HashIndex,
     /// Bytes of the pages in `index`, for the byte compare before claiming a duplicate.
@@ -304,7 +368,7 @@ impl BatchEncoder {
             out: Vec::with_capacity(max_encoded_len(cfg.max_pages.min(64))),
             count: 0,
             stats: BatchStats::default(),
-            scratch: Box::new([0; PAGE_SIZE]),
+            scratch: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
             index: HashIndex::default(),
             kept: Vec::new(),
             cfg,
@@ -318,9 +382,9 @@ impl BatchEncoder {
         &self.cfg
     }
 
-    /// Turns zstd on or off for the pages pushed from now on.
-    pub fn set_compress(&mut self, on: bool) {
-        self.cfg.compress = on;
+    /// The codec for the pages pushed from now on.
+    pub fn set_codec(&mut self, codec: Codec) {
+        self.cfg.codec = codec;
     }
 
     /// Pages in the current batch.
@@ -344,7 +408,7 @@ impl BatchEncoder {
     }
 
     /// Appends a page read in harvest `epoch`, classified as zero, duplicate (of an earlier page
-    /// of this batch, byte-compared), compressed (if zstd shrinks it) or raw.
+    /// of this batch, byte-compared), compressed (if the codec shrinks it) or raw.
     pub fn push(
         &mut self,
         gpa: u64,
@@ -373,17 +437,22 @@ impl BatchEncoder {
                 put_record(&mut self.out, gpa, epoch, PageClass::Dup, &payload);
                 (PageClass::Dup, payload.len())
             } else {
-                // A destination smaller than the page: zstd fails when it cannot shrink it.
-                let dst = &mut self.scratch[..PAGE_SIZE - 1];
-                let frame_len = match &mut self.compressor {
-                    Some(c) if self.cfg.compress => c.compress_to_buffer(&page[..], dst).ok(),
+                let compressed = match (self.cfg.codec, &mut self.compressor) {
+                    // A destination smaller than the page: zstd fails when it cannot shrink it.
+                    (Codec::Zstd, Some(c)) => c
+                        .compress_to_buffer(&page[..], &mut self.scratch[..PAGE_SIZE - 1])
+                        .ok()
+                        .map(|n| (PageClass::Zstd, n)),
+                    (Codec::Lz4, _) => lz4_flex::block::compress_into(&page[..], &mut self.scratch)
+                        .ok()
+                        .map(|n| (PageClass::Lz4, n)),
                     _ => None,
                 };
-                let sent = match frame_len {
-                    Some(n) if n > 0 && n < PAGE_SIZE => {
+                let sent = match compressed {
+                    Some((class, n)) if n > 0 && n < PAGE_SIZE => {
                         let frame = &self.scratch[..n];
-                        put_record(&mut self.out, gpa, epoch, PageClass::Zstd, frame);
-                        (PageClass::Zstd, n)
+                        put_record(&mut self.out, gpa, epoch, class, frame);
+                        (class, n)
                     }
                     _ => {
                         put_record(&mut self.out, gpa, epoch, PageClass::Raw, page);
@@ -509,6 +578,8 @@ pub enum DecodeError {
         "record {index} (gpa {gpa:#x}): zstd frame decompresses to {size} bytes, not {PAGE_SIZE}"
     )]
     ZstdSize { index: u32, gpa: u64, size: usize },
+    #[error("record {index} (gpa {gpa:#x}): LZ4 block does not decompress to a page: {why}")]
+    Lz4 { index: u32, gpa: u64, why: String },
     #[error("{extra} trailing bytes after the last record")]
     TrailingBytes { extra: usize },
     #[error("record {index} (gpa {gpa:#x}): applying the page")]
@@ -622,7 +693,7 @@ impl BatchDecoder {
         Ok(stats)
     }
 
-    /// Checks every record and decompresses zstd pages into `self.pages`; fills
+    /// Checks every record and decompresses zstd and LZ4 pages into `self.pages`; fills
     /// `self.records`.
     fn validate(
         &mut self,
@@ -700,17 +771,32 @@ impl BatchDecoder {
                     }
                     self.records[target as usize].content
                 }
-                PageClass::Zstd => {
+                PageClass::Zstd | PageClass::Lz4 => {
                     let at = inflated * PAGE_SIZE;
                     if self.pages.len() < at + PAGE_SIZE {
                         self.pages.resize(at + PAGE_SIZE, 0);
                     }
-                    self.inflate(body, at)
-                        .map_err(|source| DecodeError::Zstd { index, gpa, source })
-                        .and_then(|size| match size {
-                            PAGE_SIZE => Ok(()),
-                            size => Err(DecodeError::ZstdSize { index, gpa, size }),
-                        })?;
+                    let out = &mut self.pages[at..at + PAGE_SIZE];
+                    if class == PageClass::Zstd {
+                        inflate_zstd(&mut self.dctx, body, out)
+                            .map_err(|source| DecodeError::Zstd { index, gpa, source })
+                            .and_then(|size| match size {
+                                PAGE_SIZE => Ok(()),
+                                size => Err(DecodeError::ZstdSize { index, gpa, size }),
+                            })?;
+                    } else {
+                        match lz4_flex::block::decompress_into(body, out) {
+                            Ok(PAGE_SIZE) => {}
+                            Ok(size) => {
+                                let why = format!("{size} bytes, not {PAGE_SIZE}");
+                                return Err(DecodeError::Lz4 { index, gpa, why });
+                            }
+                            Err(e) => {
+                                let why = e.to_string();
+                                return Err(DecodeError::Lz4 { index, gpa, why });
+                            }
+                        }
+                    }
                     inflated += 1;
                     Content::Inflated(at)
                 }
@@ -728,16 +814,20 @@ impl BatchDecoder {
         }
         Ok(stats)
     }
+}
 
-    /// Decompresses one frame into `self.pages[at..at + PAGE_SIZE]`; returns its size. A frame
-    /// larger than a page fails (the destination is exactly one page).
-    fn inflate(&mut self, frame: &[u8], at: usize) -> io::Result<usize> {
-        let dctx = match &mut self.dctx {
-            Some(d) => d,
-            slot => slot.insert(zstd::bulk::Decompressor::new()?),
-        };
-        dctx.decompress_to_buffer(frame, &mut self.pages[at..at + PAGE_SIZE])
-    }
+/// Decompresses one zstd frame into `out` (one page), creating the context on first use;
+/// returns its size. A frame larger than a page fails.
+fn inflate_zstd(
+    dctx: &mut Option<zstd::bulk::Decompressor<'static>>,
+    frame: &[u8],
+    out: &mut [u8],
+) -> io::Result<usize> {
+    let dctx = match dctx {
+        Some(d) => d,
+        slot => slot.insert(zstd::bulk::Decompressor::new()?),
+    };
+    dctx.decompress_to_buffer(frame, out)
 }
 
 fn page_at(buf: &[u8], at: usize) -> &[u8; PAGE_SIZE] {

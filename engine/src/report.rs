@@ -75,8 +75,11 @@ pub struct Report {
     pub vcpus: u32,
     /// Range workers on the source.
     pub workers: usize,
-    /// Whether pages were compressed (the measured choice, or forced by `--compress`).
+    /// Whether pages were compressed, and with which codec (`zstd`, `lz4` or `raw`): the
+    /// measured choice, or forced by `--compress`.
     pub compressed: bool,
+    #[serde(default)]
+    pub codec: String,
     pub total_ms: f64,
     pub live_ms: f64,
     pub downtime_ms: f64,
@@ -171,12 +174,16 @@ pub struct CpuFigures {
 }
 
 /// Measured before the migration: the lanes (a probe of discarded messages) and one core's
-/// encoding of a sample of 1024 pages spread over memory, compressed and raw.
+/// encoding of a sample of 1024 pages spread over memory with each codec.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct ProbeFigures {
     pub lane_bytes_per_s: f64,
     pub zstd_wire_bytes_per_page: f64,
     pub zstd_us_per_page: f64,
+    #[serde(default)]
+    pub lz4_wire_bytes_per_page: f64,
+    #[serde(default)]
+    pub lz4_us_per_page: f64,
     pub raw_wire_bytes_per_page: f64,
     pub raw_us_per_page: f64,
     /// The wire rate and bytes per page of the chosen mode, which the bound uses.
@@ -223,7 +230,7 @@ impl Report {
             "migration {}: policy {}{}, {} MiB, {} vCPU(s)\n\
              total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms); bound {}\n\
              wire {:.1} MiB at {:.1} MiB/s, compression {:.2}x, {} epochs, {} pages sent ({} in stop-and-copy)\n\
-             pages: {} zero, {} duplicate, {} compressed, {} raw\n\
+             pages: {} zero, {} duplicate, {} zstd, {} lz4, {} raw\n\
              memory {} at switchover (verify={}, {} ranges, {:.1} ms)",
             if self.verified { "verified" } else { "NOT verified" },
             self.policy,
@@ -244,6 +251,7 @@ impl Report {
             self.pages.zero.pages,
             self.pages.duplicate.pages,
             self.pages.compressed.pages,
+            self.pages.lz4.pages,
             self.pages.raw.pages,
             match (self.verify, self.verified) {
                 (VerifyMode::Off, _) => "not compared",

@@ -186,8 +186,8 @@ pub struct MigrateOpts {
     /// Range workers on the source (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Compress pages: auto (measure, and compress unless raw moves more pages per
-    /// second), on, off.
+    /// Compress pages: auto (measure each codec on a sample of pages and the lanes, and use
+    /// the one that moves the most pages per second), zstd (or on), lz4, off.
     #[arg(long, default_value = "auto")]
     pub compress: ferry_engine::source::CompressMode,
     /// zstd level for page compression.

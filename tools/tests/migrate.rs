@@ -65,7 +65,7 @@ fn assert_migrated(v: &Value, out: &Output, what: &str) {
     // Every page went at least once (zero pages included) and the report adds up.
     let pages_sent = v["pages_sent"].as_u64().unwrap();
     assert!(pages_sent >= mem / 4096, "{}", ctx());
-    let by_class: u64 = ["zero", "duplicate", "compressed", "raw"]
+    let by_class: u64 = ["zero", "duplicate", "compressed", "raw", "lz4"]
         .iter()
         .map(|c| v["pages"][c]["pages"].as_u64().unwrap())
         .sum();
@@ -168,6 +168,27 @@ fn every_policy_and_overcommit() {
                 timeline.iter().any(|s| s["vcpu_cores"] == 1),
                 "{what}: no over-committed sample"
             );
+        }
+    }
+}
+
+/// Each codec forced: pages travel as that class (random pages raw), memory identical.
+#[test]
+fn every_codec() {
+    require_kvm();
+    for (codec, class) in [("lz4", "lz4"), ("zstd", "compressed"), ("off", "raw")] {
+        let (v, out) = demo(&["--workload", "random", "--compress", codec]);
+        let what = format!("--compress {codec}");
+        assert_migrated(&v, &out, &what);
+        assert_eq!(
+            v["codec"],
+            if codec == "off" { "raw" } else { codec },
+            "{what}"
+        );
+        let pages = |c: &str| v["pages"][c]["pages"].as_u64().unwrap();
+        assert!(pages(class) > 1000, "{what}: {v:#}");
+        for other in ["lz4", "compressed"].into_iter().filter(|&c| c != class) {
+            assert_eq!(pages(other), 0, "{what}: {other}");
         }
     }
 }

@@ -124,7 +124,7 @@ fn batches_reuse_buffers_and_stats_add() {
     assert_eq!(total.wire_bytes, (buf.len() + second.len()) as u64);
     assert_eq!(total.pages(), 3);
     let json = serde_json::to_value(total).unwrap();
-    for key in ["zero", "duplicate", "compressed", "raw"] {
+    for key in ["zero", "duplicate", "compressed", "raw", "lz4"] {
         assert!(json[key]["pages"].is_u64(), "{json}");
     }
     assert!(matches!(
@@ -142,7 +142,7 @@ fn config_is_clamped() {
         zstd_level: 1000,
         dedup: true,
         max_pages: usize::MAX,
-        compress: true,
+        codec: Codec::Zstd,
     });
     assert_eq!(enc.config().max_pages, MAX_BATCH_PAGES);
     assert!(enc.config().zstd_level <= 22);
@@ -157,14 +157,25 @@ fn config_is_clamped() {
 }
 
 #[test]
-fn compression_can_be_turned_off() {
+fn the_codec_can_change_within_a_batch() {
     let mut enc = BatchEncoder::new(EncoderConfig::default());
     assert_eq!(enc.push(0, 0, &page(1, 0)).unwrap(), PageClass::Zstd);
-    enc.set_compress(false);
+    enc.set_codec(Codec::Raw);
     assert_eq!(enc.push(4096, 0, &page(1, 1)).unwrap(), PageClass::Raw);
     assert_eq!(enc.push(8192, 0, &page(0, 0)).unwrap(), PageClass::Zero);
-    let (batch, _) = enc.finish();
-    assert_eq!(decode_all(&batch).unwrap().1[1].2, page(1, 1));
+    enc.set_codec(Codec::Lz4);
+    assert_eq!(enc.push(12288, 0, &page(1, 2)).unwrap(), PageClass::Lz4);
+    // Random content does not shrink: raw whatever the codec.
+    assert_eq!(enc.push(16384, 0, &page(2, 3)).unwrap(), PageClass::Raw);
+    let (batch, stats) = enc.finish();
+    assert_eq!(
+        (stats.compressed.pages, stats.lz4.pages, stats.raw.pages),
+        (1, 1, 2)
+    );
+    let got = decode_all(&batch).unwrap().1;
+    assert_eq!(got[1].2, page(1, 1));
+    assert_eq!(got[3].2, page(1, 2));
+    assert_eq!(got[4].2, page(2, 3));
 }
 
 #[test]
@@ -335,6 +346,21 @@ fn malformed_batches_are_rejected_whole() {
     b.truncate(BATCH_HEADER_LEN);
     put_record(&mut b, 0, 0, PageClass::Zstd, &big);
     assert!(matches!(reject(&b), E::Zstd { index: 0, .. }));
+    // LZ4: a corrupt block, and valid blocks of the wrong size.
+    b.truncate(BATCH_HEADER_LEN);
+    put_record(&mut b, 0, 0, PageClass::Lz4, &[0xff; 40]);
+    assert!(matches!(reject(&b), E::Lz4 { index: 0, .. }));
+    for len in [100, PAGE_SIZE + 1] {
+        b.truncate(BATCH_HEADER_LEN);
+        put_record(
+            &mut b,
+            0,
+            0,
+            PageClass::Lz4,
+            &lz4_flex::block::compress(&vec![7u8; len]),
+        );
+        assert!(matches!(reject(&b), E::Lz4 { index: 0, .. }), "{len}");
+    }
     // Trailing bytes and a payload cut short.
     let mut long = good.clone();
     long.push(0);
@@ -415,12 +441,17 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn round_trip(spec in arb_pages(), dedup in any::<bool>(), level in 1i32..4) {
+    fn round_trip(
+        spec in arb_pages(),
+        dedup in any::<bool>(),
+        level in 1i32..4,
+        codec in prop::sample::select(Codec::ALL.to_vec()),
+    ) {
         let pages: Vec<_> = spec
             .iter()
             .map(|&(pn, epoch, kind, seed)| (pn * 4096, epoch, page(kind, seed)))
             .collect();
-        let cfg = EncoderConfig { dedup, zstd_level: level, max_pages: MAX_BATCH_PAGES, compress: true };
+        let cfg = EncoderConfig { dedup, zstd_level: level, max_pages: MAX_BATCH_PAGES, codec };
         let (batch, stats) = encode(&pages, cfg);
         prop_assert_eq!(stats.pages(), pages.len() as u64);
         prop_assert_eq!(stats.wire_bytes, batch.len() as u64);

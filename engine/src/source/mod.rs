@@ -33,7 +33,7 @@ use crate::coordinator::{Progress, WriteModel};
 use crate::cpu;
 use crate::digest::{self, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
-use crate::encode::{BatchEncoder, EncodeError, EncoderConfig};
+use crate::encode::{BatchEncoder, Codec, EncodeError, EncoderConfig};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
@@ -53,7 +53,7 @@ pub struct SourceConfig {
     /// Threads hashing at switchover (default: available cores).
     pub digest_threads: usize,
     pub encoder: EncoderConfig,
-    /// Whether to compress: measured choice (default), or forced on or off.
+    /// How to compress: measured choice (default), or a codec forced.
     pub compress: CompressMode,
     /// Range workers (default: one per available core).
     pub workers: usize,
@@ -141,12 +141,12 @@ impl Placement {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CompressMode {
-    /// Measure before starting: compress unless raw pages would move faster (lanes faster
-    /// than the cores can compress).
+    /// Measure before starting: the codec (zstd, LZ4 or none) that moves the most pages per
+    /// second through the workers' cores and the lanes.
     #[default]
     Auto,
-    On,
-    Off,
+    /// This codec, whatever the probe says.
+    Fixed(Codec),
 }
 
 impl std::str::FromStr for CompressMode {
@@ -154,9 +154,10 @@ impl std::str::FromStr for CompressMode {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "auto" => Ok(Self::Auto),
-            "on" => Ok(Self::On),
-            "off" => Ok(Self::Off),
-            _ => Err(format!("{s:?}: expected auto, on or off")),
+            "on" | "zstd" => Ok(Self::Fixed(Codec::Zstd)),
+            "lz4" => Ok(Self::Fixed(Codec::Lz4)),
+            "off" | "raw" => Ok(Self::Fixed(Codec::Raw)),
+            _ => Err(format!("{s:?}: expected auto, zstd (on), lz4 or off")),
         }
     }
 }
@@ -251,13 +252,11 @@ impl Meter {
 struct Probe {
     /// Wire bytes/s the lanes carried.
     lane_rate: f64,
-    /// Wire bytes per page and seconds per page on one core, compressed and raw.
-    bpp_zstd: f64,
-    secs_zstd: f64,
-    bpp_raw: f64,
-    secs_raw: f64,
+    /// Per codec (in [`Codec::ALL`]'s order): wire bytes per page and seconds per page on
+    /// one core.
+    codecs: [CodecSample; 3],
     /// The choice made, and the wire rate and bytes per page it implies.
-    compress: bool,
+    codec: Codec,
     rate: f64,
     bpp: f64,
     /// Seconds one core takes to hash a page (xxh3), for the switchover's digest comparison.
@@ -297,6 +296,21 @@ fn measure_writes(
 
 /// Pages the probe hashes to time the switchover's digests (32 MiB).
 const HASH_PROBE_PAGES: u64 = 8192;
+
+/// What encoding a sample of pages with one codec cost.
+#[derive(Clone, Copy, Debug, Default)]
+struct CodecSample {
+    bpp: f64,
+    secs: f64,
+}
+
+impl CodecSample {
+    /// The sample of `codec` among samples in [`Codec::ALL`]'s order.
+    fn of(samples: &[CodecSample; 3], codec: Codec) -> CodecSample {
+        let i = Codec::ALL.iter().position(|&c| c == codec).unwrap_or(0);
+        samples[i]
+    }
+}
 
 /// Progress marks at which the report keeps the policy's forecast.
 const FORECAST_MARKS: [f64; 3] = [0.10, 0.25, 0.50];
@@ -472,8 +486,8 @@ impl Migration<'_, '_, '_> {
         self.probe = self.probe()?;
         self.hash_time = self.hash_time();
         self.shared
-            .compress
-            .store(self.probe.compress, Ordering::Relaxed);
+            .codec
+            .store(self.probe.codec.to_u8(), Ordering::Relaxed);
         self.bound = coordinator::bound(
             self.cfg.policy,
             mem.size(),
@@ -635,7 +649,8 @@ impl Migration<'_, '_, '_> {
             mem_bytes: mem.size(),
             vcpus: self.vm.vcpu_count() as u32,
             workers: self.n_workers,
-            compressed: self.probe.compress,
+            compressed: self.probe.codec != Codec::Raw,
+            codec: self.probe.codec.to_string(),
             total_ms: total,
             live_ms: paused_at.duration_since(self.t0).as_secs_f64() * 1e3,
             downtime_ms: done.duration_since(paused_at).as_secs_f64() * 1e3,
@@ -651,10 +666,12 @@ impl Migration<'_, '_, '_> {
             throughput_bytes_per_s: wire_bytes as f64 / (total / 1e3).max(1e-9),
             probe: ProbeFigures {
                 lane_bytes_per_s: self.probe.lane_rate,
-                zstd_wire_bytes_per_page: self.probe.bpp_zstd,
-                zstd_us_per_page: self.probe.secs_zstd * 1e6,
-                raw_wire_bytes_per_page: self.probe.bpp_raw,
-                raw_us_per_page: self.probe.secs_raw * 1e6,
+                zstd_wire_bytes_per_page: CodecSample::of(&self.probe.codecs, Codec::Zstd).bpp,
+                zstd_us_per_page: CodecSample::of(&self.probe.codecs, Codec::Zstd).secs * 1e6,
+                lz4_wire_bytes_per_page: CodecSample::of(&self.probe.codecs, Codec::Lz4).bpp,
+                lz4_us_per_page: CodecSample::of(&self.probe.codecs, Codec::Lz4).secs * 1e6,
+                raw_wire_bytes_per_page: CodecSample::of(&self.probe.codecs, Codec::Raw).bpp,
+                raw_us_per_page: CodecSample::of(&self.probe.codecs, Codec::Raw).secs * 1e6,
                 bytes_per_s: self.probe.rate,
                 wire_bytes_per_page: self.probe.bpp,
                 write_pages_per_s: self.writes.map(|m| m.rate),
@@ -890,16 +907,16 @@ impl Migration<'_, '_, '_> {
         Ok(())
     }
 
-    /// Measures what the lanes carry and what one core encodes, compressed and raw, and
-    /// chooses whether to compress: the choice that moves more pages per second.
+    /// Measures what the lanes carry and what one core encodes with each codec, and chooses
+    /// the codec that moves the most pages per second.
     fn probe(&mut self) -> Result<Probe, MigrateError> {
         let mem = self.vm.memory();
         let span = mem.page_span();
         let step = (span / 1024).max(1);
         let mut page = vec![0u8; PAGE_SIZE];
-        let mut sample = |compress: bool| -> Result<(f64, f64), MigrateError> {
+        let mut sample = |codec: Codec| -> Result<CodecSample, MigrateError> {
             let mut enc = BatchEncoder::new(EncoderConfig {
-                compress,
+                codec,
                 ..self.cfg.encoder.clone()
             });
             let t = Instant::now();
@@ -917,10 +934,15 @@ impl Migration<'_, '_, '_> {
             }
             bytes += enc.finish().0.len() as u64;
             let n = n.max(1) as f64;
-            Ok(((bytes as f64 / n).max(16.0), t.elapsed().as_secs_f64() / n))
+            Ok(CodecSample {
+                bpp: (bytes as f64 / n).max(16.0),
+                secs: t.elapsed().as_secs_f64() / n,
+            })
         };
-        let (bpp_zstd, secs_zstd) = sample(true)?;
-        let (bpp_raw, secs_raw) = sample(false)?;
+        let mut codecs = [CodecSample::default(); 3];
+        for (c, out) in Codec::ALL.into_iter().zip(&mut codecs) {
+            *out = sample(c)?;
+        }
         // The digests at switchover stream all of memory through xxh3, at memory speed rather
         // than cache speed: time the same on up to 32 MiB of contiguous pages not read yet.
         // In CPU time: the vCPUs compete for the cores now, not at switchover.
@@ -970,31 +992,35 @@ impl Migration<'_, '_, '_> {
             lane_rate = lane_rate.min(cap);
         }
 
-        // Pages per second either way: the lower of what the cores encode (workers, at most
-        // the cores there are) and what the lanes carry.
+        // Pages per second with each codec: the lower of what the cores encode (workers, at
+        // most the cores there are) and what the lanes carry. On a tie, the codec first in
+        // Codec::ALL (the better ratio) wins.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let par = self.n_workers.clamp(1, cores) as f64;
-        let pages_zstd = (par / secs_zstd).min(lane_rate / bpp_zstd);
-        let pages_raw = (par / secs_raw).min(lane_rate / bpp_raw);
-        let compress = match self.cfg.compress {
-            CompressMode::On => true,
-            CompressMode::Off => false,
-            CompressMode::Auto => pages_zstd >= pages_raw,
+        let pages = |s: CodecSample| (par / s.secs).min(lane_rate / s.bpp);
+        let codec = match self.cfg.compress {
+            CompressMode::Fixed(c) => c,
+            CompressMode::Auto => {
+                Codec::ALL
+                    .into_iter()
+                    .zip(codecs)
+                    .fold((Codec::Zstd, 0.0), |best, (c, s)| {
+                        if pages(s) > best.1 {
+                            (c, pages(s))
+                        } else {
+                            best
+                        }
+                    })
+                    .0
+            }
         };
-        let (pages, bpp) = if compress {
-            (pages_zstd, bpp_zstd)
-        } else {
-            (pages_raw, bpp_raw)
-        };
+        let chosen = CodecSample::of(&codecs, codec);
         Ok(Probe {
             lane_rate,
-            bpp_zstd,
-            secs_zstd,
-            bpp_raw,
-            secs_raw,
-            compress,
-            rate: pages * bpp,
-            bpp,
+            codecs,
+            codec,
+            rate: pages(chosen) * chosen.bpp,
+            bpp: chosen.bpp,
             secs_hash,
         })
     }

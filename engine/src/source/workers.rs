@@ -7,7 +7,7 @@
 //! a worker takes from its own node's queue first and steals from the others when it runs
 //! dry, so unequal nodes and idle workers never leave work waiting.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use super::pace::Pacer;
 use super::{Fault, MigrateError};
 use crate::cpu;
 use crate::dirty::DirtyTracker;
-use crate::encode::{BatchEncoder, BatchStats, EncoderConfig};
+use crate::encode::{BatchEncoder, BatchStats, Codec, EncoderConfig};
 use crate::memory::{PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::Tag;
 use crate::vm::Vm;
@@ -35,8 +35,8 @@ pub(super) struct Shared<'a> {
     pub tracker: &'a dyn DirtyTracker,
     pub tx: &'a SessionSender,
     pub encoder: EncoderConfig,
-    /// Whether pages are compressed (the coordinator's choice, read per work item).
-    pub compress: AtomicBool,
+    /// The codec (the coordinator's choice, read per work item; [`Codec::to_u8`]).
+    pub codec: AtomicU8,
     pub wire_bytes: AtomicU64,
     /// Pages encoded so far (the pages behind `wire_bytes`).
     pub encoded_pages: AtomicU64,
@@ -66,7 +66,7 @@ impl<'a> Shared<'a> {
             vm,
             tracker,
             tx,
-            compress: AtomicBool::new(encoder.compress),
+            codec: AtomicU8::new(encoder.codec.to_u8()),
             encoder,
             wire_bytes: AtomicU64::new(0),
             encoded_pages: AtomicU64::new(0),
@@ -253,7 +253,7 @@ fn process(
     work: &Work,
 ) -> Result<(), MigrateError> {
     shared.tracker.clear(&work.pages)?;
-    enc.set_compress(shared.compress.load(Ordering::Relaxed));
+    enc.set_codec(Codec::from_u8(shared.codec.load(Ordering::Relaxed)));
     let mem = shared.vm.memory();
     for &p in &work.pages {
         let gpa = p << PAGE_SHIFT;
