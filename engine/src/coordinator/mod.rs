@@ -106,9 +106,9 @@ pub struct Progress {
     pub bytes_per_page: f64,
     /// Pages newly put in the dirty group by the last harvest.
     pub dirtied_last_epoch: u64,
-    /// How many distinct pages the guest writes in a given time, unthrottled, as measured;
-    /// `None` if the executor has no such measurement (forecasts then extrapolate the dirty
-    /// rate of the last epochs).
+    /// How many distinct pages the guest writes in a given time at its current speed, throttle
+    /// aside (policies apply their own); `None` if the executor has no such measurement
+    /// (forecasts then extrapolate the dirty rate of the last epochs).
     pub writes: Option<WriteModel>,
 }
 
@@ -744,9 +744,9 @@ fn multiplexed_forecast(
         ns
     };
     let capacity = (ns - plain) * ratio.max(0.0);
-    let window = since + (ns + capacity) * t;
-    let after_last = if e > 0.0 { window % e } else { window };
     let live = (ns + capacity) * t;
+    let window = since + live;
+    let after_last = if e > 0.0 { window % e } else { window };
     let written = expected_writes(p, track, live, live, true, 0.0);
     let unsendable = if after_last >= window {
         written
