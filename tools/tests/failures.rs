@@ -568,14 +568,31 @@ fn destination_with_another_protocol_version_leaves_the_vm_running() {
     vm.assert_keeps_running("a version mismatch");
 }
 
+/// The destination dies in the live phase while the vCPUs are over-committed onto one core:
+/// the VM keeps running on the source and every vCPU thread has its own affinity back.
 #[test]
 fn destination_killed_mid_migration_leaves_the_vm_running() {
     require_kvm();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cores >= 2,
+        "over-commit needs 2 cores to be seen, have {cores}"
+    );
     let env = Env::new();
     let mut vm = SourceVm::start(
         &env,
-        &["--mem", "256M", "--vcpus", "1", "--workload", "dirty-all"],
+        &["--mem", "256M", "--vcpus", "2", "--workload", "dirty-all"],
     );
+    // The vCPU threads start just after the control socket answers.
+    let t = Instant::now();
+    let before = loop {
+        let a = vcpu_affinity(vm.proc.child.id());
+        if a.len() == 2 || t.elapsed() > STEP {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(before.len(), 2, "{before:?}");
     let mut dest = Dest::start(&env, env.key());
     let to = dest.addr();
     let mut mig = Proc::spawn(
@@ -590,6 +607,12 @@ fn destination_killed_mid_migration_leaves_the_vm_running() {
             "--key",
             env.key(),
             "--progress-json",
+            "--overcommit",
+            "1",
+            "--overcommit-at",
+            "0",
+            "--max-bandwidth",
+            "100M",
         ],
         true,
     );
@@ -605,10 +628,15 @@ fn destination_killed_mid_migration_leaves_the_vm_running() {
                 )
             });
         let v: Value = serde_json::from_str(&line).expect("progress line is JSON");
-        if v["progress"]["phase"] == "live" {
+        if v["progress"]["phase"] == "live" && v["progress"]["vcpu_cores"] == 1 {
             break v;
         }
     };
+    let packed = vcpu_affinity(vm.proc.child.id());
+    assert!(
+        packed.iter().all(|(_, cpus)| !cpus.contains(['-', ','])),
+        "over-committed vCPUs are not on one core: {packed:?}"
+    );
     dest.proc.child.kill().expect("killing ferry listen");
     dest.proc.wait(STEP);
     let killed = Instant::now();
@@ -642,6 +670,11 @@ fn destination_killed_mid_migration_leaves_the_vm_running() {
         "the migration completed after {live}: {rest:?}"
     );
     vm.assert_keeps_running("the destination was killed");
+    assert_eq!(
+        vcpu_affinity(vm.proc.child.id()),
+        before,
+        "vCPU affinity after the failure"
+    );
 }
 
 /// Runs a migration with `--inject-fault FAULT` against a real destination; returns the
@@ -672,6 +705,31 @@ fn bad_batches_are_rejected_by_the_destination() {
         // The source reports the destination's reason, not just a closed connection.
         assert_mentions(&err, &["the destination failed", needle], "migrate's error");
     }
+}
+
+/// Each vCPU thread's allowed CPUs (`/proc/PID/task/TID/status`), by thread name.
+fn vcpu_affinity(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the VM's threads") {
+        let dir = task.expect("a thread").path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let name = name.trim();
+        if name
+            .strip_prefix("vcpu")
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+        {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            out.push((name.to_owned(), cpus));
+        }
+    }
+    out.sort();
+    out
 }
 
 #[test]
