@@ -271,13 +271,19 @@ fn measure_writes(
     mem: &GuestMemory,
     window: Duration,
 ) -> Result<WriteModel, DirtyError> {
-    let all: Vec<u64> = mem
-        .regions()
-        .iter()
-        .flat_map(|r| r.first_page()..r.first_page() + r.pages())
-        .collect();
+    // Cleared a slice at a time: a list of every page of a large guest would be large too.
+    const SLICE: u64 = 1 << 16;
+    let mut pages = Vec::new();
+    for r in mem.regions() {
+        let end = r.first_page() + r.pages();
+        for first in (r.first_page()..end).step_by(SLICE as usize) {
+            pages.clear();
+            pages.extend(first..(first + SLICE).min(end));
+            tracker.clear(&pages)?;
+        }
+    }
+    let memory: u64 = mem.regions().iter().map(|r| r.pages()).sum();
     let mut seen = Bitmap::new(mem.page_span());
-    tracker.clear(&all)?;
     let start = Instant::now();
     let mut u = [0.0; 3];
     for (k, u) in u.iter_mut().enumerate() {
@@ -290,7 +296,7 @@ fn measure_writes(
     Ok(WriteModel::fit(
         window.as_secs_f64() / 3.0,
         u,
-        all.len() as f64,
+        memory as f64,
     ))
 }
 
@@ -354,7 +360,7 @@ struct Migration<'a, 'd, 's> {
     controls: Controls,
     max_throttle: f64,
     min_cores: Option<usize>,
-    /// Forecast cost of the switchover besides page transfer (digests, state, round trips).
+    /// How long one side takes to hash memory at switchover (see `with_switchover`).
     hash_time: Duration,
     forecasts: Vec<ForecastRecord>,
     timeline: Vec<Sample>,
