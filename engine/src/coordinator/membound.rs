@@ -32,10 +32,10 @@
 //!     Multiplex --> [*]: timeout, on_limit = abort → Abort
 //! ```
 
+use super::Policy;
+use super::{dirty_pass, fill_cycle, multiplex_step, multiplex_timeout, resent, EpochTracker};
 use super::{expected_writes, forecast_from, multiplexed_forecast, page_time, resend_budget};
-use super::{resent, timeout_reason, EpochTracker};
 use super::{Controls, Decision, Forecast, PolicyConfig, Progress};
-use super::{OnLimit, Policy};
 
 /// The most passes over the dirty set after the never-sent group is empty.
 pub const MAX_TAIL_PASSES: u32 = 3;
@@ -131,14 +131,7 @@ impl Membound {
         let (q_dirty, _) = self.cfg.split_at(self.share(p));
         let q_dirty = q_dirty.min(self.q_dirty);
         let cold = p.dirty.saturating_sub(p.hot);
-        let dirty_avail = cold.min(self.budget_left(p));
-        let dirty = dirty_avail.min(q_dirty);
-        let never_sent = p.never_sent.min(cycle - dirty);
-        let fill = (dirty_avail - dirty).min(cycle - dirty - never_sent);
-        Decision::Send {
-            never_sent,
-            dirty: dirty + fill,
-        }
+        fill_cycle(cycle, q_dirty, cold.min(self.budget_left(p)), p.never_sent)
     }
 
     /// The throttle for a tail pass over `pages` dirty pages of `t` seconds each, so that at
@@ -223,22 +216,10 @@ impl Membound {
     }
 
     fn tail_send(&mut self, p: &Progress, budget: u64) -> Decision {
-        let Some(tail) = self.tail.as_mut() else {
-            return Decision::Switchover;
-        };
-        let n = tail
-            .pass_left
-            .min(p.dirty)
-            .min(budget)
-            .min(self.cfg.cycle());
-        if n == 0 {
-            tail.pass_left = 0;
-            return Decision::Harvest;
-        }
-        tail.pass_left -= n;
-        Decision::Send {
-            never_sent: 0,
-            dirty: n,
+        let cycle = self.cfg.cycle();
+        match self.tail.as_mut() {
+            Some(tail) => dirty_pass(&mut tail.pass_left, p.dirty.min(budget), cycle),
+            None => Decision::Switchover,
         }
     }
 }
@@ -250,31 +231,23 @@ impl Policy for Membound {
 
     fn decide(&mut self, p: &Progress) -> Decision {
         self.track.observe(p);
-        if !self.hurry && self.tail.is_none() && self.cfg.timed_out(p) {
-            self.limit = true;
-            match self.cfg.on_limit {
-                OnLimit::Abort => {
-                    return Decision::Abort(timeout_reason(self.name(), p, &self.cfg))
-                }
-                OnLimit::Switchover => self.hurry = true,
+        if self.tail.is_none() {
+            let (name, cfg) = (self.name(), &self.cfg);
+            if let Some(abort) = multiplex_timeout(name, p, cfg, &mut self.hurry, &mut self.limit) {
+                return abort;
             }
         }
         if p.never_sent == 0 {
             return self.tail(p);
         }
-        if !self.hurry && !self.harvested && p.since_harvest >= self.cfg.epoch {
-            self.harvested = true;
-            return Decision::Harvest;
-        }
-        self.harvested = false;
-        if p.epoch == 0 || self.hurry {
-            Decision::Send {
-                never_sent: p.never_sent.min(self.cfg.cycle()),
-                dirty: 0,
-            }
-        } else {
-            self.cycle(p)
-        }
+        multiplex_step(
+            p,
+            &self.cfg,
+            self.cfg.epoch,
+            self.hurry,
+            &mut self.harvested,
+        )
+        .unwrap_or_else(|| self.cycle(p))
     }
 
     /// Model: every never-sent page goes once; cold resends follow the current split while

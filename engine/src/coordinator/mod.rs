@@ -565,13 +565,82 @@ fn resend_budget(total_pages: u64, (q_dirty, q_never): (u64, u64)) -> u64 {
 }
 
 /// Why a memory-bound policy aborts at its timeout (`on_limit = abort`).
-fn timeout_reason(name: &str, p: &Progress, cfg: &PolicyConfig) -> String {
-    format!(
-        "{name}: timeout {:?} reached with {} of {} pages never sent",
-        cfg.timeout.unwrap_or_default(),
-        p.never_sent,
-        p.total_pages
-    )
+/// The timeout of a multiplexing policy (MPLM, TLM, membound), checked unless already in a
+/// `hurry`: once it has passed, `limit` is set and, with `on_limit = abort`, the answer is an
+/// abort; with `switchover`, the policy hurries from then on (never-sent pages only).
+fn multiplex_timeout(
+    name: &str,
+    p: &Progress,
+    cfg: &PolicyConfig,
+    hurry: &mut bool,
+    limit: &mut bool,
+) -> Option<Decision> {
+    if *hurry || !cfg.timed_out(p) {
+        return None;
+    }
+    *limit = true;
+    match cfg.on_limit {
+        OnLimit::Abort => Some(Decision::Abort(format!(
+            "{name}: timeout {:?} reached with {} of {} pages never sent",
+            cfg.timeout.unwrap_or_default(),
+            p.never_sent,
+            p.total_pages
+        ))),
+        OnLimit::Switchover => {
+            *hurry = true;
+            None
+        }
+    }
+}
+
+/// One live-phase step of a multiplexing policy: a harvest once `epoch` has passed since the
+/// last one (never two in a row, so that pages go out between harvests); before the first
+/// harvest or in a `hurry`, never-sent pages only; else `None`: the policy's own cycle.
+fn multiplex_step(
+    p: &Progress,
+    cfg: &PolicyConfig,
+    epoch: Duration,
+    hurry: bool,
+    harvested: &mut bool,
+) -> Option<Decision> {
+    if !hurry && !*harvested && p.since_harvest >= epoch {
+        *harvested = true;
+        return Some(Decision::Harvest);
+    }
+    *harvested = false;
+    (p.epoch == 0 || hurry).then(|| Decision::Send {
+        never_sent: p.never_sent.min(cfg.cycle()),
+        dirty: 0,
+    })
+}
+
+/// A multiplexing cycle of `cycle` pages: up to `q_dirty` of the `dirty_avail` dirty pages,
+/// never-sent pages for the rest, and whichever group has pages left fills the cycle when
+/// the other runs short.
+fn fill_cycle(cycle: u64, q_dirty: u64, dirty_avail: u64, never_sent: u64) -> Decision {
+    let dirty = dirty_avail.min(q_dirty);
+    let never_sent = never_sent.min(cycle - dirty);
+    let fill = (dirty_avail - dirty).min(cycle - dirty - never_sent);
+    Decision::Send {
+        never_sent,
+        dirty: dirty + fill,
+    }
+}
+
+/// One step of a pass over the dirty group: up to `cycle` of the `pass_left` pages still to
+/// ask for, at most `avail` (the dirty pages there, within any budget); a harvest once the
+/// pass is done or nothing is left to send.
+fn dirty_pass(pass_left: &mut u64, avail: u64, cycle: u64) -> Decision {
+    let n = (*pass_left).min(avail).min(cycle);
+    if n == 0 {
+        *pass_left = 0;
+        return Decision::Harvest;
+    }
+    *pass_left -= n;
+    Decision::Send {
+        never_sent: 0,
+        dirty: n,
+    }
 }
 
 /// Dirty pages resent so far in the live phase: every send beyond the first of each page.

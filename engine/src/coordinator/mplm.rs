@@ -24,9 +24,10 @@
 use std::time::Duration;
 
 use super::EpochTracker;
-use super::{forecast_from, multiplexed_forecast, resend_budget, resent, timeout_reason};
+use super::Policy;
+use super::{fill_cycle, forecast_from, multiplex_step, multiplex_timeout, multiplexed_forecast};
+use super::{resend_budget, resent};
 use super::{Decision, Forecast, PolicyConfig, Progress};
-use super::{OnLimit, Policy};
 
 /// Memory-bound pre-copy: never-sent and dirty pages multiplexed in fixed cycles; the live phase
 /// ends exactly when no never-sent page is left. No downtime knob; time bounded by memory size.
@@ -83,14 +84,7 @@ impl Mplm {
         let cycle = self.q_dirty + self.q_never;
         let budget =
             resend_budget(p.total_pages, (self.q_dirty, self.q_never)).saturating_sub(resent(p));
-        let dirty_avail = p.dirty.min(budget);
-        let dirty = dirty_avail.min(self.q_dirty);
-        let never_sent = p.never_sent.min(cycle - dirty);
-        let fill = (dirty_avail - dirty).min(cycle - dirty - never_sent);
-        Decision::Send {
-            never_sent,
-            dirty: dirty + fill,
-        }
+        fill_cycle(cycle, self.q_dirty, p.dirty.min(budget), p.never_sent)
     }
 }
 
@@ -104,26 +98,12 @@ impl Policy for Mplm {
         if p.never_sent == 0 {
             return Decision::Switchover;
         }
-        if !self.hurry && self.cfg.timed_out(p) {
-            self.limit = true;
-            match self.cfg.on_limit {
-                OnLimit::Abort => return Decision::Abort(timeout_reason(self.name, p, &self.cfg)),
-                OnLimit::Switchover => self.hurry = true,
-            }
+        let (cfg, name) = (&self.cfg, self.name);
+        if let Some(abort) = multiplex_timeout(name, p, cfg, &mut self.hurry, &mut self.limit) {
+            return abort;
         }
-        if !self.hurry && !self.harvested && p.since_harvest >= self.epoch {
-            self.harvested = true;
-            return Decision::Harvest;
-        }
-        self.harvested = false;
-        if p.epoch == 0 || self.hurry {
-            Decision::Send {
-                never_sent: p.never_sent.min(self.cfg.cycle()),
-                dirty: 0,
-            }
-        } else {
-            self.cycle(p)
-        }
+        multiplex_step(p, &self.cfg, self.epoch, self.hurry, &mut self.harvested)
+            .unwrap_or_else(|| self.cycle(p))
     }
 
     /// Model ([`multiplexed_forecast`]): every never-sent page goes once; resends follow the

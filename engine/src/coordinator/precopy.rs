@@ -19,7 +19,8 @@
 
 use std::time::Duration;
 
-use super::{expected_writes, forecast_from, page_time, secs_to_duration, EpochTracker};
+use super::EpochTracker;
+use super::{dirty_pass, expected_writes, forecast_from, page_time, secs_to_duration};
 use super::{Decision, Forecast, PolicyConfig, Progress};
 use super::{OnLimit, Policy};
 
@@ -156,16 +157,7 @@ impl Policy for Precopy {
             }
             self.pass_left = p.dirty;
         }
-        let n = self.pass_left.min(p.dirty).min(self.cfg.cycle());
-        if n == 0 {
-            self.pass_left = 0;
-            return Decision::Harvest;
-        }
-        self.pass_left -= n;
-        Decision::Send {
-            never_sent: 0,
-            dirty: n,
-        }
+        dirty_pass(&mut self.pass_left, p.dirty, self.cfg.cycle())
     }
 
     fn forecast(&self, p: &Progress) -> Forecast {

@@ -647,6 +647,8 @@ impl Migration<'_, '_, '_> {
 
         let total = done.duration_since(self.t0).as_secs_f64() * 1e3;
         let wire_bytes = self.wire_bytes();
+        let [zstd, lz4, raw] =
+            [Codec::Zstd, Codec::Lz4, Codec::Raw].map(|c| CodecSample::of(&self.probe.codecs, c));
         let mut report = Report {
             verified: true,
             verify: self.cfg.verify,
@@ -672,12 +674,12 @@ impl Migration<'_, '_, '_> {
             throughput_bytes_per_s: wire_bytes as f64 / (total / 1e3).max(1e-9),
             probe: ProbeFigures {
                 lane_bytes_per_s: self.probe.lane_rate,
-                zstd_wire_bytes_per_page: CodecSample::of(&self.probe.codecs, Codec::Zstd).bpp,
-                zstd_us_per_page: CodecSample::of(&self.probe.codecs, Codec::Zstd).secs * 1e6,
-                lz4_wire_bytes_per_page: CodecSample::of(&self.probe.codecs, Codec::Lz4).bpp,
-                lz4_us_per_page: CodecSample::of(&self.probe.codecs, Codec::Lz4).secs * 1e6,
-                raw_wire_bytes_per_page: CodecSample::of(&self.probe.codecs, Codec::Raw).bpp,
-                raw_us_per_page: CodecSample::of(&self.probe.codecs, Codec::Raw).secs * 1e6,
+                zstd_wire_bytes_per_page: zstd.bpp,
+                zstd_us_per_page: zstd.secs * 1e6,
+                lz4_wire_bytes_per_page: lz4.bpp,
+                lz4_us_per_page: lz4.secs * 1e6,
+                raw_wire_bytes_per_page: raw.bpp,
+                raw_us_per_page: raw.secs * 1e6,
                 bytes_per_s: self.probe.rate,
                 wire_bytes_per_page: self.probe.bpp,
                 write_pages_per_s: self.writes.map(|m| m.rate),
