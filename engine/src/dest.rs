@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use ferry_transport::{Incoming, SessionReceiver};
 
 use crate::cpu;
-use crate::digest;
+use crate::digest::{self, PageTerms, VerifyMode};
 use crate::encode::{BatchDecoder, DecodeError};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::{self, Describe, DestFigures, Digests, ProtoError, Tag};
@@ -103,11 +103,13 @@ enum State {
 }
 
 /// The newest epoch written to each page, with striped locks so that two records of the
-/// same page applied on two threads cannot interleave (DESIGN §4.1).
+/// same page applied on two threads cannot interleave (DESIGN §4.1), and each page's digest
+/// term as written.
 struct PageVersions {
     /// Epoch + 1 of the newest record written (0: none yet).
     epochs: Vec<AtomicU32>,
     stripes: Vec<Mutex<()>>,
+    terms: PageTerms,
 }
 
 impl PageVersions {
@@ -117,6 +119,7 @@ impl PageVersions {
         Self {
             epochs: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             stripes: (0..Self::STRIPES).map(|_| Mutex::new(())).collect(),
+            terms: PageTerms::new(pages),
         }
     }
 
@@ -138,6 +141,7 @@ impl PageVersions {
         }
         mem.write(gpa, page)?;
         slot.store(epoch + 1, Ordering::Relaxed);
+        self.terms.set(p as u64, page);
         Ok(true)
     }
 }
@@ -318,19 +322,23 @@ fn run(
                 }
                 State::Receiving { vm, pages }
             }
-            (State::Receiving { vm, .. }, Tag::Switchover) => {
+            (State::Receiving { vm, pages }, Tag::Switchover) => {
                 let (h, state_bytes) = proto::decode_switchover(&msg.payload)?;
                 let st = VmState::from_bytes(state_bytes).map_err(ReceiveError::State)?;
                 vm.restore_state(&st)?;
                 rx.ack(&msg)?;
                 let t = Instant::now();
-                let digests = digest::digests(
-                    vm.memory(),
-                    h.verify,
-                    h.digest_range,
-                    h.salt,
-                    cfg.digest_threads,
-                )?;
+                let (mem, threads) = (vm.memory(), cfg.digest_threads);
+                let digests = match h.verify {
+                    // SAFETY: the VM has not started, and the source's barrier before
+                    // Switchover means every page batch has been applied and acknowledged.
+                    VerifyMode::Reread => unsafe {
+                        digest::digests(mem, h.verify, h.digest_range, h.salt, threads)?
+                    },
+                    mode => pages
+                        .terms
+                        .digests(mem, mode, h.digest_range, h.salt, threads),
+                };
                 report.hash_ms = t.elapsed().as_secs_f64() * 1e3;
                 rx.reply_to(
                     &msg,

@@ -1,20 +1,31 @@
-//! Proof of equality: digests of guest memory per range, hashed in parallel on both sides
-//! at switchover (DESIGN §4.4).
+//! Proof of equality (DESIGN §4.4): digests of guest memory per range, compared at
+//! switchover.
+//!
+//! A range's digest is the wrapping sum of one term per page, `xxh3(p, xxh3(page))`, and 0
+//! for a zero page. A sum does not depend on the order its terms arrive in, so the
+//! destination keeps one term per page as it writes pages ([`PageTerms`]) and its digests
+//! are ready at switchover; only the source hashes memory then, while the last pages travel.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
-/// How much of guest memory is compared at switchover.
+/// How much of guest memory is compared at switchover, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
-    /// Every page (the default: the demo and the tests use it).
+    /// Every page (the default: the demo and the tests use it). The source hashes its paused
+    /// memory; the destination hashed each page as it wrote it.
     #[default]
     Full,
+    /// Every page, and the destination re-reads its memory at switchover rather than trust
+    /// the pages it wrote: it also catches a stray write, and costs its hashing in downtime.
+    Reread,
     /// One page in [`SAMPLE_STRIDE`], at an offset that changes with every migration.
     Sample,
     /// No comparison.
@@ -29,9 +40,12 @@ impl FromStr for VerifyMode {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "full" => Ok(Self::Full),
+            "reread" => Ok(Self::Reread),
             "sample" => Ok(Self::Sample),
             "off" => Ok(Self::Off),
-            _ => Err(format!("unknown verify mode {s:?} (full, sample, off)")),
+            _ => Err(format!(
+                "unknown verify mode {s:?} (full, reread, sample, off)"
+            )),
         }
     }
 }
@@ -40,24 +54,50 @@ impl std::fmt::Display for VerifyMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Full => "full",
+            Self::Reread => "reread",
             Self::Sample => "sample",
             Self::Off => "off",
         })
     }
 }
 
-/// Hashes guest memory in ranges of `range_bytes` (each range is cut at region ends), on
-/// `threads` threads. With `Sample`, only pages whose index ≡ `salt` (mod SAMPLE_STRIDE).
-pub fn digests(
-    mem: &GuestMemory,
-    mode: VerifyMode,
-    range_bytes: u64,
-    salt: u64,
-    threads: usize,
-) -> Result<Vec<u64>, MemoryError> {
-    if mode == VerifyMode::Off {
-        return Ok(Vec::new());
+impl VerifyMode {
+    /// Whether page `p` is compared with this mode and `salt`.
+    fn covers(self, p: u64, salt: u64) -> bool {
+        match self {
+            Self::Full | Self::Reread => true,
+            Self::Sample => p % SAMPLE_STRIDE == salt % SAMPLE_STRIDE,
+            Self::Off => false,
+        }
     }
+
+    /// Share of the pages compared.
+    pub fn share(self) -> f64 {
+        match self {
+            Self::Full | Self::Reread => 1.0,
+            Self::Sample => 1.0 / SAMPLE_STRIDE as f64,
+            Self::Off => 0.0,
+        }
+    }
+}
+
+/// Page `p`'s term in its range's digest.
+pub fn page_term(p: u64, page: &[u8]) -> u64 {
+    static ZERO: LazyLock<u64> = LazyLock::new(|| xxh3_64(&[0; PAGE_SIZE]));
+    match xxh3_64(page) {
+        h if h == *ZERO => 0,
+        h => xxh3_64_with_seed(&h.to_le_bytes(), p),
+    }
+}
+
+/// Sums `range_sum(gpa, len)` over ranges of `range_bytes` (each cut at region ends), on
+/// `threads` threads.
+fn per_range(
+    mem: &GuestMemory,
+    range_bytes: u64,
+    threads: usize,
+    range_sum: impl Fn(u64, u64) -> Result<u64, MemoryError> + Sync,
+) -> Result<Vec<u64>, MemoryError> {
     let range_bytes = range_bytes.max(PAGE_SIZE as u64) / PAGE_SIZE as u64 * PAGE_SIZE as u64;
     let mut ranges = Vec::new();
     for r in mem.regions() {
@@ -69,29 +109,16 @@ pub fn digests(
         }
     }
     let mut out = vec![0u64; ranges.len()];
-    let threads = threads.max(1).min(ranges.len().max(1));
-    let per = ranges.len().div_ceil(threads);
+    let per = ranges.len().div_ceil(threads.max(1)).max(1);
+    let range_sum = &range_sum;
     std::thread::scope(|s| -> Result<(), MemoryError> {
         let handles: Vec<_> = ranges
-            .chunks(per.max(1))
-            .zip(out.chunks_mut(per.max(1)))
+            .chunks(per)
+            .zip(out.chunks_mut(per))
             .map(|(rs, os)| {
                 s.spawn(move || -> Result<(), MemoryError> {
-                    let mut page = vec![0u8; PAGE_SIZE];
                     for (&(gpa, len), o) in rs.iter().zip(os.iter_mut()) {
-                        let mut h = Xxh3::new();
-                        let mut off = 0;
-                        while off < len {
-                            let p = (gpa + off) / PAGE_SIZE as u64;
-                            if mode == VerifyMode::Full || p % SAMPLE_STRIDE == salt % SAMPLE_STRIDE
-                            {
-                                mem.read(gpa + off, &mut page)?;
-                                h.update(&p.to_le_bytes());
-                                h.update(&page);
-                            }
-                            off += PAGE_SIZE as u64;
-                        }
-                        *o = h.digest();
+                        *o = range_sum(gpa, len)?;
                     }
                     Ok(())
                 })
@@ -103,6 +130,72 @@ pub fn digests(
         Ok(())
     })?;
     Ok(out)
+}
+
+/// Hashes guest memory: the digest of each range of `range_bytes` (cut at region ends), on
+/// `threads` threads. With `Sample`, only pages whose index ≡ `salt` (mod SAMPLE_STRIDE).
+///
+/// # Safety
+/// Nothing may write guest memory meanwhile: the vCPUs are paused and no page is being
+/// applied.
+pub unsafe fn digests(
+    mem: &GuestMemory,
+    mode: VerifyMode,
+    range_bytes: u64,
+    salt: u64,
+    threads: usize,
+) -> Result<Vec<u64>, MemoryError> {
+    if mode == VerifyMode::Off {
+        return Ok(Vec::new());
+    }
+    per_range(mem, range_bytes, threads, |gpa, len| {
+        // SAFETY: the caller guarantees that nothing writes guest memory meanwhile.
+        let bytes = unsafe { mem.frozen(gpa, len)? };
+        let first = gpa / PAGE_SIZE as u64;
+        Ok(bytes
+            .chunks_exact(PAGE_SIZE)
+            .zip(first..)
+            .filter(|&(_, p)| mode.covers(p, salt))
+            .fold(0u64, |sum, (page, p)| sum.wrapping_add(page_term(p, page))))
+    })
+}
+
+/// The destination's term of every page as last written, so that its digests need no
+/// hashing at switchover. A page never written is zero, and its term 0.
+pub struct PageTerms(Vec<AtomicU64>);
+
+impl PageTerms {
+    pub fn new(pages: u64) -> Self {
+        Self((0..pages).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Records what page `p` now holds. Calls for one page must not race each other.
+    pub fn set(&self, p: u64, page: &[u8]) {
+        self.0[p as usize].store(page_term(p, page), Ordering::Relaxed);
+    }
+
+    /// The digests [`digests`] would give for memory laid out as `mem`, holding these pages.
+    pub fn digests(
+        &self,
+        mem: &GuestMemory,
+        mode: VerifyMode,
+        range_bytes: u64,
+        salt: u64,
+        threads: usize,
+    ) -> Vec<u64> {
+        if mode == VerifyMode::Off {
+            return Vec::new();
+        }
+        let sums = per_range(mem, range_bytes, threads, |gpa, len| {
+            let first = gpa / PAGE_SIZE as u64;
+            Ok((first..first + len / PAGE_SIZE as u64)
+                .filter(|&p| mode.covers(p, salt))
+                .fold(0u64, |sum, p| {
+                    sum.wrapping_add(self.0[p as usize].load(Ordering::Relaxed))
+                }))
+        });
+        sums.expect("summing terms reads no guest memory")
+    }
 }
 
 /// Indices of the ranges whose digests differ (all of them if the counts differ).
@@ -120,23 +213,77 @@ pub fn mismatches(a: &[u64], b: &[u64]) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Digests of `m`, which the test alone writes.
+    fn hashed(m: &GuestMemory, mode: VerifyMode, range: u64, salt: u64) -> Vec<u64> {
+        // SAFETY: no VM runs over `m` and this thread is the only writer.
+        unsafe { digests(m, mode, range, salt, 2) }.unwrap()
+    }
 
     #[test]
     fn digests_see_a_one_byte_change() {
         let m = GuestMemory::new(&[(0, 8 << 20), (16 << 20, 4 << 20)]).unwrap();
-        let a = digests(&m, VerifyMode::Full, 1 << 20, 0, 2).unwrap();
+        let a = hashed(&m, VerifyMode::Full, 1 << 20, 0);
         assert_eq!(a.len(), 12);
         m.write(17 << 20, &[1]).unwrap();
-        let b = digests(&m, VerifyMode::Full, 1 << 20, 0, 2).unwrap();
+        let b = hashed(&m, VerifyMode::Full, 1 << 20, 0);
         assert_eq!(mismatches(&a, &b), vec![9]);
-        let s1 = digests(&m, VerifyMode::Sample, 1 << 20, 0, 1).unwrap();
+        let s1 = hashed(&m, VerifyMode::Sample, 1 << 20, 0);
         // Page (17 MiB / 4 KiB) = 4352 ≡ 0 (mod 16): sampled with salt 0, not with salt 1.
         m.write(17 << 20, &[2]).unwrap();
-        let s2 = digests(&m, VerifyMode::Sample, 1 << 20, 0, 1).unwrap();
-        assert_eq!(mismatches(&s1, &s2), vec![9]);
-        assert!(digests(&m, VerifyMode::Off, 1 << 20, 0, 1)
-            .unwrap()
-            .is_empty());
+        assert_eq!(
+            mismatches(&s1, &hashed(&m, VerifyMode::Sample, 1 << 20, 0)),
+            vec![9]
+        );
+        m.write(17 << 20, &[3]).unwrap();
+        let s2 = hashed(&m, VerifyMode::Sample, 1 << 20, 1);
+        m.write(17 << 20, &[4]).unwrap();
+        assert!(mismatches(&s2, &hashed(&m, VerifyMode::Sample, 1 << 20, 1)).is_empty());
+        assert!(hashed(&m, VerifyMode::Off, 1 << 20, 0).is_empty());
+    }
+
+    #[test]
+    fn digests_see_two_pages_swapped() {
+        let m = GuestMemory::new(&[(0, 1 << 20)]).unwrap();
+        m.write(0, &[1]).unwrap();
+        m.write(PAGE_SIZE as u64, &[2]).unwrap();
+        let a = hashed(&m, VerifyMode::Full, 1 << 20, 0);
+        m.write(0, &[2]).unwrap();
+        m.write(PAGE_SIZE as u64, &[1]).unwrap();
+        assert_eq!(
+            mismatches(&a, &hashed(&m, VerifyMode::Full, 1 << 20, 0)),
+            vec![0]
+        );
+    }
+
+    proptest! {
+        /// Terms kept as pages are written, in any order and again, give the digests of
+        /// the memory they were written to.
+        #[test]
+        fn page_terms_give_the_digests_of_memory(
+            writes in prop::collection::vec((0u64..96, 0u8..4), 1..200),
+            salt in any::<u64>(),
+        ) {
+            let m = GuestMemory::new(&[(0, 256 << 10), (1 << 20, 128 << 10)]).unwrap();
+            let terms = PageTerms::new(m.page_span());
+            let pages: Vec<u64> = m
+                .regions()
+                .iter()
+                .flat_map(|r| r.first_page()..r.first_page() + r.pages())
+                .collect();
+            for (i, fill) in writes {
+                let p = pages[i as usize];
+                // Fill 0 is a zero page written over whatever was there.
+                let page = [fill.wrapping_mul(p as u8 | 1); PAGE_SIZE];
+                m.write(p * PAGE_SIZE as u64, &page).unwrap();
+                terms.set(p, &page);
+            }
+            for mode in [VerifyMode::Full, VerifyMode::Sample, VerifyMode::Off] {
+                prop_assert_eq!(terms.digests(&m, mode, 1 << 16, salt, 2), hashed(&m, mode, 1 << 16, salt));
+            }
+        }
     }
 }

@@ -118,7 +118,8 @@ pub struct MigrateOpts {
     /// QEMU's vCPU throttling).
     #[arg(long, default_value = "membound")]
     pub policy: PolicyKind,
-    /// Compare memory digests at switchover: full, sample, off.
+    /// Compare memory digests at switchover: full, reread (the destination re-reads its
+    /// memory too, in the downtime), sample (one page in 16), off.
     #[arg(long, default_value = "full")]
     pub verify: VerifyMode,
     /// Seconds between dirty-log harvests (default: 3 for membound and mplm, 1 for

@@ -679,9 +679,15 @@ fn destination_killed_mid_migration_leaves_the_vm_running() {
 
 /// Runs a migration with `--inject-fault FAULT` against a real destination; returns the
 /// destination's JSON result, its stderr and migrate's stderr, having checked both failed.
-fn faulty_migration(env: &Env, vm: &mut SourceVm, fault: &str) -> (Value, String, String) {
+fn faulty_migration(
+    env: &Env,
+    vm: &mut SourceVm,
+    fault: &str,
+    extra: &[&str],
+) -> (Value, String, String) {
     let dest = Dest::start(env, env.key());
-    let (st, err) = migrate(env, vm, &dest.addr(), env.key(), &["--inject-fault", fault]);
+    let args = [&["--inject-fault", fault], extra].concat();
+    let (st, err) = migrate(env, vm, &dest.addr(), env.key(), &args);
     assert!(!st.success(), "migrate with fault {fault} succeeded: {err}");
     assert_mentions(&err, &["keeps running on the source"], "migrate's error");
     let (res, listen_err) = dest.expect_failure();
@@ -698,7 +704,7 @@ fn bad_batches_are_rejected_by_the_destination() {
         ("gpa-outside-memory", "outside guest memory"),
         ("truncated-batch", "truncated"),
     ] {
-        let (res, listen_err, err) = faulty_migration(&env, &mut vm, fault);
+        let (res, listen_err, err) = faulty_migration(&env, &mut vm, fault, &[]);
         let why = res["error"].as_str().unwrap();
         assert_mentions(why, &["rejected a page batch", needle], "listen's JSON");
         assert_mentions(&listen_err, &[needle], "listen's stderr");
@@ -737,13 +743,17 @@ fn corrupted_page_fails_the_digest_comparison() {
     require_kvm();
     let env = Env::new();
     let mut vm = SourceVm::start(&env, &["--mem", "64M", "--workload", "random"]);
-    let (res, _, err) = faulty_migration(&env, &mut vm, "corrupt-page");
-    assert_mentions(&err, &["differs", "rolled back"], "migrate's error");
-    assert_mentions(
-        res["error"].as_str().unwrap(),
-        &["aborted", "source rolled back"],
-        "listen's JSON",
-    );
+    // The destination's digests come from the pages as it wrote them (full), or from
+    // re-reading its memory (reread): either way they differ from the source's memory.
+    for verify in ["full", "reread"] {
+        let (res, _, err) = faulty_migration(&env, &mut vm, "corrupt-page", &["--verify", verify]);
+        assert_mentions(&err, &["differs", "rolled back"], "migrate's error");
+        assert_mentions(
+            res["error"].as_str().unwrap(),
+            &["aborted", "source rolled back"],
+            "listen's JSON",
+        );
+    }
 }
 
 #[test]

@@ -222,6 +222,19 @@ fn two_vcpus_zero_fill_sampled_verify() {
     assert_eq!(v["destination"]["self_check_ok"], true);
 }
 
+/// `--verify reread`: the destination hashes its memory at switchover instead of using the
+/// terms it kept as it wrote pages; the digests are equal either way.
+#[test]
+fn reread_verification() {
+    require_kvm();
+    let (v, out) = demo(&["--workload", "hotcold", "--verify", "reread"]);
+    assert!(out.status.success(), "{v:#}");
+    assert_eq!(v["verified"], true, "{v:#}");
+    assert_eq!(v["verify"], "reread");
+    assert_eq!(v["destination"]["self_check_ok"], true, "{v:#}");
+    assert_eq!(v["destination"]["progressed"], true, "{v:#}");
+}
+
 /// The three-process flow: `vm run` owns the VM, `listen` is the destination, `migrate`
 /// asks the VM's process to migrate over its control socket.
 #[test]

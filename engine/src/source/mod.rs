@@ -587,8 +587,8 @@ impl Migration<'_, '_, '_> {
         if self.cfg.fault == Some(Fault::CorruptPage) {
             self.shared.corrupt_next_page();
         }
-        // Memory stands still from here: hash it while the last pages travel, so only the
-        // destination's hashing is left after the barrier.
+        // Memory stands still from here: hash it while the last pages travel. The destination
+        // kept its digests as it wrote pages (unless told to re-read its memory).
         let salt = self.t0.elapsed().as_nanos() as u64;
         let (verify, range, threads) = (
             self.cfg.verify,
@@ -598,7 +598,9 @@ impl Migration<'_, '_, '_> {
         let (ours, ours_ms) = std::thread::scope(|s| -> Result<_, MigrateError> {
             let hasher = s.spawn(move || {
                 let t = Instant::now();
-                let d = digest::digests(mem, verify, range, salt, threads);
+                // SAFETY: the vCPUs are paused until the destination resumes or this source
+                // rolls back, and the workers only read guest memory.
+                let d = unsafe { digest::digests(mem, verify, range, salt, threads) };
                 (d, t.elapsed().as_secs_f64() * 1e3)
             });
             let sent = (|| {
@@ -736,13 +738,18 @@ impl Migration<'_, '_, '_> {
     }
 
     /// A forecast `d` that ends with `pages` of stop-and-copy transfer, plus the switchover's
-    /// own cost: the source hashes its memory while those pages travel, the destination after
-    /// the last one, then a few round trips (state, digests, commit).
+    /// own cost: the source hashes its memory while those pages travel (the destination
+    /// too after the last one, with `--verify reread`), then a few round trips (state,
+    /// digests, commit).
     fn with_switchover(&self, d: Duration, pages: Duration) -> Duration {
         const ROUND_TRIPS: Duration = Duration::from_millis(5);
         let hash = self.hash_time;
+        let theirs = match self.cfg.verify {
+            VerifyMode::Reread => hash,
+            _ => Duration::ZERO,
+        };
         d.saturating_add(hash.saturating_sub(pages))
-            .saturating_add(hash)
+            .saturating_add(theirs)
             .saturating_add(ROUND_TRIPS)
     }
 
@@ -951,22 +958,28 @@ impl Migration<'_, '_, '_> {
         for (c, out) in Codec::ALL.into_iter().zip(&mut codecs) {
             *out = sample(c)?;
         }
-        // The digests at switchover stream all of memory through xxh3, at memory speed rather
-        // than cache speed: time the same on up to 32 MiB of contiguous pages not read yet.
-        // In CPU time: the vCPUs compete for the cores now, not at switchover.
+        // The source's digests at switchover hash its paused memory in place, at memory speed
+        // rather than cache speed: copy up to 32 MiB of contiguous pages not read yet (the
+        // guest may be writing them), then time hashing the copy, in CPU time: the vCPUs
+        // compete for the cores now, not at switchover.
         let secs_hash = {
             let first = span / 2 + step / 2;
             let pages = first..(first + HASH_PROBE_PAGES).min(span);
-            let t = cpu::thread_time();
-            let mut h = xxhash_rust::xxh3::Xxh3::new();
-            let mut n = 0u64;
-            for p in pages {
-                if mem.read(p << PAGE_SHIFT, &mut page).is_ok() {
-                    h.update(&page);
+            let mut copy = vec![0u8; pages.clone().count() * PAGE_SIZE];
+            let mut n = 0;
+            for (p, buf) in pages.zip(copy.chunks_exact_mut(PAGE_SIZE)) {
+                if mem.read(p << PAGE_SHIFT, buf).is_ok() {
                     n += 1;
                 }
             }
-            std::hint::black_box(h.digest());
+            let t = cpu::thread_time();
+            let sum = copy[..n * PAGE_SIZE]
+                .chunks_exact(PAGE_SIZE)
+                .zip(first..)
+                .fold(0u64, |s, (page, p)| {
+                    s.wrapping_add(digest::page_term(p, page))
+                });
+            std::hint::black_box(sum);
             (cpu::thread_time() - t).as_secs_f64() / n.max(1) as f64
         };
 
@@ -1037,12 +1050,7 @@ impl Migration<'_, '_, '_> {
     /// there are cores for them).
     fn hash_time(&self) -> Duration {
         let mem = self.vm.memory();
-        let pages = (mem.size() / PAGE_SIZE as u64) as f64;
-        let hashed = match self.cfg.verify {
-            VerifyMode::Full => pages,
-            VerifyMode::Sample => pages / digest::SAMPLE_STRIDE as f64,
-            VerifyMode::Off => 0.0,
-        };
+        let hashed = (mem.size() / PAGE_SIZE as u64) as f64 * self.cfg.verify.share();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = self.cfg.digest_threads.clamp(1, cores) as f64;
         Duration::from_secs_f64(hashed * self.probe.secs_hash / threads)
