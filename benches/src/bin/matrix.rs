@@ -25,7 +25,9 @@
 //! Options: `--mem SIZE` (default 512M), `--vcpus N` (2), `--fit`, `--nofit`, `--nofit-hot`,
 //! `--workloads a,b,..`, `--policies a,b,..` (names as
 //! below), `--warmup SECS` (2), `--out DIR`, `--ferry PATH` (default: `ferry` next to this
-//! binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate` arguments).
+//! binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate` arguments),
+//! `--repeat N` (1: run every row N times, each round through all the policies before the
+//! next, so that the runs compared are close in time; the summary compares medians).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,6 +59,7 @@ struct Args {
     ferry: PathBuf,
     plots: bool,
     extra: Vec<String>,
+    repeat: usize,
 }
 
 fn parse_args() -> Args {
@@ -82,6 +85,7 @@ fn parse_args() -> Args {
         ferry,
         plots: false,
         extra: Vec::new(),
+        repeat: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -102,6 +106,7 @@ fn parse_args() -> Args {
             "--out" => a.out = v().into(),
             "--ferry" => a.ferry = v().into(),
             "--extra" => a.extra = v().split_whitespace().map(String::from).collect(),
+            "--repeat" => a.repeat = v().parse().expect("--repeat N"),
             _ => panic!("unknown option {k}"),
         }
     }
@@ -325,13 +330,13 @@ fn main() {
     writeln!(csv, "# {cmdline}").unwrap();
     writeln!(
         csv,
-        "workload,wss,policy,verified,converged,total_ms,live_ms,downtime_ms,bound_ms,within_bound,wire_bytes,mem_bytes,eta_err_25,eta_err_50,downtime_forecast_ms,downtime_forecast_err,max_throttle,min_vcpu_cores,error"
+        "workload,wss,policy,run,verified,converged,total_ms,live_ms,downtime_ms,bound_ms,within_bound,wire_bytes,mem_bytes,eta_err_25,eta_err_50,downtime_forecast_ms,downtime_forecast_err,max_throttle,min_vcpu_cores,error"
     )
     .unwrap();
     let mut table = vec![
         header,
-        "| workload | wss/vCPU | policy | result | total ms | live ms | downtime ms | bound ms | wire MiB | ETA err @25% | ETA err @50% | downtime forecast ms (err) | max throttle |".into(),
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into(),
+        "| workload | wss/vCPU | policy | run | result | total ms | live ms | downtime ms | bound ms | wire MiB | ETA err @25% | ETA err @50% | downtime forecast ms (err) | max throttle |".into(),
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|".into(),
     ];
     // One migration first, not recorded: the first one after the testbed comes up runs
     // slower (cold page cache, first connections over the links).
@@ -343,14 +348,17 @@ fn main() {
             "seq" | "random" | "hotcold" => vec![Some(&a.fit), Some(&a.nofit)],
             _ => vec![None],
         };
-        for wss in sizes {
+        for (wss, run) in sizes
+            .iter()
+            .flat_map(|&wss| (0..a.repeat).map(move |run| (wss, run)))
+        {
             let mut bound_ms = None;
             // membound first: its bound sets the others' timeout.
             let mut order: Vec<&String> = a.policies.iter().filter(|p| *p == "membound").collect();
             order.extend(a.policies.iter().filter(|p| *p != "membound"));
             for p in order {
                 let timeout = bound_ms.map(|b: f64| 10.0 * b);
-                eprintln!("matrix: {w} wss={} {p}", wss.unwrap_or("-"));
+                eprintln!("matrix: {w} wss={} {p} run {run}", wss.unwrap_or("-"));
                 let mut guest = Vec::new();
                 let mut label = wss.unwrap_or("").to_owned();
                 if let Some(wss) = wss {
@@ -368,8 +376,9 @@ fn main() {
                 row["workload"] = w.as_str().into();
                 row["wss"] = label.as_str().into();
                 row["matrix_policy"] = p.as_str().into();
+                row["matrix_run"] = run.into();
                 writeln!(jsonl, "{}", strip_timeline(&row)).unwrap();
-                if a.plots && w == "hotcold" && wss == Some(a.nofit.as_str()) {
+                if a.plots && run == 0 && w == "hotcold" && wss == Some(a.nofit.as_str()) {
                     plot(&a, p, &v);
                 }
                 let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -404,7 +413,7 @@ fn main() {
                 let dfc_err = rel(dfc, f("downtime_ms"));
                 writeln!(
                     csv,
-                    "{w},{},{p},{verified},{converged},{},{},{},{},{},{},{},{eta25},{eta50},{dfc},{dfc_err},{},{},\"{}\"",
+                    "{w},{},{p},{run},{verified},{converged},{},{},{},{},{},{},{},{eta25},{eta50},{dfc},{dfc_err},{},{},\"{}\"",
                     label,
                     f("total_ms"),
                     f("live_ms"),
@@ -427,7 +436,7 @@ fn main() {
                     }
                 };
                 table.push(format!(
-                    "| {w} | {} | {p} | {result} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {w} | {} | {p} | {run} | {result} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     if label.is_empty() { "–" } else { &label },
                     num(f("total_ms"), 0),
                     num(f("live_ms"), 0),
@@ -497,22 +506,44 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
     } else {
         format!("- Over bound or failed: {}.", over.join(", "))
     });
-    for (w, s, _, mv) in rows
-        .iter()
-        .filter(|(w, _, p, _)| (w == "hotcold" || w == "seq") && p == "membound")
-    {
-        let Some((_, _, _, pv)) = rows
-            .iter()
-            .find(|(w2, s2, p, _)| w2 == w && s2 == s && p == "mplm")
-        else {
-            continue;
+    // Per workload and working set, in the order run: membound's and mplm's medians.
+    let mut cells: Vec<(&String, &Option<String>)> = Vec::new();
+    for (w, s, _, _) in rows.iter().filter(|(w, ..)| w == "hotcold" || w == "seq") {
+        if !cells.contains(&(w, s)) {
+            cells.push((w, s));
+        }
+    }
+    for (w, s) in cells {
+        let median = |policy: &str, k: &str| {
+            let mut xs: Vec<f64> = rows
+                .iter()
+                .filter(|(w2, s2, p, v)| w2 == w && s2 == s && p == policy && v["error"].is_null())
+                .filter_map(|(.., v)| v[k].as_f64())
+                .collect();
+            xs.sort_by(f64::total_cmp);
+            match xs.len() {
+                0 => f64::NAN,
+                n if n % 2 == 1 => xs[n / 2],
+                n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+            }
         };
-        let r = |k: &str| mv[k].as_f64().unwrap_or(f64::NAN) / pv[k].as_f64().unwrap_or(f64::NAN);
+        let r = |k: &str| median("membound", k) / median("mplm", k);
+        let runs = rows
+            .iter()
+            .filter(|(w2, s2, p, _)| w2 == w && s2 == s && p == "membound")
+            .count();
         out.push(format!(
-            "- {w} (wss {}): membound ÷ mplm downtime {:.2}, total {:.2}.",
+            "- {w} (wss {}): membound ÷ mplm downtime {:.2} ({:.0} vs {:.0} ms), total {:.2}{}.",
             s.as_deref().unwrap_or("-"),
             r("downtime_ms"),
-            r("total_ms")
+            median("membound", "downtime_ms"),
+            median("mplm", "downtime_ms"),
+            r("total_ms"),
+            if runs > 1 {
+                format!(" (medians of {runs} runs)")
+            } else {
+                String::new()
+            }
         ));
     }
     out

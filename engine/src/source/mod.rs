@@ -958,29 +958,23 @@ impl Migration<'_, '_, '_> {
         for (c, out) in Codec::ALL.into_iter().zip(&mut codecs) {
             *out = sample(c)?;
         }
-        // The source's digests at switchover hash its paused memory in place, at memory speed
-        // rather than cache speed: copy up to 32 MiB of contiguous pages not read yet (the
-        // guest may be writing them), then time hashing the copy, in CPU time: the vCPUs
-        // compete for the cores now, not at switchover.
+        // The source's digests at switchover read all of its paused memory, at memory speed
+        // rather than cache speed: time the same on up to 32 MiB of contiguous pages not read
+        // yet. The guest may be writing them, so each is copied out first, which makes up
+        // for reading a little from the cache that memory at switchover is not in. In CPU
+        // time: the vCPUs compete for the cores now, not at switchover.
         let secs_hash = {
             let first = span / 2 + step / 2;
-            let pages = first..(first + HASH_PROBE_PAGES).min(span);
-            let mut copy = vec![0u8; pages.clone().count() * PAGE_SIZE];
-            let mut n = 0;
-            for (p, buf) in pages.zip(copy.chunks_exact_mut(PAGE_SIZE)) {
-                if mem.read(p << PAGE_SHIFT, buf).is_ok() {
+            let t = cpu::thread_time();
+            let (mut sum, mut n) = (0u64, 0u32);
+            for p in first..(first + HASH_PROBE_PAGES).min(span) {
+                if mem.read(p << PAGE_SHIFT, &mut page).is_ok() {
+                    sum = sum.wrapping_add(digest::page_term(p, &page));
                     n += 1;
                 }
             }
-            let t = cpu::thread_time();
-            let sum = copy[..n * PAGE_SIZE]
-                .chunks_exact(PAGE_SIZE)
-                .zip(first..)
-                .fold(0u64, |s, (page, p)| {
-                    s.wrapping_add(digest::page_term(p, page))
-                });
             std::hint::black_box(sum);
-            (cpu::thread_time() - t).as_secs_f64() / n.max(1) as f64
+            (cpu::thread_time() - t).as_secs_f64() / f64::from(n.max(1))
         };
 
         // Lane probe: 1 MiB messages the destination discards, for at most probe_time;
