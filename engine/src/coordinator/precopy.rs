@@ -34,6 +34,8 @@ pub struct Precopy {
     /// Pages of the current dirty pass not asked for yet.
     pass_left: u64,
     limit: bool,
+    /// The last decision was Switchover: what is dirty now is the stop-and-copy.
+    switching: bool,
     track: EpochTracker,
 }
 
@@ -45,6 +47,7 @@ impl Precopy {
             evaluated: 0,
             pass_left: 0,
             limit: false,
+            switching: false,
             track: EpochTracker::default(),
         }
     }
@@ -71,6 +74,11 @@ impl Precopy {
     /// the pass fits `max_downtime` or `max_epochs` harvests are done (or the timeout). The guest runs under `throttle`.
     pub(super) fn forecast_throttled(&self, p: &Progress, throttle: f64) -> Forecast {
         let total = p.total_pages as f64;
+        if self.switching {
+            // The dirty set, and what was written since its harvest.
+            let since = expected_writes(p, &self.track, 0.0, 0.0, true, throttle);
+            return forecast_from(p, 0.0, (p.dirty as f64 + since).min(total));
+        }
         let t = page_time(p).unwrap_or(0.0);
         let max_down = self.cfg.max_downtime.as_secs_f64();
         let mut live = p.never_sent as f64;
@@ -118,6 +126,22 @@ impl Policy for Precopy {
     }
 
     fn decide(&mut self, p: &Progress) -> Decision {
+        let d = self.next(p);
+        self.switching = d == Decision::Switchover;
+        d
+    }
+
+    fn forecast(&self, p: &Progress) -> Forecast {
+        self.forecast_throttled(p, 0.0)
+    }
+
+    fn limit_reached(&self) -> bool {
+        self.limit
+    }
+}
+
+impl Precopy {
+    fn next(&mut self, p: &Progress) -> Decision {
         self.track.observe(p);
         let timed_out = self.cfg.timed_out(p);
         if timed_out && self.cfg.on_limit == OnLimit::Abort {
@@ -158,13 +182,5 @@ impl Policy for Precopy {
             self.pass_left = p.dirty;
         }
         dirty_pass(&mut self.pass_left, p.dirty, self.cfg.cycle())
-    }
-
-    fn forecast(&self, p: &Progress) -> Forecast {
-        self.forecast_throttled(p, 0.0)
-    }
-
-    fn limit_reached(&self) -> bool {
-        self.limit
     }
 }

@@ -411,6 +411,30 @@ fn precopy_passes_resend_what_was_dirty_at_the_harvest() {
     }
 }
 
+/// When precopy (and autoconverge, which decides through it) switches over, its downtime
+/// forecast is the dirty set it stops with, not the pass it would have sent next.
+#[test]
+fn precopy_forecasts_the_set_it_switches_over_with() {
+    let cfg = PolicyConfig {
+        max_downtime: Duration::from_secs(1),
+        ..policy_cfg()
+    };
+    // 100 dirty pages at 4096 bytes each over 1 MB/s: 409.6 ms, within the 1 s target.
+    let p = progress(1, 0, 100);
+    for mut policy in [
+        Box::new(Precopy::new(cfg.clone())) as Box<dyn Policy>,
+        Box::new(Autoconverge::new(cfg.clone())),
+    ] {
+        assert_eq!(policy.decide(&p), Decision::Switchover, "{}", policy.name());
+        let f = policy.forecast(&p);
+        assert!(
+            (f.downtime.as_secs_f64() - 0.4096).abs() < 1e-6,
+            "{}: {f:?}",
+            policy.name()
+        );
+    }
+}
+
 #[test]
 fn precopy_does_not_converge_above_bandwidth() {
     let cfg = policy_cfg();
