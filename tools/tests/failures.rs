@@ -473,27 +473,34 @@ fn bad_key_files_are_rejected_clearly() {
     );
 }
 
+/// A protocol version this build does not speak.
+const OTHER: u16 = ferry_transport::PROTOCOL_VERSION + 1;
+
 #[test]
 fn source_with_another_protocol_version_is_told_so() {
     let env = Env::new();
     let dest = Dest::start(&env, env.key());
     let mut s = TcpStream::connect(dest.addr).expect("connecting to ferry listen");
     s.set_read_timeout(Some(STEP)).expect("read timeout");
-    s.write_all(&hello(2)).expect("sending Hello");
+    s.write_all(&hello(OTHER)).expect("sending Hello");
     let f = wire::read_frame(&mut s).expect("a reply frame");
-    assert_eq!(f.kind, Kind::Abort, "reply to a version-2 Hello: {f:?}");
+    assert_eq!(
+        f.kind,
+        Kind::Abort,
+        "reply to a version-{OTHER} Hello: {f:?}"
+    );
     let a = Abort::decode(&f.payload).expect("an Abort payload");
     assert_eq!(a.reason, AbortReason::Version, "{a:?}");
     assert_eq!(a.version, ferry_transport::PROTOCOL_VERSION, "{a:?}");
     assert_mentions(
         &a.message,
-        &["protocol version 2 not supported"],
+        &[&format!("protocol version {OTHER} not supported")],
         "the Abort",
     );
     let (res, err) = dest.expect_failure();
     assert_mentions(
         &err,
-        &["protocol version mismatch", "peer speaks 2"],
+        &["protocol version mismatch", &format!("peer speaks {OTHER}")],
         "listen's error",
     );
     assert_mentions(
@@ -511,7 +518,8 @@ fn destination_with_another_protocol_version_leaves_the_vm_running() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("binding the fake destination");
     let addr = listener.local_addr().expect("local address");
     listener.set_nonblocking(true).expect("non-blocking accept");
-    // The fake destination speaks version 2: it reads the Hello and answers with an Abort.
+    // The fake destination speaks another version: it reads the Hello and answers with an
+    // Abort.
     let fake = std::thread::spawn(move || -> Result<u16, String> {
         let deadline = Instant::now() + STEP;
         let mut s = loop {
@@ -537,8 +545,8 @@ fn destination_with_another_protocol_version_leaves_the_vm_running() {
             .version;
         let abort = Abort {
             reason: AbortReason::Version,
-            version: 2,
-            message: version_message(theirs, 2),
+            version: OTHER,
+            message: version_message(theirs, OTHER),
         };
         wire::write_frame(&mut s, Kind::Abort, 0, 0, &abort.encode()).map_err(|e| e.to_string())?;
         // Nothing may follow: the source gives up (EOF), it does not send a Proof.
@@ -554,14 +562,14 @@ fn destination_with_another_protocol_version_leaves_the_vm_running() {
     assert_eq!(theirs, Ok(ferry_transport::PROTOCOL_VERSION));
     assert!(
         !st.success(),
-        "migrate to a version-2 peer succeeded: {err}"
+        "migrate to a version-{OTHER} peer succeeded: {err}"
     );
     assert_mentions(
         &err,
         &[
             "protocol version mismatch",
-            "this side speaks 1",
-            "peer speaks 2",
+            &format!("this side speaks {}", ferry_transport::PROTOCOL_VERSION),
+            &format!("peer speaks {OTHER}"),
         ],
         "migrate's error",
     );

@@ -37,8 +37,9 @@ pub const MAGIC: u32 = 0x5952_5246;
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a frame may carry (64 MiB).
 pub const MAX_PAYLOAD: u32 = 64 * 1024 * 1024;
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. 2: digests are sums of per-page terms, and page
+/// class 5 (LZ4).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Length of the handshake nonces.
 pub const NONCE_LEN: usize = 32;
 /// Length of an HMAC-SHA256 proof.

@@ -112,21 +112,34 @@ fn wrong_key_fails_on_both_sides_as_auth_failure() {
     assert!(s.to_string().contains("authentication"), "{s}");
 }
 
+/// A version this build does not speak.
+const OTHER: u16 = PROTOCOL_VERSION + 1;
+
 #[test]
 fn version_mismatch_is_reported_on_both_sides() {
-    let (c, s) = run(key(1), key(1), 2);
+    let (c, s) = run(key(1), key(1), OTHER);
     match s.unwrap_err() {
-        Error::VersionMismatch { ours: 1, theirs: 2 } => {}
+        Error::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: OTHER,
+        } => {}
         e => panic!("server: {e}"),
     }
     let c = c.unwrap_err();
     assert!(
-        matches!(c, Error::VersionMismatch { ours: 2, theirs: 1 }),
+        matches!(
+            c,
+            Error::VersionMismatch {
+                ours: OTHER,
+                theirs: PROTOCOL_VERSION
+            }
+        ),
         "client: {c}"
     );
     let msg = c.to_string();
     assert!(
-        msg.contains("this side speaks 2") && msg.contains("peer speaks 1"),
+        msg.contains(&format!("this side speaks {OTHER}"))
+            && msg.contains(&format!("peer speaks {PROTOCOL_VERSION}")),
         "{msg}"
     );
 }
@@ -134,11 +147,16 @@ fn version_mismatch_is_reported_on_both_sides() {
 #[test]
 fn server_sends_the_documented_version_abort() {
     let k = key(1);
-    let (_, mut hello) = ClientHandshake::with(&k, INFO, "s".into(), 2, [0; 32]);
+    let (_, mut hello) = ClientHandshake::with(&k, INFO, "s".into(), OTHER, [0; 32]);
     hello.payload.truncate(2); // a future Hello may have any layout after `version`
     let mut s = ServerHandshake::new(&k, "c");
-    let Step::Fail(Error::VersionMismatch { ours: 1, theirs: 2 }, Some(out)) =
-        s.on_frame(&frame(&hello))
+    let Step::Fail(
+        Error::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: OTHER,
+        },
+        Some(out),
+    ) = s.on_frame(&frame(&hello))
     else {
         panic!("expected a version mismatch")
     };
@@ -146,7 +164,7 @@ fn server_sends_the_documented_version_abort() {
     assert_eq!(abort.reason, AbortReason::Version);
     assert_eq!(
         abort.message,
-        "protocol version 2 not supported; this side speaks 1"
+        format!("protocol version {OTHER} not supported; this side speaks {PROTOCOL_VERSION}")
     );
 }
 
