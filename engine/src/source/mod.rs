@@ -959,12 +959,12 @@ impl Migration<'_, '_, '_> {
             *out = sample(c)?;
         }
         // The source's digests at switchover read all of its paused memory, at memory speed
-        // rather than cache speed: time the same on up to 32 MiB of contiguous pages not read
-        // yet. The guest may be writing them, so each is copied out first, which makes up
-        // for reading a little from the cache that memory at switchover is not in. In CPU
-        // time: the vCPUs compete for the cores now, not at switchover.
+        // rather than cache speed: time the same on the last 32 MiB of memory, away from the
+        // working sets, which the guest keeps in the cache (they start at the beginning of
+        // each vCPU's share). The guest may be writing them, so each page is copied out
+        // first. In CPU time: the vCPUs compete for the cores now, not at switchover.
         let secs_hash = {
-            let first = span / 2 + step / 2;
+            let first = span.saturating_sub(HASH_PROBE_PAGES);
             let t = cpu::thread_time();
             let (mut sum, mut n) = (0u64, 0u32);
             for p in first..(first + HASH_PROBE_PAGES).min(span) {
