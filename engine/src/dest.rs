@@ -22,7 +22,7 @@ use ferry_transport::{Incoming, SessionReceiver};
 
 use crate::cpu;
 use crate::digest::{self, PageTerms, VerifyMode};
-use crate::encode::{BatchDecoder, DecodeError};
+use crate::encode::{is_zero_page, BatchDecoder, DecodeError};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::{self, Describe, DestFigures, Digests, ProtoError, Tag};
 use crate::vm::{Serial, Vm, VmError, VmState};
@@ -129,19 +129,24 @@ impl PageVersions {
         mem: &GuestMemory,
         gpa: u64,
         epoch: u32,
-        page: &[u8],
+        page: &[u8; PAGE_SIZE],
     ) -> Result<bool, MemoryError> {
         let p = (gpa >> PAGE_SHIFT) as usize;
         let _g = self.stripes[p % Self::STRIPES]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let slot = &self.epochs[p];
-        if epoch + 1 < slot.load(Ordering::Relaxed) {
+        let newest = slot.load(Ordering::Relaxed);
+        if epoch + 1 < newest {
             return Ok(false);
         }
-        mem.write(gpa, page)?;
+        // A page never written here is still zero (fresh memory): writing zeros would only
+        // fault it in, and its digest term is already that of a zero page.
+        if newest != 0 || !is_zero_page(page) {
+            mem.write(gpa, page)?;
+            self.terms.set(p as u64, page);
+        }
         slot.store(epoch + 1, Ordering::Relaxed);
-        self.terms.set(p as u64, page);
         Ok(true)
     }
 }
