@@ -506,6 +506,47 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
     } else {
         format!("- Over bound or failed: {}.", over.join(", "))
     });
+    // Forecast errors over the runs that migrated: ETA at 25% and 50%, downtime at switchover.
+    let done: Vec<&Value> = rows
+        .iter()
+        .map(|(.., v)| v)
+        .filter(|v| v["error"].is_null())
+        .collect();
+    let within = |errs: &[f64], limit: f64| errs.iter().filter(|e| e.abs() <= limit).count();
+    let median_abs = |errs: &[f64]| {
+        let mut a: Vec<f64> = errs.iter().map(|e| e.abs()).collect();
+        a.sort_by(f64::total_cmp);
+        a.get(a.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    for mark in [0.25, 0.5] {
+        let errs: Vec<f64> = done
+            .iter()
+            .map(|v| eta_error(v, mark))
+            .filter(|e| e.is_finite())
+            .collect();
+        out.push(format!(
+            "- ETA at {:.0}%: within 10% in {}/{} runs, within 20% in {}, median error {:.0}%.",
+            mark * 100.0,
+            within(&errs, 0.1),
+            errs.len(),
+            within(&errs, 0.2),
+            100.0 * median_abs(&errs)
+        ));
+    }
+    let errs: Vec<f64> = done
+        .iter()
+        .map(|v| {
+            let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            rel(f("downtime_forecast_ms"), f("downtime_ms"))
+        })
+        .filter(|e| e.is_finite())
+        .collect();
+    out.push(format!(
+        "- Downtime forecast at switchover: within ±20% in {}/{} runs, median error {:.0}%.",
+        within(&errs, 0.2),
+        errs.len(),
+        100.0 * median_abs(&errs)
+    ));
     // Per workload and working set, in the order run: membound's and mplm's medians.
     let mut cells: Vec<(&String, &Option<String>)> = Vec::new();
     for (w, s, _, _) in rows.iter().filter(|(w, ..)| w == "hotcold" || w == "seq") {
