@@ -1,6 +1,6 @@
 //! ferry's engine: everything about a VM and its migration.
 //!
-//! The micro-VM ([`vm`]) runs guest programs ([`guest`]) in memfd-backed memory ([`memory`]),
+//! The micro-VM ([`vm`]) runs guest programs ([`guest`]) in anonymous memory ([`memory`]),
 //! with KVM's dirty log ([`dirty`]). The source ([`source`]) encodes pages ([`encode`]) and
 //! sends them over transport lanes as the coordinator ([`coordinator`]) decides; the
 //! destination ([`dest`]) validates, decodes and writes them, compares digests ([`digest`])

@@ -1,13 +1,11 @@
-//! Guest memory: one or more memfd-backed regions mapped shared into this process.
+//! Guest memory: one or more regions of private anonymous memory in this process, each a
+//! KVM memory slot.
 //!
 //! Guest memory is written by running vCPUs while ferry reads it, so it is never exposed as a
 //! Rust slice: every access is a raw-pointer copy into or out of a buffer the caller owns
 //! (STYLE 11). The one exception is [`GuestMemory::frozen`], for hashing memory that nothing
-//! writes (a paused VM), where the copy would cost a third of the time. Addresses are guest-physical (`gpa`) and checked against the region map
-//! before any copy.
-
-use std::fs::File;
-use std::os::fd::FromRawFd;
+//! writes (a paused VM), where the copy would cost a third of the time. Addresses are
+//! guest-physical (`gpa`) and checked against the region map before any copy.
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -19,13 +17,6 @@ pub const PAGE_SHIFT: u32 = 12;
 /// Errors from guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// creating the memfd for a region of {len} bytes
-    #[error("creating the memfd for a region of {len} bytes")]
-    Memfd {
-        len: u64,
-        #[source]
-        source: std::io::Error,
-    },
     /// mapping a region of {len} bytes
     #[error("mapping a region of {len} bytes")]
     Map {
@@ -44,7 +35,6 @@ pub struct Region {
     gpa: u64,
     len: u64,
     map: MmapRaw,
-    _file: File,
 }
 
 impl Region {
@@ -77,7 +67,7 @@ impl Region {
 /// Layout of guest memory: `(gpa, len)` of each region, sorted, page aligned, disjoint.
 pub type Layout = Vec<(u64, u64)>;
 
-/// Guest memory made of memfd-backed regions.
+/// Guest memory made of anonymous regions.
 pub struct GuestMemory {
     regions: Vec<Region>,
 }
@@ -218,35 +208,27 @@ impl GuestMemory {
 
 impl Region {
     fn new(gpa: u64, len: u64) -> Result<Self, MemoryError> {
-        // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
-        let fd = unsafe { libc::memfd_create(c"ferry-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(MemoryError::Memfd {
-                len,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(len)
-            .map_err(|source| MemoryError::Memfd { len, source })?;
+        // Private anonymous memory, as QEMU uses by default: a page never written reads as
+        // the kernel's zero page without being allocated (a memfd allocates it on a read).
+        // Transparent huge pages are left to the system: here they made first writes on the
+        // destination slower, not faster.
         let map = MmapOptions::new()
             .len(len as usize)
-            .map_raw(&file)
+            .map_anon()
             .map_err(|source| MemoryError::Map { len, source })?;
         Ok(Self {
             gpa,
             len,
-            map,
-            _file: file,
+            map: map.into(),
         })
     }
 }
 
-// SAFETY: the mapping is shared memory accessed only through raw-pointer copies; moving or
-// sharing the handle between threads is as safe as sharing the mapping with vCPU threads.
+// SAFETY: the mapping is accessed only through raw-pointer copies (and `frozen`, whose caller
+// guarantees no writer); moving or sharing the handle between threads is as safe as sharing
+// the mapping with vCPU threads.
 unsafe impl Send for GuestMemory {}
-// SAFETY: as above; no method hands out references into the mapping.
+// SAFETY: as above; no safe method hands out references into the mapping.
 unsafe impl Sync for GuestMemory {}
 
 #[cfg(test)]

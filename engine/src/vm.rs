@@ -1,4 +1,4 @@
-//! The micro-VM: a KVM VM with memfd-backed guest memory, an in-kernel irqchip, one thread
+//! The micro-VM: a KVM VM with anonymous guest memory, an in-kernel irqchip, one thread
 //! per vCPU, an emulated serial port, pause/resume, and save/restore of everything needed
 //! to resume the guest in another process.
 //!

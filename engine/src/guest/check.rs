@@ -91,8 +91,7 @@ pub fn status(mem: &GuestMemory) -> Result<Vec<VcpuStatus>, GuestError> {
 
 /// Checks every data page's header against its ledger entry, with the rule the guest uses.
 /// Run it on a paused VM (a running guest changes pages while they are read). Uses every
-/// core for large memories. It reads every data page's header, so memfd pages never touched
-/// before get allocated.
+/// core for large memories.
 pub fn audit(mem: &GuestMemory) -> Result<AuditResult, GuestError> {
     let (layout, _) = read_layout(mem)?;
     let pages = layout.data_pages();
