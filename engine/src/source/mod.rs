@@ -962,9 +962,7 @@ impl Migration<'_, '_, '_> {
         // rather than cache speed: time the same on the last 32 MiB of memory, away from the
         // working sets, which the guest keeps in the cache (they start at the beginning of
         // each vCPU's share). The guest may be writing them, so each page is copied out
-        // first; the switchover hashes in place, so a copy between two cached pages is
-        // timed too and taken off. In CPU time: the vCPUs compete for the cores now, not at
-        // switchover.
+        // first. In CPU time: the vCPUs compete for the cores now, not at switchover.
         let secs_hash = {
             let first = span.saturating_sub(HASH_PROBE_PAGES);
             let t = cpu::thread_time();
@@ -975,16 +973,8 @@ impl Migration<'_, '_, '_> {
                     n += 1;
                 }
             }
-            let copied = (cpu::thread_time() - t).as_secs_f64();
-            let mut other = vec![0u8; PAGE_SIZE];
-            let t = cpu::thread_time();
-            for _ in 0..n {
-                other.copy_from_slice(std::hint::black_box(&page));
-                std::hint::black_box(&mut other);
-            }
-            let copy = (cpu::thread_time() - t).as_secs_f64();
             std::hint::black_box(sum);
-            (copied - copy).max(copied / 2.0) / f64::from(n.max(1))
+            (cpu::thread_time() - t).as_secs_f64() / f64::from(n.max(1))
         };
 
         // Lane probe: 1 MiB messages the destination discards, for at most probe_time;
