@@ -102,6 +102,9 @@ pub struct Report {
     pub final_pages: u64,
     pub digest_ranges: usize,
     pub digest_ms: f64,
+    /// Where the downtime went, in the order it was spent.
+    #[serde(default)]
+    pub switchover: SwitchoverFigures,
     pub lanes: Vec<LaneReport>,
     pub cpu: CpuFigures,
     /// The `--max-bandwidth` cap, if any.
@@ -159,6 +162,24 @@ pub struct Sample {
     pub eta_ms: f64,
 }
 
+/// The downtime, step by step (milliseconds): `downtime_ms` is their sum.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct SwitchoverFigures {
+    /// Stopping the vCPUs.
+    pub pause_ms: f64,
+    /// The last dirty-log harvest, and listing the pages left.
+    pub harvest_ms: f64,
+    /// The stop-and-copy pages, until the destination acknowledged them all, while the
+    /// source hashed its memory (`hash_ms`); the longer of the two.
+    pub final_pages_ms: f64,
+    /// The source's digests (overlapping `final_pages_ms`).
+    pub hash_ms: f64,
+    /// Saving the VM state, sending it, and the destination's restore and digests.
+    pub state_ms: f64,
+    /// Commit, until the destination reported the VM resumed.
+    pub commit_ms: f64,
+}
+
 /// CPU time spent on the migration (not running the guest).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct CpuFigures {
@@ -197,6 +218,9 @@ pub struct ProbeFigures {
     pub working_set_pages: Option<f64>,
     #[serde(default)]
     pub write_drift_pages_per_s: Option<f64>,
+    /// An empty message's round trip over the lanes (the switchover makes three).
+    #[serde(default)]
+    pub round_trip_ms: f64,
 }
 
 /// Per-lane figures.

@@ -84,6 +84,25 @@ fn assert_migrated(v: &Value, out: &Output, what: &str) {
     let live = v["live_ms"].as_f64().unwrap();
     let down = v["downtime_ms"].as_f64().unwrap();
     assert!((live + down - total).abs() < 1.0, "{}", ctx());
+    // The switchover's steps account for the downtime, and the source's hashing happened
+    // while the last pages travelled.
+    let step = |k: &str| {
+        let ms = v["switchover"][k].as_f64().unwrap_or(-1.0);
+        assert!(ms >= 0.0, "switchover.{k}: {}", ctx());
+        ms
+    };
+    let steps: f64 = [
+        "pause_ms",
+        "harvest_ms",
+        "final_pages_ms",
+        "state_ms",
+        "commit_ms",
+    ]
+    .map(step)
+    .iter()
+    .sum();
+    assert!(steps <= down + 0.5 && steps >= 0.95 * down, "{}", ctx());
+    assert!(step("hash_ms") <= step("final_pages_ms") + 0.5, "{}", ctx());
 }
 
 /// Every workload under both policies, through `ferry demo`.

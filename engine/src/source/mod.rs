@@ -38,7 +38,7 @@ use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
 use crate::report::{CpuFigures, ForecastRecord, LaneReport, Phase, ProbeFigures, ProgressEvent};
-use crate::report::{Report, Sample};
+use crate::report::{Report, Sample, SwitchoverFigures};
 use crate::vm::{Vm, VmError};
 
 /// Tuning of the source side; every field has a documented default.
@@ -261,6 +261,8 @@ struct Probe {
     bpp: f64,
     /// Seconds one core takes to hash a page (xxh3), for the switchover's digest comparison.
     secs_hash: f64,
+    /// A message's round trip over the lanes, acknowledgement included.
+    round_trip: Duration,
 }
 
 /// The guest's writes over `window`: the dirty log is cleared for all of memory (nothing has
@@ -573,6 +575,18 @@ impl Migration<'_, '_, '_> {
             vm: self.vm,
             armed: true,
         };
+        // Each step of the downtime runs from the end of the previous one.
+        let mut mark = paused_at;
+        let mut lap = || {
+            let now = Instant::now();
+            let ms = now.duration_since(mark).as_secs_f64() * 1e3;
+            mark = now;
+            ms
+        };
+        let mut steps = SwitchoverFigures {
+            pause_ms: lap(),
+            ..SwitchoverFigures::default()
+        };
         self.sample(Phase::StopAndCopy, 0.0);
         progress(&self.event(Phase::StopAndCopy));
         self.harvest()?;
@@ -595,6 +609,7 @@ impl Migration<'_, '_, '_> {
             self.cfg.digest_range,
             self.cfg.digest_threads,
         );
+        steps.harvest_ms = lap();
         let (ours, ours_ms) = std::thread::scope(|s| -> Result<_, MigrateError> {
             let hasher = s.spawn(move || {
                 let t = Instant::now();
@@ -613,6 +628,8 @@ impl Migration<'_, '_, '_> {
             sent?;
             Ok((digests?, ms))
         })?;
+
+        (steps.final_pages_ms, steps.hash_ms) = (lap(), ours_ms);
 
         // Switchover: state, digests compared, commit.
         self.sample(Phase::Switchover, 0.0);
@@ -639,10 +656,12 @@ impl Migration<'_, '_, '_> {
                 first_gpa: bad[0] as u64 * self.cfg.digest_range,
             });
         }
+        steps.state_ms = lap();
         // Lane figures before the commit: the destination closes its lanes once resumed.
         let lane_stats = self.tx.stats();
         self.tx.send(Tag::Commit as u16, Vec::new())?;
         let resumed: DestFigures = proto::from_json("Resumed", &self.expect_reply(Tag::Resumed)?)?;
+        steps.commit_ms = lap();
         guard.armed = false;
         let done = Instant::now();
         self.sample(Phase::Done, 0.0);
@@ -687,10 +706,12 @@ impl Migration<'_, '_, '_> {
                 write_pages_per_s: self.writes.map(|m| m.rate),
                 working_set_pages: self.writes.map(|m| m.wss),
                 write_drift_pages_per_s: self.writes.map(|m| m.drift),
+                round_trip_ms: self.probe.round_trip.as_secs_f64() * 1e3,
             },
             final_pages,
             digest_ranges: ours.len(),
             digest_ms: ours_ms.max(theirs.hash_ms),
+            switchover: steps,
             lanes: Vec::new(),
             cpu: CpuFigures {
                 destination_s: resumed.cpu_s,
@@ -742,7 +763,10 @@ impl Migration<'_, '_, '_> {
     /// too after the last one, with `--verify reread`), then a few round trips (state,
     /// digests, commit).
     fn with_switchover(&self, d: Duration, pages: Duration) -> Duration {
-        const ROUND_TRIPS: Duration = Duration::from_millis(5);
+        // The barrier after the last pages, the VM state, the commit: a round trip each;
+        // pausing, saving, restoring and resuming: a few milliseconds.
+        const STEPS: Duration = Duration::from_millis(3);
+        let fixed = STEPS.saturating_add(self.probe.round_trip.saturating_mul(3));
         let hash = self.hash_time;
         let theirs = match self.cfg.verify {
             VerifyMode::Reread => hash,
@@ -750,7 +774,7 @@ impl Migration<'_, '_, '_> {
         };
         d.saturating_add(hash.saturating_sub(pages))
             .saturating_add(theirs)
-            .saturating_add(ROUND_TRIPS)
+            .saturating_add(fixed)
     }
 
     /// Keeps the forecast made when progress first reaches each of [`FORECAST_MARKS`].
@@ -1000,6 +1024,11 @@ impl Migration<'_, '_, '_> {
             lanes.map(|()| (writes, sent, lane_secs))
         })?;
         self.writes = Some(writes?);
+        // One round trip: an empty message, acknowledged.
+        let t = Instant::now();
+        self.tx.send(Tag::Probe as u16, Vec::new())?;
+        self.tx.barrier()?;
+        let round_trip = t.elapsed();
         let guest = self.vm.vcpu_cpu_time().saturating_sub(guest0);
         self.probe_guest_cpu = guest.as_nanos() as f64 / lane_secs.max(1e-6);
         let mut lane_rate = sent as f64 / lane_secs.max(1e-6);
@@ -1037,6 +1066,7 @@ impl Migration<'_, '_, '_> {
             rate: pages(chosen) * chosen.bpp,
             bpp: chosen.bpp,
             secs_hash,
+            round_trip,
         })
     }
 
