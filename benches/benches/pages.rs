@@ -207,16 +207,8 @@ fn batch_codec(c: &mut Criterion, pool: &Pool) {
         g.bench_function(mix, |b| {
             b.iter(|| {
                 n = (n + 1) % ROTATE;
-                decode_batch(
-                    &encoded[n],
-                    |gpa| gpa < BATCH_BYTES,
-                    |gpa, _epoch, page| {
-                        let at = gpa as usize;
-                        dst[at..at + PAGE_SIZE].copy_from_slice(page);
-                        Ok::<(), Infallible>(())
-                    },
-                )
-                .expect("a valid batch")
+                decode_batch(&encoded[n], |gpa| gpa < BATCH_BYTES, write_into(&mut dst))
+                    .expect("a valid batch")
             })
         });
         if mix == "mixed" {
@@ -235,22 +227,25 @@ fn batch_codec(c: &mut Criterion, pool: &Pool) {
                 g.bench_function(name, |b| {
                     b.iter(|| {
                         n = (n + 1) % ROTATE;
-                        dec.decode(
-                            &batches[n],
-                            |gpa| gpa < BATCH_BYTES,
-                            |gpa, _epoch, page| {
-                                let at = gpa as usize;
-                                dst[at..at + PAGE_SIZE].copy_from_slice(page);
-                                Ok::<(), Infallible>(())
-                            },
-                        )
-                        .expect("a valid batch")
+                        dec.decode(&batches[n], |gpa| gpa < BATCH_BYTES, write_into(&mut dst))
+                            .expect("a valid batch")
                     })
                 });
             }
         }
     }
     g.finish();
+}
+
+/// A decoder's `apply` that writes each page into `dst` at its address.
+fn write_into(
+    dst: &mut [u8],
+) -> impl FnMut(u64, u32, &[u8; PAGE_SIZE]) -> Result<(), Infallible> + '_ {
+    |gpa, _epoch, page| {
+        let at = gpa as usize;
+        dst[at..at + PAGE_SIZE].copy_from_slice(page);
+        Ok(())
+    }
 }
 
 /// The codecs alone, page by page: zstd level 1 (every page of the batch, zero pages

@@ -91,13 +91,17 @@ pub fn page_term(p: u64, page: &[u8]) -> u64 {
 }
 
 /// Sums `range_sum(gpa, len)` over ranges of `range_bytes` (each cut at region ends), on
-/// `threads` threads.
+/// `threads` threads; nothing with `Off`.
 fn per_range(
     mem: &GuestMemory,
+    mode: VerifyMode,
     range_bytes: u64,
     threads: usize,
     range_sum: impl Fn(u64, u64) -> Result<u64, MemoryError> + Sync,
 ) -> Result<Vec<u64>, MemoryError> {
+    if mode == VerifyMode::Off {
+        return Ok(Vec::new());
+    }
     let range_bytes = range_bytes.max(PAGE_SIZE as u64) / PAGE_SIZE as u64 * PAGE_SIZE as u64;
     let mut ranges = Vec::new();
     for r in mem.regions() {
@@ -145,10 +149,7 @@ pub unsafe fn digests(
     salt: u64,
     threads: usize,
 ) -> Result<Vec<u64>, MemoryError> {
-    if mode == VerifyMode::Off {
-        return Ok(Vec::new());
-    }
-    per_range(mem, range_bytes, threads, |gpa, len| {
+    per_range(mem, mode, range_bytes, threads, |gpa, len| {
         // SAFETY: the caller guarantees that nothing writes guest memory meanwhile.
         let bytes = unsafe { mem.frozen(gpa, len)? };
         let first = gpa / PAGE_SIZE as u64;
@@ -183,10 +184,7 @@ impl PageTerms {
         salt: u64,
         threads: usize,
     ) -> Vec<u64> {
-        if mode == VerifyMode::Off {
-            return Vec::new();
-        }
-        let sums = per_range(mem, range_bytes, threads, |gpa, len| {
+        let sums = per_range(mem, mode, range_bytes, threads, |gpa, len| {
             let first = gpa / PAGE_SIZE as u64;
             Ok((first..first + len / PAGE_SIZE as u64)
                 .filter(|&p| mode.covers(p, salt))

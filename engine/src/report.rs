@@ -162,7 +162,8 @@ pub struct Sample {
     pub eta_ms: f64,
 }
 
-/// The downtime, step by step (milliseconds): `downtime_ms` is their sum.
+/// The downtime, step by step (milliseconds): `downtime_ms` is the sum of every step but
+/// `hash_ms`, which overlaps `final_pages_ms`.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct SwitchoverFigures {
     /// Stopping the vCPUs.

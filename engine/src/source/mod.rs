@@ -1024,13 +1024,13 @@ impl Migration<'_, '_, '_> {
             lanes.map(|()| (writes, sent, lane_secs))
         })?;
         self.writes = Some(writes?);
+        let guest = self.vm.vcpu_cpu_time().saturating_sub(guest0);
+        self.probe_guest_cpu = guest.as_nanos() as f64 / lane_secs.max(1e-6);
         // One round trip: an empty message, acknowledged.
         let t = Instant::now();
         self.tx.send(Tag::Probe as u16, Vec::new())?;
         self.tx.barrier()?;
         let round_trip = t.elapsed();
-        let guest = self.vm.vcpu_cpu_time().saturating_sub(guest0);
-        self.probe_guest_cpu = guest.as_nanos() as f64 / lane_secs.max(1e-6);
         let mut lane_rate = sent as f64 / lane_secs.max(1e-6);
         if let Some(cap) = self.cfg.max_bandwidth {
             lane_rate = lane_rate.min(cap);
