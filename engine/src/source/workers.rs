@@ -275,8 +275,9 @@ fn flush(shared: &Shared<'_>, enc: &mut BatchEncoder, epoch: u32) -> Result<(), 
         return Ok(());
     }
     let (payload, stats) = enc.finish();
-    let pages = stats.zero.pages + stats.duplicate.pages + stats.compressed.pages + stats.raw.pages;
-    shared.encoded_pages.fetch_add(pages, Ordering::Relaxed);
+    shared
+        .encoded_pages
+        .fetch_add(stats.pages(), Ordering::Relaxed);
     shared
         .wire_bytes
         .fetch_add(payload.len() as u64, Ordering::Relaxed);
