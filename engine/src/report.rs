@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::digest::VerifyMode;
-use crate::encode::BatchStats;
+use crate::encode::{BatchStats, Codec};
 
 /// Phases of a migration, in order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,11 +75,14 @@ pub struct Report {
     pub vcpus: u32,
     /// Range workers on the source.
     pub workers: usize,
-    /// Whether pages were compressed, and with which codec (`zstd`, `lz4` or `raw`): the
-    /// measured choice, or forced by `--compress`.
+    /// Whether pages were compressed, and with which codec (`zstd`, `lz4` or `raw`) at the
+    /// end: the measured choice, or forced by `--compress`.
     pub compressed: bool,
     #[serde(default)]
     pub codec: String,
+    /// With `--compress auto`: the codecs tried while the VM ran, and what each moved.
+    #[serde(default)]
+    pub codec_trials: Vec<CodecTrial>,
     pub total_ms: f64,
     pub live_ms: f64,
     pub downtime_ms: f64,
@@ -126,6 +129,19 @@ pub struct Report {
     /// Samples taken about ten times a second, for plots (`ferry report plot`).
     #[serde(default)]
     pub timeline: Vec<Sample>,
+}
+
+/// A codec tried during the live phase (`--compress auto`): pages per second in the window
+/// before (`from`) and in the trial's window (`to`), and whether it was kept.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CodecTrial {
+    /// Milliseconds since the live phase began, at the end of the trial.
+    pub at_ms: f64,
+    pub from: Codec,
+    pub to: Codec,
+    pub from_pages_per_s: f64,
+    pub to_pages_per_s: f64,
+    pub kept: bool,
 }
 
 /// What the policy forecast when progress first reached `at_fraction`.
@@ -251,12 +267,27 @@ impl Report {
             ),
             None => "none promised".into(),
         };
+        let trials = self
+            .codec_trials
+            .iter()
+            .map(|t| {
+                format!(
+                    "\ncodec trial at {:.1} s: {} {:.0}k -> {} {:.0}k pages/s, {}",
+                    t.at_ms / 1e3,
+                    t.from,
+                    t.from_pages_per_s / 1e3,
+                    t.to,
+                    t.to_pages_per_s / 1e3,
+                    if t.kept { "kept" } else { "undone" }
+                )
+            })
+            .collect::<String>();
         format!(
             "migration {}: policy {}{}, {} MiB, {} vCPU(s)\n\
              total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms); bound {}\n\
              wire {:.1} MiB at {:.1} MiB/s, compression {:.2}x, {} epochs, {} pages sent ({} in stop-and-copy)\n\
              pages: {} zero, {} duplicate, {} zstd, {} lz4, {} raw\n\
-             memory {} at switchover (verify={}, {} ranges, {:.1} ms)",
+             memory {} at switchover (verify={}, {} ranges, {:.1} ms){}",
             if self.verified { "verified" } else { "NOT verified" },
             self.policy,
             if self.converged { "" } else { " (did not converge: a limit forced the switchover)" },
@@ -286,6 +317,7 @@ impl Report {
             self.verify,
             self.digest_ranges,
             self.digest_ms,
+            trials,
         )
     }
 }

@@ -20,6 +20,7 @@
 //! spread over every worker and lane the same way.
 
 mod pace;
+mod tune;
 mod workers;
 
 use std::sync::atomic::Ordering;
@@ -37,8 +38,8 @@ use crate::encode::{BatchEncoder, Codec, EncodeError, EncoderConfig};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
+use crate::report::{CodecTrial, Report, Sample, SwitchoverFigures};
 use crate::report::{CpuFigures, ForecastRecord, LaneReport, Phase, ProbeFigures, ProgressEvent};
-use crate::report::{Report, Sample, SwitchoverFigures};
 use crate::vm::{Vm, VmError};
 
 /// Tuning of the source side; every field has a documented default.
@@ -366,6 +367,9 @@ struct Migration<'a, 'd, 's> {
     hash_time: Duration,
     forecasts: Vec<ForecastRecord>,
     timeline: Vec<Sample>,
+    /// With `--compress auto`, what keeps the codec the fastest one while the VM runs.
+    tuner: Option<tune::Tuner>,
+    codec_trials: Vec<CodecTrial>,
 }
 
 /// Migrates `vm` (running, with `tracker` watching its memory) over `tx`. On success the
@@ -437,6 +441,8 @@ pub fn migrate(
             hash_time: Duration::ZERO,
             forecasts: Vec::new(),
             timeline: Vec::new(),
+            tuner: None,
+            codec_trials: Vec::new(),
         };
         let r = m.run(progress);
         // Let the workers finish what they hold before the scope joins them.
@@ -509,6 +515,13 @@ impl Migration<'_, '_, '_> {
         let mut policy = coordinator::make_policy(self.cfg.policy, &self.cfg.policy_cfg);
         self.t0 = Instant::now();
         self.last_harvest = self.t0;
+        if self.cfg.compress == CompressMode::Auto {
+            self.tuner = Some(tune::Tuner::new(
+                self.probe.codec,
+                self.probe.lane_rate,
+                self.t0,
+            ));
+        }
         let mut last_event = self.t0;
         let mut pick = Vec::new();
         let downtime_forecast = loop {
@@ -516,6 +529,7 @@ impl Migration<'_, '_, '_> {
             if now.duration_since(last_event) >= Duration::from_millis(100) {
                 last_event = now;
                 self.meter.add(now, self.wire_bytes());
+                self.tune(now);
                 let guest_ns = self.vm.vcpu_cpu_time().as_nanos() as u64;
                 self.guest_cpu.add(now, guest_ns);
                 self.check_destination()?;
@@ -565,6 +579,11 @@ impl Migration<'_, '_, '_> {
         };
         self.flush()?;
         self.dispatch.drain()?;
+        if let Some(t) = self.tuner.take() {
+            let (codec, trials) = t.finish();
+            self.shared.codec.store(codec.to_u8(), Ordering::Relaxed);
+            self.codec_trials = trials;
+        }
         // The vCPUs get their time and cores back before they stop.
         self.apply(Controls::default())?;
 
@@ -670,6 +689,7 @@ impl Migration<'_, '_, '_> {
         let wire_bytes = self.wire_bytes();
         let [zstd, lz4, raw] =
             [Codec::Zstd, Codec::Lz4, Codec::Raw].map(|c| CodecSample::of(&self.probe.codecs, c));
+        let codec = Codec::from_u8(self.shared.codec.load(Ordering::Relaxed));
         let mut report = Report {
             verified: true,
             verify: self.cfg.verify,
@@ -678,8 +698,9 @@ impl Migration<'_, '_, '_> {
             mem_bytes: mem.size(),
             vcpus: self.vm.vcpu_count() as u32,
             workers: self.n_workers,
-            compressed: self.probe.codec != Codec::Raw,
-            codec: self.probe.codec.to_string(),
+            compressed: codec != Codec::Raw,
+            codec: codec.to_string(),
+            codec_trials: std::mem::take(&mut self.codec_trials),
             total_ms: total,
             live_ms: paused_at.duration_since(self.t0).as_secs_f64() * 1e3,
             downtime_ms: done.duration_since(paused_at).as_secs_f64() * 1e3,
@@ -741,6 +762,21 @@ impl Migration<'_, '_, '_> {
 
     fn wire_bytes(&self) -> u64 {
         self.shared.wire_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Lets the tuner see the pages and bytes sent so far, and switches the workers' codec
+    /// if it says so.
+    fn tune(&mut self, now: Instant) {
+        let pages = self.shared.encoded_pages.load(Ordering::Relaxed);
+        let wire = self.wire_bytes();
+        if let Some(c) = self
+            .tuner
+            .as_mut()
+            .and_then(|t| t.observe(now, pages, wire))
+        {
+            log::info!("compression: switching to {c}");
+            self.shared.codec.store(c.to_u8(), Ordering::Relaxed);
+        }
     }
 
     /// Applies what changed in the policy's controls to the VM.
@@ -931,6 +967,10 @@ impl Migration<'_, '_, '_> {
 
     /// Harvests the dirty log: pages already sent and written since join the dirty group.
     fn harvest(&mut self) -> Result<(), MigrateError> {
+        if let Some(t) = &mut self.tuner {
+            // The drain before a harvest pauses sending: that window measures nothing.
+            t.restart(Instant::now());
+        }
         self.scratch.clear_all();
         self.shared.tracker.harvest(&mut self.scratch)?;
         self.dirtied_last_epoch = Bitmap::harvest_into(

@@ -1,0 +1,292 @@
+//! `--compress auto` during the migration: keeps the codec that moves the most pages per
+//! second, as measured, not as modelled.
+//!
+//! The probe's choice models each side alone: what the workers' cores encode and what the
+//! lanes carry. It cannot see a destination that shares the cores, the kernel's network work,
+//! or a guest that takes cores back. So after every window of sending the tuner looks at how
+//! full the lanes were. Two windows in a row well under the lanes' measured rate mean
+//! something other than the lanes is the bottleneck: the next faster codec is tried for a
+//! window. Two full windows mean the lanes are the bottleneck: the next stronger codec may
+//! move more pages, and is tried. A trial is kept when it moves at least [`GAIN`] times the
+//! pages per second of the window before it; otherwise the codec goes back, and the one
+//! tried waits twice as many windows as last time before it is tried again.
+//!
+//! Pages are compared per second rather than bytes, because pages are what the migration
+//! needs moved; the mixed content of guest memory makes any two windows' pages alike.
+
+use std::time::{Duration, Instant};
+
+use crate::encode::Codec;
+use crate::report::CodecTrial;
+
+/// Length of a measuring window.
+const WINDOW: Duration = Duration::from_millis(300);
+/// Time after a switch (or a pause in sending) before a window starts, so that batches
+/// encoded before it have left the lanes' queues.
+const SETTLE: Duration = Duration::from_millis(100);
+/// Lane use below which the lanes are waiting for something else.
+const UNDERUSED: f64 = 0.85;
+/// Lane use above which the lanes are the bottleneck.
+const FULL: f64 = 0.95;
+/// How many times the pages per second a trial must move to be kept.
+pub const GAIN: f64 = 1.05;
+/// Windows in a row that must agree before a trial.
+const STREAK: u32 = 2;
+
+/// Counters at the start of a window.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    at: Instant,
+    pages: u64,
+    wire: u64,
+}
+
+/// Chooses the codec while the VM runs (see the module documentation).
+#[derive(Debug)]
+pub(super) struct Tuner {
+    codec: Codec,
+    /// Wire bytes per second the lanes carry (the probe's measure, or the cap).
+    lane_rate: f64,
+    t0: Instant,
+    settle_until: Instant,
+    mark: Option<Mark>,
+    /// Windows in a row with the lanes underused (negative: full).
+    streak: i32,
+    /// The codec before the trial in progress, and its pages per second.
+    trial: Option<(Codec, f64)>,
+    /// Per codec (in [`Codec::ALL`]'s order): windows left before it may be tried again,
+    /// and the wait after its last failed trial.
+    wait: [u32; 3],
+    backoff: [u32; 3],
+    trials: Vec<CodecTrial>,
+}
+
+fn index(c: Codec) -> usize {
+    Codec::ALL.iter().position(|&x| x == c).unwrap_or(0)
+}
+
+/// The next codec in [`Codec::ALL`] (faster, larger on the wire) or the previous (stronger).
+fn neighbour(c: Codec, faster: bool) -> Option<Codec> {
+    let i = index(c);
+    if faster {
+        Codec::ALL.get(i + 1).copied()
+    } else {
+        i.checked_sub(1).map(|i| Codec::ALL[i])
+    }
+}
+
+impl Tuner {
+    /// A tuner starting at `now` with the probe's `codec` and lanes carrying `lane_rate`
+    /// wire bytes per second.
+    pub fn new(codec: Codec, lane_rate: f64, now: Instant) -> Self {
+        Self {
+            codec,
+            lane_rate,
+            t0: now,
+            settle_until: now + SETTLE,
+            mark: None,
+            streak: 0,
+            trial: None,
+            wait: [0; 3],
+            backoff: [1; 3],
+            trials: Vec::new(),
+        }
+    }
+
+    /// Ends the tuning: the codec to keep (a trial in progress is undone, as it was never
+    /// measured) and the trials made.
+    pub fn finish(self) -> (Codec, Vec<CodecTrial>) {
+        let codec = self.trial.map_or(self.codec, |(from, _)| from);
+        (codec, self.trials)
+    }
+
+    /// Drops the window in progress: sending paused (a harvest), so it measures nothing.
+    pub fn restart(&mut self, now: Instant) {
+        self.mark = None;
+        self.settle_until = now + SETTLE;
+    }
+
+    /// Takes the encoded pages and wire bytes so far at `now`; returns the codec to switch
+    /// to, if any.
+    pub fn observe(&mut self, now: Instant, pages: u64, wire: u64) -> Option<Codec> {
+        if now < self.settle_until {
+            return None;
+        }
+        let here = Mark {
+            at: now,
+            pages,
+            wire,
+        };
+        let Some(m) = self.mark else {
+            self.mark = Some(here);
+            return None;
+        };
+        let secs = now.duration_since(m.at);
+        if secs < WINDOW {
+            return None;
+        }
+        self.mark = Some(here);
+        let secs = secs.as_secs_f64();
+        let rate = pages.saturating_sub(m.pages) as f64 / secs;
+        let used = wire.saturating_sub(m.wire) as f64 / secs / self.lane_rate.max(1.0);
+
+        if let Some((from, from_rate)) = self.trial.take() {
+            let kept = rate >= from_rate * GAIN;
+            self.trials.push(CodecTrial {
+                at_ms: now.duration_since(self.t0).as_secs_f64() * 1e3,
+                from,
+                to: self.codec,
+                from_pages_per_s: from_rate,
+                to_pages_per_s: rate,
+                kept,
+            });
+            self.streak = 0;
+            let tried = index(self.codec);
+            if kept {
+                self.backoff[tried] = 1;
+                return None;
+            }
+            self.backoff[tried] *= 2;
+            self.wait[tried] = self.backoff[tried];
+            return Some(self.switch(from, now));
+        }
+
+        for w in &mut self.wait {
+            *w = w.saturating_sub(1);
+        }
+        self.streak = match used {
+            u if u < UNDERUSED => self.streak.max(0) + 1,
+            u if u > FULL => self.streak.min(0) - 1,
+            _ => 0,
+        };
+        if self.streak.unsigned_abs() < STREAK {
+            return None;
+        }
+        let next = neighbour(self.codec, self.streak > 0).filter(|&c| self.wait[index(c)] == 0)?;
+        self.trial = Some((self.codec, rate));
+        self.streak = 0;
+        Some(self.switch(next, now))
+    }
+
+    fn switch(&mut self, to: Codec, now: Instant) -> Codec {
+        self.codec = to;
+        self.restart(now);
+        to
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives a tuner with a simulated pipeline: each codec moves `pages_per_s(codec)` pages
+    /// at `bytes_per_page(codec)` on the wire; returns the codec after `secs` and the tuner.
+    fn drive(
+        start: Codec,
+        lane_rate: f64,
+        secs: f64,
+        pages_per_s: impl Fn(Codec) -> f64,
+        bytes_per_page: impl Fn(Codec) -> f64,
+    ) -> (Codec, Tuner) {
+        let t0 = Instant::now();
+        let mut t = Tuner::new(start, lane_rate, t0);
+        let (mut codec, mut pages, mut wire) = (start, 0.0f64, 0.0f64);
+        let tick = 0.1;
+        let mut now = 0.0;
+        while now < secs {
+            now += tick;
+            pages += pages_per_s(codec) * tick;
+            wire += pages_per_s(codec) * bytes_per_page(codec) * tick;
+            let at = t0 + Duration::from_secs_f64(now);
+            if let Some(c) = t.observe(at, pages as u64, wire as u64) {
+                codec = c;
+            }
+        }
+        (codec, t)
+    }
+
+    fn bpp(c: Codec) -> f64 {
+        match c {
+            Codec::Zstd => 1600.0,
+            Codec::Lz4 => 2000.0,
+            Codec::Raw => 3100.0,
+        }
+    }
+
+    #[test]
+    fn cores_the_bottleneck_moves_to_the_faster_codec_that_wins() {
+        // Lanes carry 220 MB/s; the shared cores move 76k zstd pages/s (lanes 55% full) and
+        // 95k LZ4 pages/s, and raw would fill the lanes at 71k pages/s.
+        let lane = 220e6;
+        let rate = |c| match c {
+            Codec::Zstd => 76e3,
+            Codec::Lz4 => 95e3,
+            Codec::Raw => lane / bpp(Codec::Raw),
+        };
+        let (codec, t) = drive(Codec::Zstd, lane, 6.0, rate, bpp);
+        assert_eq!(codec, Codec::Lz4);
+        let trials = t.finish().1;
+        assert!(trials[0].kept && trials[0].from == Codec::Zstd && trials[0].to == Codec::Lz4);
+        // LZ4 fills the lanes to 86%: not underused, not full; nothing else is tried.
+        assert_eq!(trials.len(), 1, "{trials:?}");
+    }
+
+    #[test]
+    fn a_trial_that_loses_is_undone_and_waits_longer_each_time() {
+        // Underused lanes, but the faster codec moves fewer pages (a guest-bound case).
+        let rate = |c| match c {
+            Codec::Zstd => 50e3,
+            _ => 40e3,
+        };
+        let (codec, t) = drive(Codec::Zstd, 1e9, 20.0, rate, bpp);
+        assert_eq!(codec, Codec::Zstd);
+        let trials = t.finish().1;
+        assert!(trials.iter().all(|t| !t.kept && t.to == Codec::Lz4));
+        // Windows of 0.4 s: waits of 2, 4, 8, 16 windows leave room for about 5 trials in 20
+        // s, not one every other window.
+        assert!((3..=6).contains(&trials.len()), "{trials:?}");
+        let gaps: Vec<f64> = trials.windows(2).map(|w| w[1].at_ms - w[0].at_ms).collect();
+        assert!(gaps.windows(2).all(|g| g[1] > g[0]), "waits grow: {gaps:?}");
+    }
+
+    #[test]
+    fn full_lanes_try_the_stronger_codec() {
+        // LZ4 fills the lanes; zstd has the cores to fill them too, with fewer bytes a page.
+        let lane = 125e6;
+        let rate = |c| lane / bpp(c);
+        let (codec, t) = drive(Codec::Lz4, lane, 3.0, rate, bpp);
+        assert_eq!(codec, Codec::Zstd);
+        assert!(t.finish().1[0].kept);
+    }
+
+    #[test]
+    fn the_strongest_codec_on_full_lanes_stays() {
+        let lane = 125e6;
+        let (codec, t) = drive(Codec::Zstd, lane, 10.0, |c| lane / bpp(c), bpp);
+        assert_eq!(codec, Codec::Zstd);
+        assert!(t.finish().1.is_empty());
+    }
+
+    #[test]
+    fn finishing_undoes_a_trial_in_progress() {
+        // Zstd leaves the lanes half empty: LZ4 is being tried when the live phase ends.
+        let rate = |c| if c == Codec::Zstd { 50e3 } else { 80e3 };
+        let (now, t) = drive(Codec::Zstd, 1e9, 0.8, rate, bpp);
+        assert_eq!(now, Codec::Lz4);
+        assert_eq!(t.finish(), (Codec::Zstd, Vec::new()));
+    }
+
+    #[test]
+    fn restart_drops_the_window_in_progress() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut t = Tuner::new(Codec::Zstd, 1e9, t0);
+        assert_eq!(t.observe(at(100), 0, 0), None);
+        t.restart(at(200));
+        // Within the settling time nothing counts, and the next window starts after it.
+        assert_eq!(t.observe(at(250), 1_000_000, 0), None);
+        assert!(t.mark.is_none());
+        assert_eq!(t.observe(at(300), 1_000_000, 0), None);
+        assert_eq!(t.mark.map(|m| m.pages), Some(1_000_000));
+    }
+}
