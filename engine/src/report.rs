@@ -179,9 +179,13 @@ pub struct Sample {
 }
 
 /// The downtime, step by step (milliseconds): `downtime_ms` is the sum of every step but
-/// `hash_ms`, which overlaps `final_pages_ms`.
+/// `hash_ms`, which overlaps `final_pages_ms`, and `drain_ms`, which comes before the pause.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct SwitchoverFigures {
+    /// Before the pause, the VM still running: until the destination had applied every
+    /// batch sent in the live phase (part of the live time, not of the downtime).
+    #[serde(default)]
+    pub drain_ms: f64,
     /// Stopping the vCPUs.
     pub pause_ms: f64,
     /// The last dirty-log harvest, and listing the pages left.

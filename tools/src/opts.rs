@@ -187,8 +187,9 @@ pub struct MigrateOpts {
     /// Range workers on the source (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Compress pages: auto (measure each codec on a sample of pages and the lanes, and use
-    /// the one that moves the most pages per second), zstd (or on), lz4, off.
+    /// Compress pages: auto (measure each codec on a sample of pages and the lanes, use the
+    /// one that moves the most pages per second, and keep measuring while the VM runs),
+    /// zstd (or on), lz4, off.
     #[arg(long, default_value = "auto")]
     pub compress: ferry_engine::source::CompressMode,
     /// zstd level for page compression.
