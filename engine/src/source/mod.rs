@@ -541,7 +541,7 @@ impl Migration<'_, '_, '_> {
                 self.note_forecast(&f);
                 let mut ev = self.event(Phase::Live);
                 ev.fraction = f.fraction_done;
-                ev.eta_ms = self.with_switchover(f.remaining, f.downtime).as_secs_f64() * 1e3;
+                ev.eta_ms = self.time_left(&f).as_secs_f64() * 1e3;
                 self.sample(Phase::Live, ev.eta_ms);
                 progress(&ev);
             }
@@ -826,6 +826,18 @@ impl Migration<'_, '_, '_> {
             .saturating_add(fixed)
     }
 
+    /// The time left by forecast `f`: the policy's pages, what the lanes still carry (the
+    /// switchover waits for it before the pause), and the switchover.
+    fn time_left(&self, f: &Forecast) -> Duration {
+        let rate = match self.meter.rate() {
+            r if r > 0.0 => r,
+            _ => self.probe.rate,
+        };
+        let in_flight = Duration::from_secs_f64(self.tx.unacked_bytes() as f64 / rate.max(1.0));
+        self.with_switchover(f.remaining, f.downtime)
+            .saturating_add(in_flight)
+    }
+
     /// Keeps the forecast made when progress first reaches each of [`FORECAST_MARKS`].
     fn note_forecast(&mut self, f: &Forecast) {
         if !f.is_known() {
@@ -837,8 +849,7 @@ impl Migration<'_, '_, '_> {
                 self.forecasts.push(ForecastRecord {
                     at_fraction: mark,
                     elapsed_ms,
-                    total_ms: elapsed_ms
-                        + self.with_switchover(f.remaining, f.downtime).as_secs_f64() * 1e3,
+                    total_ms: elapsed_ms + self.time_left(f).as_secs_f64() * 1e3,
                     downtime_ms: self.with_switchover(f.downtime, f.downtime).as_secs_f64() * 1e3,
                 });
             }

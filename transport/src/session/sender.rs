@@ -248,6 +248,13 @@ impl SessionSender {
         st.slots.iter().filter(|s| s.phase.is_live()).count()
     }
 
+    /// Payload bytes sent and not acknowledged yet (in the lanes' windows or waiting to be
+    /// resent).
+    pub fn unacked_bytes(&self) -> u64 {
+        let st = lock(&self.shared.state);
+        st.pending.values().map(|p| p.payload.len() as u64).sum()
+    }
+
     /// Sends one message; returns its seq. Blocks while every lane's window is full (and
     /// while messages of a failed lane are waiting to be resent).
     pub fn send(&self, tag: u16, payload: Vec<u8>) -> Result<u64> {
