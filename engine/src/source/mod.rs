@@ -38,8 +38,8 @@ use crate::encode::{BatchEncoder, Codec, EncodeError, EncoderConfig};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
-use crate::report::{CodecTrial, Report, Sample, SwitchoverFigures};
 use crate::report::{CpuFigures, ForecastRecord, LaneReport, Phase, ProbeFigures, ProgressEvent};
+use crate::report::{Report, Sample, SwitchoverFigures};
 use crate::vm::{Vm, VmError};
 
 /// Tuning of the source side; every field has a documented default.
@@ -373,7 +373,6 @@ struct Migration<'a, 'd, 's> {
     timeline: Vec<Sample>,
     /// With `--compress auto`, what keeps the codec the fastest one while the VM runs.
     tuner: Option<tune::Tuner>,
-    codec_trials: Vec<CodecTrial>,
 }
 
 /// Migrates `vm` (running, with `tracker` watching its memory) over `tx`. On success the
@@ -446,7 +445,6 @@ pub fn migrate(
             forecasts: Vec::new(),
             timeline: Vec::new(),
             tuner: None,
-            codec_trials: Vec::new(),
         };
         let r = m.run(progress);
         // Let the workers finish what they hold before the scope joins them.
@@ -591,10 +589,11 @@ impl Migration<'_, '_, '_> {
         let drain = Instant::now();
         self.tx.barrier()?;
         let drain_ms = drain.elapsed().as_secs_f64() * 1e3;
+        let mut codec_trials = Vec::new();
         if let Some(t) = self.tuner.take() {
-            let (codec, trials) = t.finish();
+            let codec;
+            (codec, codec_trials) = t.finish();
             self.shared.codec.store(codec.to_u8(), Ordering::Relaxed);
-            self.codec_trials = trials;
         }
         // The vCPUs get their time and cores back before they stop.
         self.apply(Controls::default())?;
@@ -713,7 +712,7 @@ impl Migration<'_, '_, '_> {
             workers: self.n_workers,
             compressed: codec != Codec::Raw,
             codec: codec.to_string(),
-            codec_trials: std::mem::take(&mut self.codec_trials),
+            codec_trials,
             total_ms: total,
             live_ms: paused_at.duration_since(self.t0).as_secs_f64() * 1e3,
             downtime_ms: done.duration_since(paused_at).as_secs_f64() * 1e3,
@@ -777,6 +776,14 @@ impl Migration<'_, '_, '_> {
         self.shared.wire_bytes.load(Ordering::Relaxed)
     }
 
+    /// Wire bytes per second: as measured over the last second, or the probe's rate before.
+    fn bandwidth(&self) -> f64 {
+        match self.meter.rate() {
+            r if r > 0.0 => r,
+            _ => self.probe.rate,
+        }
+    }
+
     /// Lets the tuner see the pages and bytes sent so far, and switches the workers' codec
     /// if it says so.
     fn tune(&mut self, now: Instant) {
@@ -829,11 +836,8 @@ impl Migration<'_, '_, '_> {
     /// The time left by forecast `f`: the policy's pages, what the lanes still carry (the
     /// switchover waits for it before the pause), and the switchover.
     fn time_left(&self, f: &Forecast) -> Duration {
-        let rate = match self.meter.rate() {
-            r if r > 0.0 => r,
-            _ => self.probe.rate,
-        };
-        let in_flight = Duration::from_secs_f64(self.tx.unacked_bytes() as f64 / rate.max(1.0));
+        let in_flight =
+            Duration::from_secs_f64(self.tx.unacked_bytes() as f64 / self.bandwidth().max(1.0));
         self.with_switchover(f.remaining, f.downtime)
             .saturating_add(in_flight)
     }
@@ -942,10 +946,7 @@ impl Migration<'_, '_, '_> {
             hot: self.hot.count(),
             pages_sent: self.pages_sent,
             bytes_sent: wire_bytes,
-            bandwidth: match self.meter.rate() {
-                r if r > 0.0 => r,
-                _ => self.probe.rate,
-            },
+            bandwidth: self.bandwidth(),
             queued: self.pages_sent.saturating_sub(encoded),
             bytes_per_page: if encoded > 0 && wire_bytes > 0 {
                 wire_bytes as f64 / encoded as f64
