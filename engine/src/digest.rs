@@ -3,8 +3,9 @@
 //!
 //! A range's digest is the wrapping sum of one term per page, `xxh3(p, xxh3(page))`, and 0
 //! for a zero page. A sum does not depend on the order its terms arrive in, so the
-//! destination keeps one term per page as it writes pages ([`PageTerms`]) and its digests
-//! are ready at switchover; only the source hashes memory then, while the last pages travel.
+//! destination keeps one term per page as it writes pages ([`PageTerms`]) and the source
+//! one per page read from its memory while the VM runs ([`LiveTerms`]): at switchover only
+//! the pages that may have changed since are hashed, while the last pages travel.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,18 +14,22 @@ use std::sync::LazyLock;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::bitmap::Bitmap;
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
 /// How much of guest memory is compared at switchover, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
-    /// Every page (the default: the demo and the tests use it). The source hashes its paused
-    /// memory; the destination hashed each page as it wrote it.
+    /// Every page (the default: the demo and the tests use it). The source read its terms
+    /// from its memory while the VM ran, and hashes at the pause the pages the dirty log
+    /// reported or that were re-armed since ([`LiveTerms`]); the destination hashed each
+    /// page as it wrote it.
     #[default]
     Full,
-    /// Every page, and the destination re-reads its memory at switchover rather than trust
-    /// the pages it wrote: it also catches a stray write, and costs its hashing in downtime.
+    /// Every page, and both sides hash all of their memory at the pause, trusting no log:
+    /// it also catches a write the dirty log missed and a stray write on the destination,
+    /// and costs both hashes in downtime.
     Reread,
     /// One page in [`SAMPLE_STRIDE`], at an offset that changes with every migration.
     Sample,
@@ -196,6 +201,149 @@ impl PageTerms {
     }
 }
 
+/// The source's terms of every page, kept while the VM runs, so that at the pause only the
+/// pages that may have changed since are hashed (`--verify full`).
+///
+/// A page's term is read from memory after its stale bit was taken, and everything that can
+/// change the page afterwards sets the bit again: a harvest that reports the page (the dirty
+/// log keeps a page's bit until it is re-armed) and a worker re-arming it to send it (the
+/// only way a bit leaves the log; the worker marks it after re-arming). So, on the dirty
+/// log's word, a page whose bit is clear holds what its term was read from; at the pause the
+/// pages whose bits are set are hashed from the paused memory. What this trusts is the dirty
+/// log itself, not the policy's groups or the transport: a page the policy forgets, or one
+/// the destination holds wrong, still differs. `--verify reread` trusts no log: both sides
+/// hash all of memory at the pause.
+pub struct LiveTerms {
+    terms: PageTerms,
+    stale: Vec<AtomicU64>,
+}
+
+impl LiveTerms {
+    /// Terms for `mem`, every page of it stale.
+    pub fn new(mem: &GuestMemory) -> Self {
+        let span = mem.page_span();
+        let stale: Vec<AtomicU64> = (0..span.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let t = Self {
+            terms: PageTerms::new(span),
+            stale,
+        };
+        for r in mem.regions() {
+            for p in r.first_page()..r.first_page() + r.pages() {
+                t.mark_one(p);
+            }
+        }
+        t
+    }
+
+    fn mark_one(&self, p: u64) {
+        self.stale[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Release);
+    }
+
+    /// Marks `pages` stale (a worker, once it has re-armed them).
+    pub fn mark(&self, pages: &[u64]) {
+        for &p in pages {
+            self.mark_one(p);
+        }
+    }
+
+    /// Marks stale every page set in `written` (a harvest).
+    pub fn mark_written(&self, written: &Bitmap) {
+        for (s, &w) in self.stale.iter().zip(written.words()) {
+            if w != 0 {
+                s.fetch_or(w, Ordering::Release);
+            }
+        }
+    }
+
+    /// Pages stale now.
+    pub fn stale_pages(&self) -> u64 {
+        self.stale
+            .iter()
+            .map(|s| u64::from(s.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Hashes the stale pages that `wanted` (a mask per word of 64 pages) lets through,
+    /// reading memory while the VM runs, and returns how many. One caller at a time.
+    pub fn sweep(
+        &self,
+        mem: &GuestMemory,
+        wanted: impl Fn(usize) -> u64,
+    ) -> Result<u64, MemoryError> {
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let mut hashed = 0;
+        for (wi, s) in self.stale.iter().enumerate() {
+            let want = wanted(wi);
+            if s.load(Ordering::Relaxed) & want == 0 {
+                continue;
+            }
+            // Taken before the read: a write after the take sets the bit again.
+            let mut taken = s.fetch_and(!want, Ordering::AcqRel) & want;
+            while taken != 0 {
+                let p = wi as u64 * 64 + u64::from(taken.trailing_zeros());
+                taken &= taken - 1;
+                mem.read(p * PAGE_SIZE as u64, &mut buf)?;
+                self.terms.set(p, &buf);
+                hashed += 1;
+            }
+        }
+        Ok(hashed)
+    }
+
+    /// Hashes the pages still stale on `threads` threads and returns the digests (as
+    /// [`digests`] gives them for `Full`) and how many pages it hashed.
+    ///
+    /// # Safety
+    /// As [`digests`]: nothing writes guest memory meanwhile.
+    pub unsafe fn finish(
+        &self,
+        mem: &GuestMemory,
+        range_bytes: u64,
+        threads: usize,
+    ) -> Result<(Vec<u64>, u64), MemoryError> {
+        let pages: Vec<u64> = self
+            .stale
+            .iter()
+            .enumerate()
+            .flat_map(|(wi, s)| {
+                let mut w = s.swap(0, Ordering::AcqRel);
+                std::iter::from_fn(move || {
+                    (w != 0).then(|| {
+                        let b = w.trailing_zeros();
+                        w &= w - 1;
+                        wi as u64 * 64 + u64::from(b)
+                    })
+                })
+            })
+            .collect();
+        let per = pages.len().div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|s| -> Result<(), MemoryError> {
+            let handles: Vec<_> = pages
+                .chunks(per)
+                .map(|chunk| {
+                    s.spawn(move || -> Result<(), MemoryError> {
+                        for &p in chunk {
+                            // SAFETY: the caller guarantees that nothing writes guest memory.
+                            let page =
+                                unsafe { mem.frozen(p * PAGE_SIZE as u64, PAGE_SIZE as u64)? };
+                            self.terms.set(p, page);
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("digest thread panicked")?;
+            }
+            Ok(())
+        })?;
+        let digests = self
+            .terms
+            .digests(mem, VerifyMode::Full, range_bytes, 0, threads);
+        Ok((digests, pages.len() as u64))
+    }
+}
+
 /// Indices of the ranges whose digests differ (all of them if the counts differ).
 pub fn mismatches(a: &[u64], b: &[u64]) -> Vec<usize> {
     if a.len() != b.len() {
@@ -257,7 +405,88 @@ mod tests {
         );
     }
 
+    /// What a live VM does to one page, for [`LiveTerms`]: the dirty log keeps a page's bit
+    /// from the write until a worker re-arms it.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write(u64, u8),
+        Harvest,
+        /// A worker re-arms the page (then reads and sends it).
+        Send(u64),
+        /// A sweep over the pages whose index has this bit clear.
+        Sweep(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..96, any::<u8>()).prop_map(|(p, b)| Op::Write(p, b)),
+            1 => Just(Op::Harvest),
+            3 => (0u64..96).prop_map(Op::Send),
+            2 => (0u8..3).prop_map(Op::Sweep),
+        ]
+    }
+
+    #[test]
+    fn live_terms_hash_at_the_end_only_what_the_sweeps_left() {
+        let m = GuestMemory::new(&[(0, 1 << 20)]).unwrap();
+        m.write(5 * PAGE_SIZE as u64, &[7]).unwrap();
+        let t = LiveTerms::new(&m);
+        assert_eq!(t.stale_pages(), 256);
+        // The first word's 64 pages only.
+        assert_eq!(
+            t.sweep(&m, |i| if i == 0 { u64::MAX } else { 0 }).unwrap(),
+            64
+        );
+        assert_eq!(t.stale_pages(), 192);
+        t.mark(&[5]);
+        // SAFETY: no VM runs over `m`.
+        let (d, pages) = unsafe { t.finish(&m, 1 << 20, 2) }.unwrap();
+        assert_eq!(pages, 193);
+        assert_eq!(d, hashed(&m, VerifyMode::Full, 1 << 20, 0));
+        assert_eq!(t.stale_pages(), 0);
+    }
+
     proptest! {
+        /// Whatever the order of writes, harvests, sends and sweeps, the terms give the
+        /// digests of memory at the end, as long as the dirty log saw every write.
+        #[test]
+        fn live_terms_follow_the_dirty_log(
+            ops in prop::collection::vec(op(), 1..300),
+        ) {
+            let m = GuestMemory::new(&[(0, 256 << 10), (1 << 20, 128 << 10)]).unwrap();
+            let pages: Vec<u64> = m
+                .regions()
+                .iter()
+                .flat_map(|r| r.first_page()..r.first_page() + r.pages())
+                .collect();
+            let t = LiveTerms::new(&m);
+            let mut log = Bitmap::new(m.page_span());
+            for op in ops {
+                match op {
+                    Op::Write(i, b) => {
+                        let p = pages[i as usize];
+                        m.write(p * PAGE_SIZE as u64 + u64::from(b), &[b | 1]).unwrap();
+                        log.set(p);
+                    }
+                    Op::Harvest => t.mark_written(&log),
+                    Op::Send(i) => {
+                        let p = pages[i as usize];
+                        log.clear(p);
+                        t.mark(&[p]);
+                    }
+                    Op::Sweep(bit) => {
+                        let mask = !0x5555_5555_5555_5555u64.rotate_left(u32::from(bit));
+                        t.sweep(&m, |_| mask).unwrap();
+                    }
+                }
+            }
+            // The pause: the last harvest, then what is still stale.
+            t.mark_written(&log);
+            // SAFETY: no VM runs over `m`.
+            let (d, _) = unsafe { t.finish(&m, 1 << 16, 2) }.unwrap();
+            prop_assert_eq!(d, hashed(&m, VerifyMode::Full, 1 << 16, 0));
+        }
+
         /// Terms kept as pages are written, in any order and again, give the digests of
         /// the memory they were written to.
         #[test]

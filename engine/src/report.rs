@@ -195,6 +195,14 @@ pub struct SwitchoverFigures {
     pub final_pages_ms: f64,
     /// The source's digests (overlapping `final_pages_ms`).
     pub hash_ms: f64,
+    /// Pages the source hashed for its digests in the downtime: with `--verify full` only
+    /// those that may have changed since it hashed them while the VM ran.
+    #[serde(default)]
+    pub hash_pages: u64,
+    /// Pages the source hashed while the VM ran (`--verify full`; a page can count more than
+    /// once).
+    #[serde(default)]
+    pub live_hash_pages: u64,
     /// Saving the VM state, sending it, and the destination's restore and digests.
     pub state_ms: f64,
     /// Commit, until the destination reported the VM resumed.
@@ -239,9 +247,13 @@ pub struct ProbeFigures {
     pub working_set_pages: Option<f64>,
     #[serde(default)]
     pub write_drift_pages_per_s: Option<f64>,
-    /// An empty message's round trip over the lanes (the switchover makes three).
+    /// An empty message's round trip over the lanes (the switchover makes three), timed
+    /// with the vCPUs paused, as they are at switchover.
     #[serde(default)]
     pub round_trip_ms: f64,
+    /// How long the vCPUs stood still for that, before the live phase.
+    #[serde(default)]
+    pub pause_ms: f64,
 }
 
 /// Per-lane figures.

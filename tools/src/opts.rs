@@ -118,8 +118,9 @@ pub struct MigrateOpts {
     /// QEMU's vCPU throttling).
     #[arg(long, default_value = "membound")]
     pub policy: PolicyKind,
-    /// Compare memory digests at switchover: full, reread (the destination re-reads its
-    /// memory too, in the downtime), sample (one page in 16), off.
+    /// Compare memory digests at switchover: full (the source hashes its pages while the VM
+    /// runs and again at the pause those the dirty log saw change), reread (both sides hash
+    /// all of memory in the downtime, trusting no log), sample (one page in 16), off.
     #[arg(long, default_value = "full")]
     pub verify: VerifyMode,
     /// Seconds between dirty-log harvests (default: 3 for membound and mplm, 1 for
@@ -195,7 +196,7 @@ pub struct MigrateOpts {
     /// zstd level for page compression.
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
-    /// Deliberate fault, for testing rollback: gpa-outside-memory, truncated-batch, corrupt-page.
+    /// Deliberate fault, for testing rollback: gpa-outside-memory, truncated-batch, corrupt-page, drop-page.
     #[arg(long, hide = true, value_parser = parse_fault)]
     #[serde(default)]
     pub inject_fault: Option<ferry_engine::source::Fault>,
@@ -215,6 +216,7 @@ fn parse_fault(s: &str) -> Result<ferry_engine::source::Fault, String> {
         "gpa-outside-memory" => Ok(Fault::GpaOutsideMemory),
         "truncated-batch" => Ok(Fault::TruncatedBatch),
         "corrupt-page" => Ok(Fault::CorruptPage),
+        "drop-page" => Ok(Fault::DropPage),
         _ => Err(format!("unknown fault {s:?}")),
     }
 }

@@ -17,6 +17,7 @@ use ferry_transport::SessionSender;
 use super::pace::Pacer;
 use super::{Fault, MigrateError};
 use crate::cpu;
+use crate::digest::LiveTerms;
 use crate::dirty::DirtyTracker;
 use crate::encode::{BatchEncoder, BatchStats, Codec, EncoderConfig};
 use crate::memory::{PAGE_SHIFT, PAGE_SIZE};
@@ -45,12 +46,15 @@ pub(super) struct Shared<'a> {
     pub pacer: Pacer,
     /// CPU time the workers used, in nanoseconds (added as each worker ends).
     pub cpu_ns: AtomicU64,
+    /// The source's page terms for `--verify full`, marked stale as pages are re-armed.
+    pub live_terms: Option<&'a LiveTerms>,
     outstanding: Mutex<usize>,
     idle: Condvar,
     error: Mutex<Option<MigrateError>>,
     failed: AtomicBool,
     fault: Mutex<Option<Fault>>,
     corrupt_next: AtomicBool,
+    drop_next: AtomicBool,
 }
 
 impl<'a> Shared<'a> {
@@ -61,6 +65,7 @@ impl<'a> Shared<'a> {
         encoder: EncoderConfig,
         fault: Option<Fault>,
         max_bandwidth: Option<f64>,
+        live_terms: Option<&'a LiveTerms>,
     ) -> Self {
         Self {
             vm,
@@ -73,12 +78,14 @@ impl<'a> Shared<'a> {
             stats: Mutex::new(BatchStats::default()),
             pacer: Pacer::new(max_bandwidth),
             cpu_ns: AtomicU64::new(0),
+            live_terms,
             outstanding: Mutex::new(0),
             idle: Condvar::new(),
             error: Mutex::new(None),
             failed: AtomicBool::new(false),
-            fault: Mutex::new(fault.filter(|f| *f != Fault::CorruptPage)),
+            fault: Mutex::new(fault.filter(|f| !matches!(f, Fault::CorruptPage | Fault::DropPage))),
             corrupt_next: AtomicBool::new(false),
+            drop_next: AtomicBool::new(fault == Some(Fault::DropPage)),
         }
     }
 
@@ -253,6 +260,9 @@ fn process(
     work: &Work,
 ) -> Result<(), MigrateError> {
     shared.tracker.clear(&work.pages)?;
+    if let Some(t) = shared.live_terms {
+        t.mark(&work.pages);
+    }
     enc.set_codec(Codec::from_u8(shared.codec.load(Ordering::Relaxed)));
     let mem = shared.vm.memory();
     for &p in &work.pages {
@@ -260,6 +270,12 @@ fn process(
         mem.read(gpa, buf)?;
         if shared.corrupt_next.swap(false, Ordering::SeqCst) {
             buf[100] ^= 0x5a;
+        }
+        if shared.drop_next.load(Ordering::Relaxed)
+            && buf.iter().any(|&b| b != 0)
+            && shared.drop_next.swap(false, Ordering::SeqCst)
+        {
+            continue;
         }
         let page: &[u8; PAGE_SIZE] = (&*buf).try_into().expect("one page");
         enc.push(gpa, work.epoch, page)?;
@@ -308,7 +324,7 @@ fn inject(shared: &Shared<'_>, f: Fault, payload: &[u8], epoch: u32) -> Result<(
             let cut = payload.len() / 2;
             shared.tx.send(Tag::Pages as u16, payload[..cut].to_vec())?;
         }
-        Fault::CorruptPage => {}
+        Fault::CorruptPage | Fault::DropPage => {}
     }
     Ok(())
 }
