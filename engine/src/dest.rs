@@ -374,7 +374,11 @@ fn run(
                     ..counts
                 };
                 report.cpu_s = (cpu::process_time() - cpu0).as_secs_f64();
-                vm.start()?;
+                // The vCPU threads are created first (what can fail) but run only once the
+                // reply is out: running, busy vCPUs would compete with the reply for the
+                // cores, in the downtime (a scheduler tick, 4 ms, on a 2-core host). If the
+                // reply cannot be written, the VM never runs here and the source rolls back.
+                vm.start_paused()?;
                 rx.reply_to(
                     &msg,
                     Tag::Resumed as u16,
@@ -384,6 +388,7 @@ fn run(
                         stale_records: report.stale_records,
                     }),
                 )?;
+                vm.resume()?;
                 return Ok(vm);
             }
             (s, tag) => {

@@ -374,10 +374,17 @@ impl Vm {
 
     /// Spawns the vCPU threads and lets them run.
     pub fn start(&mut self) -> Result<()> {
+        self.start_paused()?;
+        self.resume()
+    }
+
+    /// Spawns the vCPU threads (if not yet), which wait for [`Vm::resume`]: everything that
+    /// can fail in starting a VM, without running it.
+    pub fn start_paused(&mut self) -> Result<()> {
         if self.started.swap(true, Ordering::SeqCst) {
-            return self.resume();
+            return Ok(());
         }
-        self.set_state(RunState::Running);
+        self.set_state(RunState::Paused);
         for (i, v) in self.vcpus.iter().enumerate() {
             let v = Arc::clone(v);
             let control = Arc::clone(&self.control);
