@@ -140,6 +140,7 @@ pub struct CodecTrial {
     pub from: Codec,
     pub to: Codec,
     pub from_pages_per_s: f64,
+    /// 0 when a harvest cut the trial short before it was measured (then undone).
     pub to_pages_per_s: f64,
     pub kept: bool,
 }
@@ -287,14 +288,20 @@ impl Report {
             .codec_trials
             .iter()
             .map(|t| {
+                let to = match t.to_pages_per_s {
+                    r if r > 0.0 => format!(
+                        "{:.0}k pages/s, {}",
+                        r / 1e3,
+                        if t.kept { "kept" } else { "undone" }
+                    ),
+                    _ => "cut short by a harvest, undone".into(),
+                };
                 format!(
-                    "\ncodec trial at {:.1} s: {} {:.0}k -> {} {:.0}k pages/s, {}",
+                    "\ncodec trial at {:.1} s: {} {:.0}k -> {} {to}",
                     t.at_ms / 1e3,
                     t.from,
                     t.from_pages_per_s / 1e3,
                     t.to,
-                    t.to_pages_per_s / 1e3,
-                    if t.kept { "kept" } else { "undone" }
                 )
             })
             .collect::<String>();

@@ -100,10 +100,40 @@ impl Tuner {
         (codec, self.trials)
     }
 
-    /// Drops the window in progress: sending paused (a harvest), so it measures nothing.
-    pub fn restart(&mut self, now: Instant) {
+    /// Sending paused (a harvest): the window in progress measures nothing and is dropped.
+    /// A trial in progress is undone as if it had lost (its codec returned): left running
+    /// across harvests, which come every few tens of milliseconds in a policy's tail, it
+    /// would never complete a window and run unmeasured to the end.
+    pub fn restart(&mut self, now: Instant) -> Option<Codec> {
+        let undo = self.trial.take().map(|(from, from_rate)| {
+            self.trials.push(CodecTrial {
+                at_ms: now.duration_since(self.t0).as_secs_f64() * 1e3,
+                from,
+                to: self.codec,
+                from_pages_per_s: from_rate,
+                to_pages_per_s: 0.0,
+                kept: false,
+            });
+            self.lost(self.codec);
+            from
+        });
+        if let Some(from) = undo {
+            self.codec = from;
+        }
+        self.new_window(now);
+        undo
+    }
+
+    fn new_window(&mut self, now: Instant) {
         self.mark = None;
         self.settle_until = now + SETTLE;
+    }
+
+    /// `tried` lost its trial: it waits twice as many windows as last time.
+    fn lost(&mut self, tried: Codec) {
+        let i = index(tried);
+        self.backoff[i] *= 2;
+        self.wait[i] = self.backoff[i];
     }
 
     /// Takes the encoded pages and wire bytes so far at `now`; returns the codec to switch
@@ -141,13 +171,11 @@ impl Tuner {
                 kept,
             });
             self.streak = 0;
-            let tried = index(self.codec);
             if kept {
-                self.backoff[tried] = 1;
+                self.backoff[index(self.codec)] = 1;
                 return None;
             }
-            self.backoff[tried] *= 2;
-            self.wait[tried] = self.backoff[tried];
+            self.lost(self.codec);
             return Some(self.switch(from, now));
         }
 
@@ -170,7 +198,7 @@ impl Tuner {
 
     fn switch(&mut self, to: Codec, now: Instant) -> Codec {
         self.codec = to;
-        self.restart(now);
+        self.new_window(now);
         to
     }
 }
@@ -282,11 +310,30 @@ mod tests {
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut t = Tuner::new(Codec::Zstd, 1e9, t0);
         assert_eq!(t.observe(at(100), 0, 0), None);
-        t.restart(at(200));
+        assert_eq!(t.restart(at(200)), None);
         // Within the settling time nothing counts, and the next window starts after it.
         assert_eq!(t.observe(at(250), 1_000_000, 0), None);
         assert!(t.mark.is_none());
         assert_eq!(t.observe(at(300), 1_000_000, 0), None);
         assert_eq!(t.mark.map(|m| m.pages), Some(1_000_000));
+    }
+
+    #[test]
+    fn a_harvest_undoes_a_trial_in_progress() {
+        // As in `finishing_undoes_a_trial_in_progress`, LZ4 is on trial at 0.8 s.
+        let rate = |c| if c == Codec::Zstd { 50e3 } else { 80e3 };
+        let (now, mut t) = drive(Codec::Zstd, 1e9, 0.8, rate, bpp);
+        assert_eq!(now, Codec::Lz4);
+        let at = t.t0 + Duration::from_millis(900);
+        assert_eq!(t.restart(at), Some(Codec::Zstd));
+        assert_eq!(t.codec, Codec::Zstd);
+        // Recorded as lost, unmeasured, and LZ4 waits before it is tried again.
+        let trial = &t.trials[0];
+        assert_eq!(
+            (trial.to, trial.kept, trial.to_pages_per_s),
+            (Codec::Lz4, false, 0.0)
+        );
+        assert_eq!(t.wait[index(Codec::Lz4)], 2);
+        assert_eq!(t.restart(at), None);
     }
 }
