@@ -139,7 +139,7 @@ pub struct MigrateOpts {
     pub max_downtime: u64,
     /// Membound: page-transfer downtime in milliseconds above which the tail of the live phase
     /// throttles the vCPUs and resends the dirty set (within the bound).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 20)]
     pub target_downtime: u64,
     /// CPU over-commit: pack the vCPU threads onto this many cores during the live phase
     /// (given back at switchover).

@@ -205,7 +205,7 @@ pub struct PolicyConfig {
     /// Mplm and membound: time between dirty-log harvests during the live phase. Default 3 s.
     pub epoch: Duration,
     /// Membound: the downtime (page transfer) above which the tail of the live phase throttles
-    /// the vCPUs and resends the dirty set. Default 50 ms.
+    /// the vCPUs and resends the dirty set. Default 20 ms.
     pub target_downtime: Duration,
     /// Timebound: time between dirty-log harvests. Default 1 s.
     pub timebound_epoch: Duration,
@@ -252,7 +252,7 @@ impl Default for PolicyConfig {
             cycle_pages: 100,
             dirty_share: 0.5,
             epoch: Duration::from_secs(3),
-            target_downtime: Duration::from_millis(50),
+            target_downtime: Duration::from_millis(20),
             timebound_epoch: Duration::from_secs(1),
             timebound_dirty_share: 0.2,
             throttle_trigger: 0.5,

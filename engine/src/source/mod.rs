@@ -536,6 +536,10 @@ impl Migration<'_, '_, '_> {
         }
         let mut last_event = self.t0;
         let mut pick = Vec::new();
+        // Whether the lanes have delivered everything queued and the log was harvested
+        // after, and how long the VM ran while they delivered it.
+        let mut settled = false;
+        let mut drain = Duration::ZERO;
         let downtime_forecast = loop {
             let now = Instant::now();
             if now.duration_since(last_event) >= Duration::from_millis(100) {
@@ -573,6 +577,7 @@ impl Migration<'_, '_, '_> {
                         self.resent.set(p);
                     }
                     self.queue(&pick)?;
+                    settled &= pick.is_empty();
                 }
                 Decision::Harvest => {
                     self.flush()?;
@@ -580,6 +585,16 @@ impl Migration<'_, '_, '_> {
                     // page in flight is not counted dirty again.
                     self.dispatch.drain()?;
                     self.harvest()?;
+                }
+                Decision::Switchover if !settled => {
+                    // The policy decided on a harvest taken while the lanes still carried
+                    // its last pages. Deliver them first (the VM running, under the
+                    // policy's controls), then harvest and ask again: the decision and its
+                    // forecast then see what the guest wrote meanwhile, which would
+                    // otherwise all be in the stop-and-copy.
+                    drain += self.settle()?;
+                    self.harvest()?;
+                    settled = true;
                 }
                 Decision::Switchover => {
                     let f = policy.forecast(&self.progress());
@@ -590,26 +605,15 @@ impl Migration<'_, '_, '_> {
                 Decision::Abort(why) => return Err(MigrateError::Policy(why)),
             }
         };
-        self.flush()?;
-        self.dispatch.drain()?;
-        // Every page sent is re-armed by now: hash them while the lanes drain.
-        self.hash_live()?;
-        // What the lanes still carry is delivered before the pause, not in it: up to a
-        // window of batches per lane, tens of milliseconds on a 1 Gbit/s link, which in the
-        // downtime would delay the final pages and slow the source's hashing while the
-        // destination applied them. The guest runs meanwhile, under the policy's controls;
-        // what it writes is in the final harvest.
-        let drain = Instant::now();
-        self.tx.barrier()?;
-        let drain_ms = drain.elapsed().as_secs_f64() * 1e3;
+        // Nothing was queued since the last settle; this only makes sure.
+        drain += self.settle()?;
+        let drain_ms = drain.as_secs_f64() * 1e3;
         let mut codec_trials = Vec::new();
         if let Some(t) = self.tuner.take() {
             let codec;
             (codec, codec_trials) = t.finish();
             self.shared.codec.store(codec.to_u8(), Ordering::Relaxed);
         }
-        // The vCPUs get their time and cores back before they stop.
-        self.apply(Controls::default())?;
 
         // Stop-and-copy, spread over every worker and lane.
         let paused_at = Instant::now();
@@ -618,6 +622,9 @@ impl Migration<'_, '_, '_> {
             vm: self.vm,
             armed: true,
         };
+        // The vCPUs get their time and cores back once stopped: unthrottled for even a
+        // millisecond before the pause, a busy guest dirties hundreds of pages more.
+        self.apply(Controls::default())?;
         // Each step of the downtime runs from the end of the previous one.
         let mut mark = paused_at;
         let mut lap = || {
@@ -1014,6 +1021,19 @@ impl Migration<'_, '_, '_> {
         }
     }
 
+    /// Delivers what is queued, the VM running: the workers finish, the pages they sent are
+    /// hashed (`--verify full`), and the destination applies every batch the lanes carry
+    /// (up to a window of batches per lane: tens of milliseconds on a 1 Gbit/s link, which
+    /// in the downtime would delay the final pages). Returns the time the lanes took.
+    fn settle(&mut self) -> Result<Duration, MigrateError> {
+        self.flush()?;
+        self.dispatch.drain()?;
+        self.hash_live()?;
+        let t = Instant::now();
+        self.tx.barrier()?;
+        Ok(t.elapsed())
+    }
+
     /// With `--verify full`, hashes the pages sent and not dirty since (the policy's dirty
     /// groups go in the stop-and-copy or are resent), so that the pause hashes only what
     /// changed after. Costs about a tenth of what sending them did.
@@ -1028,9 +1048,10 @@ impl Migration<'_, '_, '_> {
 
     /// Harvests the dirty log: pages already sent and written since join the dirty group.
     fn harvest(&mut self) -> Result<(), MigrateError> {
-        if let Some(t) = &mut self.tuner {
-            // The drain before a harvest pauses sending: that window measures nothing.
-            t.restart(Instant::now());
+        // The drain before a harvest pauses sending: that window measures nothing.
+        if let Some(c) = self.tuner.as_mut().and_then(|t| t.restart(Instant::now())) {
+            log::info!("compression: back to {c}, the trial cut short by a harvest");
+            self.shared.codec.store(c.to_u8(), Ordering::Relaxed);
         }
         self.scratch.clear_all();
         self.shared.tracker.harvest(&mut self.scratch)?;
