@@ -183,8 +183,9 @@ pub struct Sample {
 /// `hash_ms`, which overlaps `final_pages_ms`, and `drain_ms`, which comes before the pause.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct SwitchoverFigures {
-    /// Before the pause, the VM still running: until the destination had applied every
-    /// batch sent in the live phase (part of the live time, not of the downtime).
+    /// Before the pause, the VM still running: waiting until the destination had applied
+    /// every batch sent, each time the policy decided to switch over (it decides again on a
+    /// harvest after each wait). Part of the live time, not of the downtime.
     #[serde(default)]
     pub drain_ms: f64,
     /// Stopping the vCPUs.
