@@ -118,27 +118,33 @@ fn per_range(
         }
     }
     let mut out = vec![0u64; ranges.len()];
-    let per = ranges.len().div_ceil(threads.max(1)).max(1);
-    let range_sum = &range_sum;
-    std::thread::scope(|s| -> Result<(), MemoryError> {
-        let handles: Vec<_> = ranges
-            .chunks(per)
-            .zip(out.chunks_mut(per))
-            .map(|(rs, os)| {
-                s.spawn(move || -> Result<(), MemoryError> {
-                    for (&(gpa, len), o) in rs.iter().zip(os.iter_mut()) {
-                        *o = range_sum(gpa, len)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().expect("digest thread panicked")?;
-        }
+    on_threads(&ranges, &mut out, threads, |&(gpa, len), o| {
+        *o = range_sum(gpa, len)?;
         Ok(())
     })?;
     Ok(out)
+}
+
+/// Calls `f` on each item and its output, on `threads` threads, each taking one contiguous
+/// share of both.
+fn on_threads<T: Sync, O: Send>(
+    items: &[T],
+    outs: &mut [O],
+    threads: usize,
+    f: impl Fn(&T, &mut O) -> Result<(), MemoryError> + Sync,
+) -> Result<(), MemoryError> {
+    let per = items.len().div_ceil(threads.max(1)).max(1);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .zip(outs.chunks_mut(per))
+            .map(|(is, os)| s.spawn(move || is.iter().zip(os).try_for_each(|(i, o)| f(i, o))))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("digest thread panicked"))
+    })
 }
 
 /// Hashes guest memory: the digest of each range of `range_bytes` (cut at region ends), on
@@ -316,25 +322,10 @@ impl LiveTerms {
                 })
             })
             .collect();
-        let per = pages.len().div_ceil(threads.max(1)).max(1);
-        std::thread::scope(|s| -> Result<(), MemoryError> {
-            let handles: Vec<_> = pages
-                .chunks(per)
-                .map(|chunk| {
-                    s.spawn(move || -> Result<(), MemoryError> {
-                        for &p in chunk {
-                            // SAFETY: the caller guarantees that nothing writes guest memory.
-                            let page =
-                                unsafe { mem.frozen(p * PAGE_SIZE as u64, PAGE_SIZE as u64)? };
-                            self.terms.set(p, page);
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for h in handles {
-                h.join().expect("digest thread panicked")?;
-            }
+        on_threads(&pages, &mut vec![(); pages.len()], threads, |&p, ()| {
+            // SAFETY: the caller guarantees that nothing writes guest memory.
+            let page = unsafe { mem.frozen(p * PAGE_SIZE as u64, PAGE_SIZE as u64)? };
+            self.terms.set(p, page);
             Ok(())
         })?;
         let digests = self

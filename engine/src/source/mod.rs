@@ -846,9 +846,9 @@ impl Migration<'_, '_, '_> {
     }
 
     /// A forecast `d` that ends with `pages` of stop-and-copy transfer, plus the switchover's
-    /// own cost: the source hashes its memory while those pages travel (the destination
-    /// too after the last one, with `--verify reread`), then a few round trips (state,
-    /// digests, commit).
+    /// own cost: the source hashes while those pages travel (with `--verify full` only those
+    /// pages; else all of memory, and the destination too after the last one with
+    /// `reread`), then a few round trips (state, digests, commit).
     fn with_switchover(&self, d: Duration, pages: Duration) -> Duration {
         // The barrier after the last pages, the VM state, the commit: a round trip each.
         // Beyond those, the steps' own work, as the reports' `switchover` figures show it
@@ -1039,7 +1039,7 @@ impl Migration<'_, '_, '_> {
 
     /// With `--verify full`, hashes the pages sent and not dirty since (the policy's dirty
     /// groups go in the stop-and-copy or are resent), so that the pause hashes only what
-    /// changed after. Costs about a tenth of what sending them did.
+    /// changed after. About 0.5 µs a page, against 5–25 µs to encode it.
     fn hash_live(&mut self) -> Result<(), MigrateError> {
         let Some(terms) = self.shared.live_terms else {
             return Ok(());
@@ -1222,8 +1222,8 @@ impl Migration<'_, '_, '_> {
     fn hash_time(&self) -> Duration {
         let mem = self.vm.memory();
         let hashed = match self.cfg.verify {
-            // Only the stop-and-copy's pages (and the few re-armed after the last sweep): they
-            // are hashed while they travel, each far faster than it is sent.
+            // Only the stop-and-copy's pages: they are hashed while they travel, each far
+            // faster than it is sent.
             VerifyMode::Full => 0.0,
             mode => (mem.size() / PAGE_SIZE as u64) as f64 * mode.share(),
         };
