@@ -531,6 +531,7 @@ impl Migration<'_, '_, '_> {
             self.tuner = Some(tune::Tuner::new(
                 self.probe.codec,
                 self.probe.lane_rate,
+                self.probe.codecs.map(|s| s.bpp),
                 self.t0,
             ));
         }
