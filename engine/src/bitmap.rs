@@ -179,18 +179,23 @@ impl Bitmap {
 
     /// Iterates over the set bits in ascending order.
     pub fn iter_ones(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(wi, &w)| {
-            let mut w = w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let b = w.trailing_zeros() as u64;
-                w &= w - 1;
-                Some(wi as u64 * 64 + b)
-            })
-        })
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(|(wi, &w)| word_ones(wi, w))
     }
+}
+
+/// The indices of the bits set in `w`, word `wi` of a bitmap, in ascending order.
+pub fn word_ones(wi: usize, mut w: u64) -> impl Iterator<Item = u64> {
+    std::iter::from_fn(move || {
+        if w == 0 {
+            return None;
+        }
+        let b = w.trailing_zeros() as u64;
+        w &= w - 1;
+        Some(wi as u64 * 64 + b)
+    })
 }
 
 #[cfg(test)]

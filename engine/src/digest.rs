@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::bitmap::Bitmap;
+use crate::bitmap::{word_ones, Bitmap};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
 
 /// How much of guest memory is compared at switchover, and how.
@@ -225,30 +225,18 @@ pub struct LiveTerms {
 }
 
 impl LiveTerms {
-    /// Terms for `mem`, every page of it stale.
-    pub fn new(mem: &GuestMemory) -> Self {
-        let span = mem.page_span();
-        let stale: Vec<AtomicU64> = (0..span.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        let t = Self {
-            terms: PageTerms::new(span),
-            stale,
-        };
-        for r in mem.regions() {
-            for p in r.first_page()..r.first_page() + r.pages() {
-                t.mark_one(p);
-            }
+    /// Terms for the pages of `pages` (every page of guest memory), all of them stale.
+    pub fn new(pages: &Bitmap) -> Self {
+        Self {
+            terms: PageTerms::new(pages.len()),
+            stale: pages.words().iter().map(|&w| AtomicU64::new(w)).collect(),
         }
-        t
-    }
-
-    fn mark_one(&self, p: u64) {
-        self.stale[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Release);
     }
 
     /// Marks `pages` stale (a worker, once it has re-armed them).
     pub fn mark(&self, pages: &[u64]) {
         for &p in pages {
-            self.mark_one(p);
+            self.stale[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Release);
         }
     }
 
@@ -284,10 +272,8 @@ impl LiveTerms {
                 continue;
             }
             // Taken before the read: a write after the take sets the bit again.
-            let mut taken = s.fetch_and(!want, Ordering::AcqRel) & want;
-            while taken != 0 {
-                let p = wi as u64 * 64 + u64::from(taken.trailing_zeros());
-                taken &= taken - 1;
+            let taken = s.fetch_and(!want, Ordering::AcqRel) & want;
+            for p in word_ones(wi, taken) {
                 mem.read(p * PAGE_SIZE as u64, &mut buf)?;
                 self.terms.set(p, &buf);
                 hashed += 1;
@@ -311,16 +297,7 @@ impl LiveTerms {
             .stale
             .iter()
             .enumerate()
-            .flat_map(|(wi, s)| {
-                let mut w = s.swap(0, Ordering::AcqRel);
-                std::iter::from_fn(move || {
-                    (w != 0).then(|| {
-                        let b = w.trailing_zeros();
-                        w &= w - 1;
-                        wi as u64 * 64 + u64::from(b)
-                    })
-                })
-            })
+            .flat_map(|(wi, s)| word_ones(wi, s.swap(0, Ordering::AcqRel)))
             .collect();
         on_threads(&pages, &mut vec![(); pages.len()], threads, |&p, ()| {
             // SAFETY: the caller guarantees that nothing writes guest memory.
@@ -421,7 +398,7 @@ mod tests {
     fn live_terms_hash_at_the_end_only_what_the_sweeps_left() {
         let m = GuestMemory::new(&[(0, 1 << 20)]).unwrap();
         m.write(5 * PAGE_SIZE as u64, &[7]).unwrap();
-        let t = LiveTerms::new(&m);
+        let t = LiveTerms::new(&Bitmap::full(256));
         assert_eq!(t.stale_pages(), 256);
         // The first word's 64 pages only.
         assert_eq!(
@@ -450,7 +427,11 @@ mod tests {
                 .iter()
                 .flat_map(|r| r.first_page()..r.first_page() + r.pages())
                 .collect();
-            let t = LiveTerms::new(&m);
+            let mut all = Bitmap::new(m.page_span());
+            for &p in &pages {
+                all.set(p);
+            }
+            let t = LiveTerms::new(&all);
             let mut log = Bitmap::new(m.page_span());
             for op in ops {
                 match op {

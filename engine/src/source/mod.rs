@@ -398,7 +398,7 @@ pub fn migrate(
             never_sent.set(p);
         }
     }
-    let live_terms = (cfg.verify == VerifyMode::Full).then(|| LiveTerms::new(vm.memory()));
+    let live_terms = (cfg.verify == VerifyMode::Full).then(|| LiveTerms::new(&never_sent));
     let shared = workers::Shared::new(
         vm,
         tracker,
@@ -606,8 +606,7 @@ impl Migration<'_, '_, '_> {
                 Decision::Abort(why) => return Err(MigrateError::Policy(why)),
             }
         };
-        // Nothing was queued since the last settle; this only makes sure.
-        drain += self.settle()?;
+        // The loop ends only settled: nothing is queued or in flight.
         let drain_ms = drain.as_secs_f64() * 1e3;
         let mut codec_trials = Vec::new();
         if let Some(t) = self.tuner.take() {

@@ -111,23 +111,25 @@ impl Tuner {
     /// across harvests, which come every few tens of milliseconds in a policy's tail, it
     /// would never complete a window and run unmeasured to the end.
     pub fn restart(&mut self, now: Instant) -> Option<Codec> {
-        let undo = self.trial.take().map(|(from, from_rate)| {
-            self.trials.push(CodecTrial {
-                at_ms: now.duration_since(self.t0).as_secs_f64() * 1e3,
-                from,
-                to: self.codec,
-                from_pages_per_s: from_rate,
-                to_pages_per_s: 0.0,
-                kept: false,
-            });
-            self.lost(self.codec);
-            from
+        let Some((from, from_rate)) = self.trial.take() else {
+            self.new_window(now);
+            return None;
+        };
+        self.record(now, from, from_rate, 0.0, false);
+        self.lost(self.codec);
+        Some(self.switch(from, now))
+    }
+
+    /// Records the trial of the current codec against `from`.
+    fn record(&mut self, now: Instant, from: Codec, from_rate: f64, rate: f64, kept: bool) {
+        self.trials.push(CodecTrial {
+            at_ms: now.duration_since(self.t0).as_secs_f64() * 1e3,
+            from,
+            to: self.codec,
+            from_pages_per_s: from_rate,
+            to_pages_per_s: rate,
+            kept,
         });
-        if let Some(from) = undo {
-            self.codec = from;
-        }
-        self.new_window(now);
-        undo
     }
 
     fn new_window(&mut self, now: Instant) {
@@ -169,14 +171,7 @@ impl Tuner {
 
         if let Some((from, from_rate)) = self.trial.take() {
             let kept = rate >= from_rate * GAIN;
-            self.trials.push(CodecTrial {
-                at_ms: now.duration_since(self.t0).as_secs_f64() * 1e3,
-                from,
-                to: self.codec,
-                from_pages_per_s: from_rate,
-                to_pages_per_s: rate,
-                kept,
-            });
+            self.record(now, from, from_rate, rate, kept);
             self.streak = 0;
             if kept {
                 self.backoff[index(self.codec)] = 1;
