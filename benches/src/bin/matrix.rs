@@ -27,7 +27,9 @@
 //! below), `--warmup SECS` (2), `--out DIR`, `--ferry PATH` (default: `ferry` next to this
 //! binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate` arguments),
 //! `--repeat N` (1: run every row N times, each round through all the policies before the
-//! next, so that the runs compared are close in time; the summary compares medians).
+//! next, so that the runs compared are close in time; the summary compares medians),
+//! `--reports` (also keep every row's whole report, timeline included, as
+//! `report-WORKLOAD[-WSS]-POLICY-RUN.json`), `--help`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,6 +47,10 @@ const POLICIES: [&str; 6] = [
     "autoconverge",
 ];
 const PORT: u16 = 7900;
+const USAGE: &str = "usage: matrix [--mem SIZE] [--vcpus N] [--fit SIZE] [--nofit SIZE] \
+[--nofit-hot SIZE] [--workloads a,b,..] [--policies a,b,..] [--warmup SECS] [--out DIR] \
+[--ferry PATH] [--plots] [--reports] [--extra \"ARGS\"] [--repeat N]
+(run inside `benches/testbed.sh exec`; see the top of benches/src/bin/matrix.rs)";
 
 struct Args {
     mem: String,
@@ -58,6 +64,7 @@ struct Args {
     out: PathBuf,
     ferry: PathBuf,
     plots: bool,
+    reports: bool,
     extra: Vec<String>,
     repeat: usize,
 }
@@ -84,17 +91,20 @@ fn parse_args() -> Args {
         out: "bench-results".into(),
         ferry,
         plots: false,
+        reports: false,
         extra: Vec::new(),
         repeat: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        if k == "--plots" {
-            a.plots = true;
-            continue;
-        }
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
         match k.as_str() {
+            "--plots" => a.plots = true,
+            "--reports" => a.reports = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--mem" => a.mem = v(),
             "--vcpus" => a.vcpus = v().parse().expect("--vcpus N"),
             "--fit" => a.fit = v(),
@@ -107,7 +117,10 @@ fn parse_args() -> Args {
             "--ferry" => a.ferry = v().into(),
             "--extra" => a.extra = v().split_whitespace().map(String::from).collect(),
             "--repeat" => a.repeat = v().parse().expect("--repeat N"),
-            _ => panic!("unknown option {k}"),
+            _ => {
+                eprintln!("matrix: unknown option {k}\n{USAGE}");
+                std::process::exit(2);
+            }
         }
     }
     for p in &a.policies {
@@ -378,6 +391,16 @@ fn main() {
                 row["matrix_policy"] = p.as_str().into();
                 row["matrix_run"] = run.into();
                 writeln!(jsonl, "{}", strip_timeline(&row)).unwrap();
+                if a.reports {
+                    let name = [w.as_str(), wss.unwrap_or(""), p.as_str()]
+                        .iter()
+                        .filter(|s| !s.is_empty())
+                        .map(|s| s.replace('+', "-"))
+                        .collect::<Vec<_>>()
+                        .join("-");
+                    let path = a.out.join(format!("report-{name}-{run}.json"));
+                    std::fs::write(path, v.to_string()).expect("writing a row's report");
+                }
                 if a.plots && run == 0 && w == "hotcold" && wss == Some(a.nofit.as_str()) {
                     plot(&a, p, &v);
                 }
