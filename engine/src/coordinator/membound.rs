@@ -262,7 +262,7 @@ impl Policy for Membound {
             let pass = tail.pass_left.min(p.dirty) as f64;
             let span = pass * t.unwrap_or(0.0);
             let written = expected_writes(p, &self.track, span, 0.0, false, self.throttle);
-            let after = (p.dirty as f64 - pass).max(written);
+            let after = written.over(p.dirty as f64 - pass, p.total_pages as f64);
             return forecast_from(p, pass, after);
         }
         let share = if self.hurry { 0.0 } else { self.share(p) };

@@ -66,7 +66,7 @@ pub use membound::Membound;
 pub use mplm::Mplm;
 pub use overcommit::{Overcommit, Overcommitted};
 pub use precopy::Precopy;
-pub use writes::WriteModel;
+pub use writes::{WriteModel, Writes};
 
 /// Wire bytes of one page in the worst case: a raw page, its record header and (for a batch of
 /// one page) the batch header. The encoder never emits a larger record: a page that zstd does
@@ -104,6 +104,12 @@ pub struct Progress {
     pub bandwidth: f64,
     /// Measured wire bytes per page sent (after compression); 0 if unknown yet.
     pub bytes_per_page: f64,
+    /// Wire bytes per second the workers and lanes carry with the vCPUs stopped, as the
+    /// executor's probe measured them: the lower of what the workers encode and what the lanes
+    /// carry. Running vCPUs take cores from the workers, so the stop-and-copy can go faster
+    /// than the live phase's `bandwidth` (never slower). 0 if unknown: the stop-and-copy is
+    /// then forecast at `bandwidth`.
+    pub paused_bandwidth: f64,
     /// Pages newly put in the dirty group by the last harvest.
     pub dirtied_last_epoch: u64,
     /// How many distinct pages the guest writes in a given time at its current speed, throttle
@@ -753,7 +759,7 @@ fn expected_writes(
     sending: f64,
     from_harvest: bool,
     throttle: f64,
-) -> f64 {
+) -> Writes {
     let g = (1.0 - throttle).max(0.0);
     let ahead = ahead.max(0.0);
     let since = if from_harvest {
@@ -762,7 +768,12 @@ fn expected_writes(
         0.0
     };
     let Some(m) = &p.writes else {
-        return track.dirty_rate() * g * (since + ahead);
+        // The last epochs' dirty rate: pages a harvest found dirty, rewritten as a working
+        // set would be.
+        return Writes {
+            working_set: track.dirty_rate() * g * (since + ahead),
+            drift: 0.0,
+        };
     };
     let total = p.total_pages.max(1) as f64;
     let ns_now = p.never_sent as f64;
@@ -788,8 +799,8 @@ fn expected_writes(
 /// along, while there are dirty pages to resend: the `resendable` ones now and those the
 /// harvests before the end will find, at most `budget`. Pages written after the last harvest
 /// before the end cannot be resent. The guest writes within a working set, so the pages dirty
-/// at the end are what is dirty now or written until then (whichever is more), less the
-/// resends, and at least what is written after that last harvest.
+/// at the end are what is dirty now with what is written until then ([`Writes::over`]), less
+/// the resends, and at least what is written after that last harvest.
 ///
 /// Returns the pages sent live and the pages dirty at the end of the live phase.
 fn multiplexed_forecast(
@@ -817,6 +828,7 @@ fn multiplexed_forecast(
     let window = since + live;
     let after_last = if e > 0.0 { window % e } else { window };
     let written = expected_writes(p, track, live, live, true, 0.0);
+    let dirty_then = written.over(p.dirty as f64, p.total_pages as f64);
     let unsendable = if after_last >= window {
         written
     } else {
@@ -829,16 +841,28 @@ fn multiplexed_forecast(
         let sending = after_last.min(live);
         expected_writes(&at_last, track, after_last, sending, false, 0.0)
     };
+    let total = p.total_pages as f64;
+    let (written, unsendable) = (written.total(), unsendable.total());
     let resends = capacity
         .min(budget.max(0.0))
         .min(resendable + (written - unsendable).max(0.0));
-    let at_end = ((p.dirty as f64).max(written) - resends)
-        .max(unsendable)
-        .clamp(0.0, p.total_pages as f64);
+    let at_end = (dirty_then - resends).max(unsendable).clamp(0.0, total);
     (ns + resends, at_end)
 }
 
-/// Builds a [`Forecast`] from pages left to send live and in the stop-and-copy.
+/// Seconds to send one page in the stop-and-copy: at the paused rate, if the probe measured
+/// one and it is faster than the live rate.
+fn paused_page_time(p: &Progress) -> Option<f64> {
+    let t = page_time(p)?;
+    if p.paused_bandwidth.is_finite() && p.paused_bandwidth > 0.0 {
+        Some(t.min(t * p.bandwidth / p.paused_bandwidth))
+    } else {
+        Some(t)
+    }
+}
+
+/// Builds a [`Forecast`] from pages left to send live and in the stop-and-copy (at the paused
+/// rate).
 fn forecast_from(p: &Progress, live_pages: f64, final_pages: f64) -> Forecast {
     let queued = p.queued.min(p.pages_sent) as f64;
     let left = queued + live_pages.max(0.0) + final_pages.max(0.0);
@@ -848,13 +872,15 @@ fn forecast_from(p: &Progress, live_pages: f64, final_pages: f64) -> Forecast {
     } else {
         1.0
     };
-    match page_time(p) {
-        Some(t) => Forecast {
-            remaining: secs_to_duration(left * t),
-            downtime: secs_to_duration(final_pages.max(0.0) * t),
+    match (page_time(p), paused_page_time(p)) {
+        (Some(t), Some(paused)) => Forecast {
+            remaining: secs_to_duration(
+                (queued + live_pages.max(0.0)) * t + final_pages.max(0.0) * paused,
+            ),
+            downtime: secs_to_duration(final_pages.max(0.0) * paused),
             fraction_done,
         },
-        None => Forecast {
+        _ => Forecast {
             remaining: Duration::MAX,
             downtime: Duration::MAX,
             fraction_done,

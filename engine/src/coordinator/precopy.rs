@@ -76,7 +76,7 @@ impl Precopy {
         let total = p.total_pages as f64;
         if self.switching {
             // The dirty set, and what was written since its harvest.
-            let since = expected_writes(p, &self.track, 0.0, 0.0, true, throttle);
+            let since = expected_writes(p, &self.track, 0.0, 0.0, true, throttle).total();
             return forecast_from(p, 0.0, (p.dirty as f64 + since).min(total));
         }
         let t = page_time(p).unwrap_or(0.0);
@@ -101,7 +101,9 @@ impl Precopy {
                 epoch += 1;
                 let ahead = (p.never_sent as f64 + left) * t;
                 let sending = p.never_sent as f64 * t;
-                expected_writes(p, &self.track, ahead, sending, true, throttle).min(total)
+                expected_writes(p, &self.track, ahead, sending, true, throttle)
+                    .total()
+                    .min(total)
             }
         };
         let deadline = self.cfg.timeout.map(|d| d.as_secs_f64());
@@ -113,7 +115,9 @@ impl Precopy {
             }
             live += dirty;
             elapsed += dirty * t;
-            dirty = expected_writes(p, &self.track, dirty * t, 0.0, false, throttle).min(total);
+            dirty = expected_writes(p, &self.track, dirty * t, 0.0, false, throttle)
+                .total()
+                .min(total);
             epoch += 1;
         }
         forecast_from(p, live, dirty)

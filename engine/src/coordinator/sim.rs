@@ -258,6 +258,8 @@ impl Sim {
             bytes_sent: (self.pages_sent as f64 * self.cfg.bytes_per_page) as u64,
             bandwidth: if known { self.cfg.bandwidth } else { 0.0 },
             bytes_per_page: if known { self.cfg.bytes_per_page } else { 0.0 },
+            // One rate, vCPUs running or not.
+            paused_bandwidth: 0.0,
             dirtied_last_epoch: self.dirtied_last_epoch,
             writes: None,
         }

@@ -128,6 +128,7 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
         bytes_sent: (N - never_sent) * 4096,
         bandwidth: 1e6,
         bytes_per_page: 4096.0,
+        paused_bandwidth: 0.0,
         dirtied_last_epoch: dirty,
         writes: None,
     }
@@ -158,6 +159,33 @@ fn forecasts_follow_the_write_model() {
             drifting > saturated + 10.0,
             "{kind}: {drifting} vs {saturated}"
         );
+    }
+}
+
+/// The stop-and-copy is forecast at the rate the probe measured with the vCPUs stopped when
+/// that is faster than the live phase's, the live pages at the live rate; never slower.
+#[test]
+fn the_stop_and_copy_is_forecast_at_the_paused_rate() {
+    let p = progress(1, 0, 100);
+    // 100 pages, 409.6 ms at the live rate: precopy stops with them at a 1 s target.
+    let cfg = PolicyConfig {
+        max_downtime: Duration::from_secs(1),
+        ..policy_cfg()
+    };
+    for kind in [PolicyKind::Mplm, PolicyKind::Precopy] {
+        let policy = make_policy(kind, &cfg);
+        let live = policy.forecast(&p);
+        let paused = policy.forecast(&Progress {
+            paused_bandwidth: 2e6,
+            ..p.clone()
+        });
+        let ratio = paused.downtime.as_secs_f64() / live.downtime.as_secs_f64();
+        assert!((ratio - 0.5).abs() < 1e-9, "{kind}: {live:?} vs {paused:?}");
+        let slower = policy.forecast(&Progress {
+            paused_bandwidth: 0.5e6,
+            ..p.clone()
+        });
+        assert_eq!(slower.downtime, live.downtime, "{kind}");
     }
 }
 

@@ -3,12 +3,19 @@
 //! A linear dirty rate over-forecasts a guest that rewrites a working set (it cannot dirty more
 //! pages than it touches) and, measured only at harvests, knows nothing before the first one.
 //! The executor instead fits, during its setup probe, a guest that writes a working set of `W`
-//! pages at `r` new pages per second at first, plus a drift of `c` pages per second spread over
+//! pages at `r` new pages per second at first, plus a drift of `c` new pages per second over
 //! all `M` pages of memory:
 //!
 //! ```text
-//! distinct(τ) = W (1 − e^(−r τ / W)) + M (1 − e^(−c τ / M))
+//! distinct(τ) = W (1 − e^(−r τ / W)) + min(c τ, M)
 //! ```
+//!
+//! The drift is what the probe saw grow linearly, without falling off: a sweep over memory
+//! (`dirty-all`, a sequential writer, a large copy) looks so. It is taken at its word, new pages
+//! until memory is covered. Writes spread at random over all of memory would fall off (as
+//! `M (1 − e^(−c τ / M))`), but a probe that saw no falloff has no evidence of that, and that
+//! form counts a sweep at 63% of memory when it has covered all of it: the stop-and-copy of a
+//! sweeping guest was forecast at half its size.
 //!
 //! Three equal windows from the same start give three increments `d1, d2, d3`; with
 //! `x = e^(−r h / W)`, `d_i = W (1 − x) x^(i−1) + c h` (the drift is linear over so short a
@@ -21,9 +28,9 @@ pub struct WriteModel {
     pub rate: f64,
     /// The working set, in pages.
     pub wss: f64,
-    /// Pages per second written outside the working set, spread over `memory`.
+    /// New pages per second written outside the working set, until `memory` is covered.
     pub drift: f64,
-    /// Pages the drift spreads over (all of memory).
+    /// Pages the drift covers (all of memory).
     pub memory: f64,
 }
 
@@ -33,7 +40,7 @@ const LINEAR: f64 = 0.9;
 impl WriteModel {
     /// Distinct pages written in `secs` seconds.
     pub fn distinct(&self, secs: f64) -> f64 {
-        saturating(self.rate, self.wss, secs) + saturating(self.drift, self.memory, secs)
+        saturating(self.rate, self.wss, secs) + sweep(self.drift, self.memory, secs)
     }
 
     /// The same guest running `speed` times as fast.
@@ -49,12 +56,17 @@ impl WriteModel {
     /// written after they were sent. The working set is rewritten soon after it is sent, so
     /// all of it counts; the drift counts on each share of memory for the time from its send
     /// to the switchover: `(share, seconds)` pairs that add up to all of memory.
-    pub fn dirtied(&self, secs: f64, shares: &[(f64, f64)]) -> f64 {
-        saturating(self.rate, self.wss, secs)
-            + shares
+    ///
+    /// Returns the working set's part and the drift's, apart: the working set's pages are
+    /// mostly dirty already when a harvest has seen the guest, the drift's mostly new.
+    pub fn dirtied(&self, secs: f64, shares: &[(f64, f64)]) -> Writes {
+        Writes {
+            working_set: saturating(self.rate, self.wss, secs),
+            drift: shares
                 .iter()
-                .map(|&(share, t)| share.clamp(0.0, 1.0) * saturating(self.drift, self.memory, t))
-                .sum::<f64>()
+                .map(|&(share, t)| share.clamp(0.0, 1.0) * sweep(self.drift, self.memory, t))
+                .sum::<f64>(),
+        }
     }
 
     /// Fits the model to the distinct pages written in the first `h`, `2h` and `3h` seconds of
@@ -98,6 +110,45 @@ impl WriteModel {
     }
 }
 
+/// Pages dirtied in a window, as [`WriteModel::dirtied`] forecasts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Writes {
+    /// Within the working set: pages the guest rewrites, dirty again and again.
+    pub working_set: f64,
+    /// Outside it: pages new to the window.
+    pub drift: f64,
+}
+
+impl Writes {
+    /// Both parts.
+    pub fn total(&self) -> f64 {
+        self.working_set + self.drift
+    }
+
+    /// The pages dirty at the end of the window, of `memory` pages, when `dirty` were dirty
+    /// before it: the working set's writes fall on those (the larger of the two counts), the
+    /// drift's on any page, clean ones as likely as the others.
+    pub fn over(&self, dirty: f64, memory: f64) -> f64 {
+        let before = dirty.max(self.working_set).clamp(0.0, memory.max(0.0));
+        let clean = if memory > 0.0 {
+            1.0 - before / memory
+        } else {
+            0.0
+        };
+        before + self.drift.max(0.0) * clean
+    }
+}
+
+/// Distinct pages among `set` written in `secs` seconds by a sweep of `rate` new pages per
+/// second.
+fn sweep(rate: f64, set: f64, secs: f64) -> f64 {
+    if rate <= 0.0 || set <= 0.0 || secs <= 0.0 {
+        0.0
+    } else {
+        (rate * secs).min(set)
+    }
+}
+
 /// Distinct pages among `set` written in `secs` seconds at first `rate` pages per second, each
 /// write on a page chosen evenly.
 fn saturating(rate: f64, set: f64, secs: f64) -> f64 {
@@ -122,7 +173,10 @@ mod tests {
         let m = WriteModel::fit(0.1, [1000.0, 2000.0, 3000.0], MEM);
         assert_eq!(m.wss, 0.0);
         assert!((m.drift - 10_000.0).abs() < 1e-6);
-        assert!((m.distinct(1.0) - MEM * (1.0 - (-0.01f64).exp())).abs() < 1e-6);
+        assert!((m.distinct(1.0) - 10_000.0).abs() < 1e-6);
+        // A sweep covers memory once, and no more.
+        assert!((m.distinct(100.0) - MEM).abs() < 1e-6);
+        assert!((m.distinct(200.0) - MEM).abs() < 1e-6);
     }
 
     #[test]
@@ -130,6 +184,22 @@ mod tests {
         let m = WriteModel::fit(0.1, [17_000.0, 33_900.0, 50_700.0], MEM);
         assert_eq!(m.wss, 0.0);
         assert!((m.drift - 169_000.0).abs() < 1.0, "{m:?}");
+    }
+
+    #[test]
+    fn drift_lands_on_clean_pages_and_the_working_set_on_dirty_ones() {
+        let w = Writes {
+            working_set: 300.0,
+            drift: 400.0,
+        };
+        // 500 of 1000 pages dirty: the working set's 300 are among them; half the drift's
+        // pages are clean.
+        assert!((w.over(500.0, 1000.0) - 700.0).abs() < 1e-9);
+        // A working set larger than the dirty set counts in full.
+        assert!((w.over(100.0, 1000.0) - (300.0 + 400.0 * 0.7)).abs() < 1e-9);
+        // Never more than memory.
+        assert!(w.over(1000.0, 1000.0) <= 1000.0);
+        assert_eq!(Writes::default().over(42.0, 1000.0), 42.0);
     }
 
     #[test]

@@ -551,7 +551,21 @@ impl Migration<'_, '_, '_> {
                 self.guest_cpu.add(now, guest_ns);
                 self.check_destination()?;
                 self.hash_live()?;
-                let f = policy.forecast(&self.progress());
+                let p = self.progress();
+                let f = policy.forecast(&p);
+                log::debug!(
+                    "forecast t={:.0}ms never_sent={} dirty={} hot={} B/s={:.0} B/page={:.0} \
+                     guest_speed={:.2} left={:?} downtime={:?}",
+                    p.elapsed.as_secs_f64() * 1e3,
+                    p.never_sent,
+                    p.dirty,
+                    p.hot,
+                    p.bandwidth,
+                    p.bytes_per_page,
+                    self.guest_speed(),
+                    f.remaining,
+                    f.downtime
+                );
                 self.note_forecast(&f);
                 let mut ev = self.event(Phase::Live);
                 ev.fraction = f.fraction_done;
@@ -987,6 +1001,7 @@ impl Migration<'_, '_, '_> {
             } else {
                 self.probe.bpp
             },
+            paused_bandwidth: self.probe.rate,
             dirtied_last_epoch: self.dirtied_last_epoch,
             writes: self.writes.map(|m| m.scaled(self.guest_speed())),
         }
