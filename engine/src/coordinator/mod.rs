@@ -798,9 +798,9 @@ fn expected_writes(
 /// page goes once; from the first harvest on (every `epoch`), each brings `ratio` resends
 /// along, while there are dirty pages to resend: the `resendable` ones now and those the
 /// harvests before the end will find, at most `budget`. Pages written after the last harvest
-/// before the end cannot be resent. The guest writes within a working set, so the pages dirty
-/// at the end are what is dirty now with what is written until then ([`Writes::over`]), less
-/// the resends, and at least what is written after that last harvest.
+/// before the end cannot be resent. The pages dirty at the end are what is dirty now with what
+/// is written until then ([`Writes::over`]: the working set's writes fall on dirty pages, the
+/// drift's on any), less the resends, and at least what is written after that last harvest.
 ///
 /// Returns the pages sent live and the pages dirty at the end of the live phase.
 fn multiplexed_forecast(
