@@ -827,8 +827,9 @@ fn multiplexed_forecast(
     let live = (ns + capacity) * t;
     let window = since + live;
     let after_last = if e > 0.0 { window % e } else { window };
+    let total = p.total_pages as f64;
     let written = expected_writes(p, track, live, live, true, 0.0);
-    let dirty_then = written.over(p.dirty as f64, p.total_pages as f64);
+    let dirty_then = written.over(p.dirty as f64, total);
     let unsendable = if after_last >= window {
         written
     } else {
@@ -841,7 +842,6 @@ fn multiplexed_forecast(
         let sending = after_last.min(live);
         expected_writes(&at_last, track, after_last, sending, false, 0.0)
     };
-    let total = p.total_pages as f64;
     let (written, unsendable) = (written.total(), unsendable.total());
     let resends = capacity
         .min(budget.max(0.0))
@@ -850,14 +850,13 @@ fn multiplexed_forecast(
     (ns + resends, at_end)
 }
 
-/// Seconds to send one page in the stop-and-copy: at the paused rate, if the probe measured
-/// one and it is faster than the live rate.
-fn paused_page_time(p: &Progress) -> Option<f64> {
-    let t = page_time(p)?;
+/// Seconds to send one page in the stop-and-copy, from `t` live: at the paused rate, if the
+/// probe measured one and it is faster than the live rate.
+fn paused_page_time(p: &Progress, t: f64) -> f64 {
     if p.paused_bandwidth.is_finite() && p.paused_bandwidth > 0.0 {
-        Some(t.min(t * p.bandwidth / p.paused_bandwidth))
+        t.min(t * p.bandwidth / p.paused_bandwidth)
     } else {
-        Some(t)
+        t
     }
 }
 
@@ -872,15 +871,18 @@ fn forecast_from(p: &Progress, live_pages: f64, final_pages: f64) -> Forecast {
     } else {
         1.0
     };
-    match (page_time(p), paused_page_time(p)) {
-        (Some(t), Some(paused)) => Forecast {
-            remaining: secs_to_duration(
-                (queued + live_pages.max(0.0)) * t + final_pages.max(0.0) * paused,
-            ),
-            downtime: secs_to_duration(final_pages.max(0.0) * paused),
-            fraction_done,
-        },
-        _ => Forecast {
+    match page_time(p) {
+        Some(t) => {
+            let paused = paused_page_time(p, t);
+            Forecast {
+                remaining: secs_to_duration(
+                    (queued + live_pages.max(0.0)) * t + final_pages.max(0.0) * paused,
+                ),
+                downtime: secs_to_duration(final_pages.max(0.0) * paused),
+                fraction_done,
+            }
+        }
+        None => Forecast {
             remaining: Duration::MAX,
             downtime: Duration::MAX,
             fraction_done,

@@ -626,7 +626,7 @@ impl Migration<'_, '_, '_> {
         if let Some(t) = self.tuner.take() {
             let codec;
             (codec, codec_trials) = t.finish();
-            self.shared.codec.store(codec.to_u8(), Ordering::Relaxed);
+            self.set_codec(codec);
         }
 
         // Stop-and-copy, spread over every worker and lane.
@@ -829,6 +829,11 @@ impl Migration<'_, '_, '_> {
         }
     }
 
+    /// The codec the workers use for the pages they read from now on.
+    fn set_codec(&self, c: Codec) {
+        self.shared.codec.store(c.to_u8(), Ordering::Relaxed);
+    }
+
     /// Lets the tuner see the pages and bytes sent so far, and switches the workers' codec
     /// if it says so.
     fn tune(&mut self, now: Instant) {
@@ -840,7 +845,7 @@ impl Migration<'_, '_, '_> {
             .and_then(|t| t.observe(now, pages, wire))
         {
             log::info!("compression: switching to {c}");
-            self.shared.codec.store(c.to_u8(), Ordering::Relaxed);
+            self.set_codec(c);
         }
     }
 
@@ -1069,7 +1074,7 @@ impl Migration<'_, '_, '_> {
         // The drain before a harvest pauses sending: that window measures nothing.
         if let Some(c) = self.tuner.as_mut().and_then(|t| t.restart(Instant::now())) {
             log::info!("compression: back to {c}, the trial cut short by a harvest");
-            self.shared.codec.store(c.to_u8(), Ordering::Relaxed);
+            self.set_codec(c);
         }
         self.scratch.clear_all();
         self.shared.tracker.harvest(&mut self.scratch)?;
