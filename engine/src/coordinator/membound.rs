@@ -40,6 +40,9 @@ use super::{Controls, Decision, Forecast, PolicyConfig, Progress};
 /// The most passes over the dirty set after the never-sent group is empty.
 pub const MAX_TAIL_PASSES: u32 = 3;
 
+/// The share of `target_downtime` a tail pass's throttle aims to leave dirty.
+const TAIL_AIM: f64 = 0.75;
+
 /// The tail of the live phase: passes over the dirty set under a throttle.
 #[derive(Debug, Clone, Default)]
 struct Tail {
@@ -135,36 +138,52 @@ impl Membound {
     }
 
     /// The throttle for a tail pass over `pages` dirty pages of `t` seconds each, so that at
-    /// most `target_downtime` worth of pages is dirty after it. A clean page becomes dirty at
-    /// `λ` per second (measured over the last epoch, under the throttle then in force); during
-    /// a pass of `T = pages × t` the `C` pages clean at its start and each resent page (clean
-    /// for the rest of the pass) are dirtied with chance `1 − e^{−λ'T}` and `1 − e^{−λ'(T −
-    /// s)}`: `F(λ') = C (1 − e^{−λ'T}) + D (1 − (1 − e^{−λ'T}) / (λ'T))`. The throttle
-    /// `θ = 1 − λ'/λ` for the largest `λ'` with `F ≤ target`; on a second and later pass at
-    /// least `1 − (1 − θ_prev) / 4` (the model missed), at most `throttle_max`.
+    /// most `target_downtime` worth of pages is dirty after it ([`TAIL_AIM`] of it, for the
+    /// model's error). The guest runs a share `g` of
+    /// the time. A clean page becomes dirty at `λ` per second (measured over the last epoch,
+    /// unthrottled); a page of the working set the executor's write model saw is rewritten at
+    /// `μ` = its rate ÷ its size, far more often (a guest that sweeps its working set rewrites
+    /// every page of it between two harvests, and the clean rate knows nothing of that).
+    /// During a pass of `T = pages × t`, the `C` pages clean at its start and each resent page
+    /// (clean for the rest of the pass) are dirtied with chance `1 − e^{−ρgT}` and
+    /// `1 − e^{−ρg(T − s)}`, `ρ` the page's rate:
+    /// `F(g) = C (1 − e^{−λgT}) + D_ws φ(μgT) + (D − D_ws) φ(λgT)`, `φ(x) = 1 − (1 − e^{−x}) / x`,
+    /// with `D_ws` the resent pages of the working set (at most its size). The throttle is
+    /// `1 − g` for the largest `g` with `F ≤ target`; on a second and later pass at least
+    /// `1 − (1 − θ_prev) / 4` (the model missed), at most `throttle_max`.
     fn tail_throttle(&self, p: &Progress, pages: u64, t: f64, passes: u32) -> f64 {
         let max = self.cfg.throttle_max.clamp(0.0, crate::vm::MAX_THROTTLE);
         let lambda = self.track.clean_rate() / (1.0 - self.throttle).max(0.01);
-        let target = self.cfg.target_downtime.as_secs_f64() / t;
+        let (wss, mu) = p
+            .writes
+            .filter(|m| m.wss > 0.0 && m.rate > 0.0)
+            .map_or((0.0, 0.0), |m| (m.wss, m.rate / m.wss));
+        // Aimed below the target: a model off by a little would cost a whole second pass.
+        let target = TAIL_AIM * self.cfg.target_downtime.as_secs_f64() / t;
         let d = pages as f64;
+        let d_ws = d.min(wss);
         let c = p
             .total_pages
             .saturating_sub(p.never_sent)
             .saturating_sub(p.dirty) as f64;
         let span = d * t;
-        let dirty_after = |l: f64| {
-            let x = l * span;
+        // Of pages resent during the pass, the share dirty again at its end.
+        let phi = |x: f64| {
             if x <= 1e-12 {
-                return 0.0;
+                0.0
+            } else {
+                1.0 + (-x).exp_m1() / x
             }
-            let e = 1.0 - (-x).exp();
-            c * e + d * (1.0 - e / x)
         };
-        let need = if lambda <= 0.0 || dirty_after(lambda) <= target {
+        let dirty_after = |g: f64| {
+            let (xl, xm) = (lambda * g * span, mu * g * span);
+            c * -(-xl).exp_m1() + d_ws * phi(xm) + (d - d_ws) * phi(xl)
+        };
+        let need = if dirty_after(1.0) <= target {
             0.0
         } else {
-            // F grows with λ': bisect for the largest λ' that keeps F within the target.
-            let (mut lo, mut hi) = (0.0, lambda);
+            // F grows with g: bisect for the largest g that keeps F within the target.
+            let (mut lo, mut hi) = (0.0, 1.0);
             for _ in 0..60 {
                 let mid = 0.5 * (lo + hi);
                 if dirty_after(mid) <= target {
@@ -173,7 +192,7 @@ impl Membound {
                     hi = mid;
                 }
             }
-            1.0 - lo / lambda
+            1.0 - lo
         };
         let escalate = if passes > 1 {
             1.0 - (1.0 - self.throttle) / 4.0
@@ -278,7 +297,7 @@ impl Policy for Membound {
         let budget_after = (budget - (live - p.never_sent as f64)).max(0.0);
         if !self.hurry && at_end > target_pages && budget_after > 0.0 {
             let pass = at_end.min(budget_after);
-            let left = (at_end - pass + target_pages).min(at_end);
+            let left = (at_end - pass + TAIL_AIM * target_pages).min(at_end);
             forecast_from(p, live + pass, left)
         } else {
             forecast_from(p, live, at_end)

@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::{secs_to_duration, Controls, Decision, Policy, Progress};
+use super::{secs_to_duration, Controls, Decision, Policy, Progress, WriteModel};
 
 /// How the simulated guest writes its memory. Rates are page writes per second.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +66,9 @@ pub struct SimConfig {
     /// Time the switchover adds to the downtime besides sending pages (digests, state,
     /// resume). Default 0.
     pub switchover_cost: Duration,
+    /// The write model the executor's probe would have measured (`Progress::writes`), if any.
+    /// Default none.
+    pub writes: Option<WriteModel>,
     /// Give up (stalled) after this many decisions. Default 10 million.
     pub max_decisions: u64,
     /// Give up (stalled) after this much virtual time. Default 1 hour.
@@ -83,6 +86,7 @@ impl Default for SimConfig {
             seed: 1,
             harvest_cost: Duration::from_millis(1),
             switchover_cost: Duration::ZERO,
+            writes: None,
             max_decisions: 10_000_000,
             max_time: Duration::from_secs(3600),
         }
@@ -261,7 +265,7 @@ impl Sim {
             // One rate, vCPUs running or not.
             paused_bandwidth: 0.0,
             dirtied_last_epoch: self.dirtied_last_epoch,
-            writes: None,
+            writes: self.cfg.writes,
         }
     }
 
@@ -321,6 +325,9 @@ impl Sim {
 
     /// Reads and sends one page (its content is the version at the time of reading).
     fn send_page(&mut self, page: usize) {
+        // Re-armed before it is read, as the executor's workers do: a write before the send
+        // goes with the page and is not dirty after it.
+        self.logged[page] = false;
         self.sent_version[page] = self.version[page];
         self.sent[page] = true;
         self.pages_sent += 1;
@@ -366,7 +373,10 @@ impl Sim {
         let mut newly = 0;
         for page in std::mem::take(&mut self.log) {
             let page = page as usize;
-            self.logged[page] = false;
+            if !std::mem::take(&mut self.logged[page]) {
+                // Re-armed when sent, or listed twice (written again after that).
+                continue;
+            }
             if self.sent[page] && !self.in_dirty[page] && !self.in_hot[page] {
                 if self.resent[page] {
                     self.in_hot[page] = true;

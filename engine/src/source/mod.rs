@@ -1054,6 +1054,11 @@ impl Migration<'_, '_, '_> {
         self.hash_live()?;
         let t = Instant::now();
         self.tx.barrier()?;
+        log::debug!(
+            "settled t={:.1}ms: the lanes took {:.1}ms",
+            self.t0.elapsed().as_secs_f64() * 1e3,
+            t.elapsed().as_secs_f64() * 1e3
+        );
         Ok(t.elapsed())
     }
 
@@ -1091,6 +1096,14 @@ impl Migration<'_, '_, '_> {
         self.resent.clear_all();
         self.epoch += 1;
         self.last_harvest = Instant::now();
+        log::debug!(
+            "harvest t={:.1}ms epoch={} dirtied={} dirty={} hot={}",
+            self.t0.elapsed().as_secs_f64() * 1e3,
+            self.epoch,
+            self.dirtied_last_epoch,
+            self.dirty.count(),
+            self.hot.count()
+        );
         Ok(())
     }
 
@@ -1171,7 +1184,14 @@ impl Migration<'_, '_, '_> {
             let writes = writes.join().expect("the write probe does not panic");
             lanes.map(|()| (writes, sent, lane_secs))
         })?;
-        self.writes = Some(writes?);
+        let writes = writes?;
+        log::debug!(
+            "write model: working set {:.0} pages at first {:.0} new/s, drift {:.0} pages/s",
+            writes.wss,
+            writes.rate,
+            writes.drift
+        );
+        self.writes = Some(writes);
         let guest = self.vm.vcpu_cpu_time().saturating_sub(guest0);
         self.probe_guest_cpu = guest.as_nanos() as f64 / lane_secs.max(1e-6);
         // One round trip: an empty message, acknowledged; the fastest of a few. The
