@@ -29,7 +29,9 @@
 //! `--repeat N` (1: run every row N times, each round through all the policies before the
 //! next, so that the runs compared are close in time; the summary compares medians),
 //! `--reports` (also keep every row's whole report, timeline included, as
-//! `report-WORKLOAD[-WSS]-POLICY-RUN.json`), `--help`.
+//! `report-WORKLOAD[-WSS]-POLICY-RUN.json`, and the migrating process's log as
+//! `log-WORKLOAD[-WSS]-POLICY-RUN.txt`: set `RUST_LOG=ferry_engine::source=debug` for each
+//! forecast), `--help`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,9 @@ const POLICIES: [&str; 6] = [
     "precopy",
     "autoconverge",
 ];
+
+/// The policies whose migrations must end within their printed bound.
+const BOUNDED: [&str; 4] = ["membound", "mplm", "timebound", "timebound+overcommit"];
 const PORT: u16 = 7900;
 const USAGE: &str = "usage: matrix [--mem SIZE] [--vcpus N] [--fit SIZE] [--nofit SIZE] \
 [--nofit-hot SIZE] [--workloads a,b,..] [--policies a,b,..] [--warmup SECS] [--out DIR] \
@@ -196,6 +201,7 @@ fn migrate(
     workload: &str,
     guest_args: &[String],
     policy_args: &[String],
+    log: Option<PathBuf>,
 ) -> Value {
     let sock = tb.tmp.join("vm.sock");
     let _ = std::fs::remove_file(&sock);
@@ -225,7 +231,10 @@ fn migrate(
         .arg(&sock)
         .args(guest_args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(match log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("a row's log")),
+            None => Stdio::null(),
+        });
     let _vm = Started(vm.spawn().expect("starting ferry vm run"));
     if !wait_for(Duration::from_secs(30), || sock.exists()) {
         return json!({ "error": "ferry vm run did not start" });
@@ -354,7 +363,7 @@ fn main() {
     // One migration first, not recorded: the first one after the testbed comes up runs
     // slower (cold page cache, first connections over the links).
     eprintln!("matrix: warm-up");
-    let _ = migrate(&a, &tb, &key, "idle", &[], &policy_args("mplm", None));
+    let _ = migrate(&a, &tb, &key, "idle", &[], &policy_args("mplm", None), None);
     let mut rows = Vec::new();
     for w in &a.workloads {
         let sizes: Vec<Option<&str>> = match w.as_str() {
@@ -366,9 +375,16 @@ fn main() {
             .flat_map(|&wss| (0..a.repeat).map(move |run| (wss, run)))
         {
             let mut bound_ms = None;
-            // membound first: its bound sets the others' timeout.
-            let mut order: Vec<&String> = a.policies.iter().filter(|p| *p == "membound").collect();
-            order.extend(a.policies.iter().filter(|p| *p != "membound"));
+            // The bounded policies first: membound's bound (else the first one's) sets the
+            // others' timeout. Their order turns with the run, so that none is always the
+            // first VM of a group (on a shared machine, neighbours' load drifts in a minute).
+            let bounded = |p: &&String| BOUNDED.contains(&p.as_str());
+            let mut order: Vec<&String> = a.policies.iter().filter(bounded).collect();
+            if !order.is_empty() {
+                let k = run % order.len();
+                order.rotate_left(k);
+            }
+            order.extend(a.policies.iter().filter(|p| !bounded(p)));
             for p in order {
                 let timeout = bound_ms.map(|b: f64| 10.0 * b);
                 eprintln!("matrix: {w} wss={} {p} run {run}", wss.unwrap_or("-"));
@@ -381,8 +397,17 @@ fn main() {
                         label = format!("{wss} (hot {})", a.nofit_hot);
                     }
                 }
-                let v = migrate(&a, &tb, &key, w, &guest, &policy_args(p, timeout));
-                if p == "membound" {
+                let name = [w.as_str(), wss.unwrap_or(""), p.as_str()]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.replace('+', "-"))
+                    .collect::<Vec<_>>()
+                    .join("-");
+                let log = a
+                    .reports
+                    .then(|| a.out.join(format!("log-{name}-{run}.txt")));
+                let v = migrate(&a, &tb, &key, w, &guest, &policy_args(p, timeout), log);
+                if p == "membound" || bound_ms.is_none() {
                     bound_ms = v["bound_ms"].as_f64();
                 }
                 let mut row = v.clone();
@@ -392,12 +417,6 @@ fn main() {
                 row["matrix_run"] = run.into();
                 writeln!(jsonl, "{}", strip_timeline(&row)).unwrap();
                 if a.reports {
-                    let name = [w.as_str(), wss.unwrap_or(""), p.as_str()]
-                        .iter()
-                        .filter(|s| !s.is_empty())
-                        .map(|s| s.replace('+', "-"))
-                        .collect::<Vec<_>>()
-                        .join("-");
                     let path = a.out.join(format!("report-{name}-{run}.json"));
                     std::fs::write(path, v.to_string()).expect("writing a row's report");
                 }
@@ -516,11 +535,10 @@ fn plot(a: &Args, policy: &str, v: &Value) {
 /// against mplm's on `hotcold` and `seq`.
 fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
     let mut out = Vec::new();
-    let bounded = ["membound", "mplm", "timebound", "timebound+overcommit"];
     let over: Vec<String> = rows
         .iter()
         .filter(|(_, _, p, v)| {
-            bounded.contains(&p.as_str()) && v["within_bound"].as_bool() != Some(true)
+            BOUNDED.contains(&p.as_str()) && v["within_bound"].as_bool() != Some(true)
         })
         .map(|(w, s, p, _)| format!("{w}/{}/{p}", s.as_deref().unwrap_or("-")))
         .collect();
