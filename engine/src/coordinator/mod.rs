@@ -498,7 +498,7 @@ pub fn bound_pages(kind: PolicyKind, total_pages: u64, cfg: &PolicyConfig) -> Op
 ///
 /// - Membound's tail (after the never-sent group is empty, when the downtime forecast exceeds
 ///   `target_downtime`): passes over the dirty set, still counted against the same budget, and
-///   at most [`membound::MAX_TAIL_PASSES`] of them; the budget spent, it switches over.
+///   at most `MAX_TAIL_PASSES` (3) of them; the budget spent, it switches over.
 ///
 /// Hence at most `2N + ⌈N q_d / q_n⌉` pages (`3N` by default), whatever the dirty rate. The
 /// live phase is link-bound (every decision sends a full cycle or ends the phase), so the time

@@ -106,7 +106,7 @@ impl Policy for Mplm {
             .unwrap_or_else(|| self.cycle(p))
     }
 
-    /// Model ([`multiplexed_forecast`]): every never-sent page goes once; resends follow the
+    /// Model (`multiplexed_forecast`): every never-sent page goes once; resends follow the
     /// cycle ratio `q_d / q_n` from the first harvest on, while dirty pages are there, within
     /// the resend budget; the stop-and-copy sends what is dirty then.
     fn forecast(&self, p: &Progress) -> Forecast {

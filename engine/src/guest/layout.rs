@@ -7,7 +7,7 @@ use super::GuestError;
 use crate::memory::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Guest-physical address of the descriptor page: the GDT at its start, the GDTR and IDTR
-/// pseudo-descriptors at [`GDTR_GPA`] and [`IDTR_GPA`], the IDT at [`IDT_GPA`].
+/// pseudo-descriptors at `GDTR_GPA` and `IDTR_GPA`, the IDT at `IDT_GPA`.
 pub const DESC_GPA: u64 = 0x1000;
 /// The GDT: null, 64-bit code (selector 0x08), data (selector 0x10), as the boot segments.
 pub const GDT_GPA: u64 = DESC_GPA;

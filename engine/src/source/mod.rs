@@ -15,7 +15,7 @@
 //! ```
 //! The coordinator only decides (on this module's thread): it picks pages from the
 //! never-sent and dirty groups and dispatches them as work items; range workers
-//! ([`workers`]) re-arm, read, encode and hand batches to the transport, which pipelines them
+//! (`workers`) re-arm, read, encode and hand batches to the transport, which pipelines them
 //! over its lanes with a window of unacknowledged batches. The final pass after the pause is
 //! spread over every worker and lane the same way.
 
@@ -302,6 +302,7 @@ fn measure_writes(
         tracker.harvest(&mut seen)?;
         *u = seen.count() as f64;
     }
+    log::debug!("write probe: distinct pages by each mark {u:?}");
     Ok(WriteModel::fit(
         window.as_secs_f64() / 3.0,
         u,
