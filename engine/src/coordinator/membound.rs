@@ -139,11 +139,11 @@ impl Membound {
 
     /// The throttle for a tail pass over `pages` dirty pages of `t` seconds each, so that at
     /// most `target_downtime` worth of pages is dirty after it ([`TAIL_AIM`] of it, for the
-    /// model's error). The guest runs a share `g` of
-    /// the time. A clean page becomes dirty at `λ` per second (measured over the last epoch,
-    /// unthrottled); a page of the working set the executor's write model saw is rewritten at
-    /// `μ` = its rate ÷ its size, far more often (a guest that sweeps its working set rewrites
-    /// every page of it between two harvests, and the clean rate knows nothing of that).
+    /// model's error). The guest runs a share `g` of the time. A clean page becomes dirty at
+    /// `λ` per second (measured over the last epoch, unthrottled); a page of the working set
+    /// the executor's write model saw is rewritten at `μ` = its rate ÷ its size, far more
+    /// often (a guest that sweeps its working set rewrites every page of it between two
+    /// harvests, and the clean rate knows nothing of that).
     /// During a pass of `T = pages × t`, the `C` pages clean at its start and each resent page
     /// (clean for the rest of the pass) are dirtied with chance `1 − e^{−ρgT}` and
     /// `1 − e^{−ρg(T − s)}`, `ρ` the page's rate:
