@@ -1055,12 +1055,13 @@ impl Migration<'_, '_, '_> {
         self.hash_live()?;
         let t = Instant::now();
         self.tx.barrier()?;
+        let took = t.elapsed();
         log::debug!(
             "settled t={:.1}ms: the lanes took {:.1}ms",
             self.t0.elapsed().as_secs_f64() * 1e3,
-            t.elapsed().as_secs_f64() * 1e3
+            took.as_secs_f64() * 1e3
         );
-        Ok(t.elapsed())
+        Ok(took)
     }
 
     /// With `--verify full`, hashes the pages sent and not dirty since (the policy's dirty
