@@ -48,6 +48,9 @@ pub trait DirtyTracker: Send + Sync {
     /// ORs into `out` (indexed by guest page number) every page written since it was last
     /// cleared.
     fn harvest(&self, out: &mut Bitmap) -> Result<(), DirtyError>;
+    /// ORs into `out` the pages the dirty log shows written, leaving every mark where it is
+    /// (the VMM's too, which only a harvest takes): a look between harvests, for forecasts.
+    fn peek(&self, out: &mut Bitmap) -> Result<(), DirtyError>;
     /// Re-arms tracking for `pages` (ascending page numbers) before they are read for sending.
     fn clear(&self, pages: &[u64]) -> Result<(), DirtyError>;
 }
@@ -159,6 +162,13 @@ impl KvmDirtyLog {
 
 impl DirtyTracker for KvmDirtyLog {
     fn harvest(&self, out: &mut Bitmap) -> Result<(), DirtyError> {
+        self.peek(out)?;
+        self.vmm.drain_into(out);
+        Ok(())
+    }
+
+    fn peek(&self, out: &mut Bitmap) -> Result<(), DirtyError> {
+        // With manual protect, KVM_GET_DIRTY_LOG copies the bits out and resets none.
         for s in &self.slots {
             let bits = self
                 .vm
@@ -169,7 +179,6 @@ impl DirtyTracker for KvmDirtyLog {
                 })?;
             out.or_words((s.first_page / 64) as usize, &bits);
         }
-        self.vmm.drain_into(out);
         Ok(())
     }
 

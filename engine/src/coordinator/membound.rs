@@ -34,7 +34,8 @@
 
 use super::Policy;
 use super::{dirty_pass, fill_cycle, multiplex_step, multiplex_timeout, resent, EpochTracker};
-use super::{expected_writes, forecast_from, multiplexed_forecast, page_time, resend_budget};
+use super::{expected_writes, forecast_with_pass, multiplexed_forecast, page_time};
+use super::{forecast_from, resend_budget, throttled_page_time};
 use super::{Controls, Decision, Forecast, PolicyConfig, Progress};
 
 /// The most passes over the dirty set after the never-sent group is empty.
@@ -147,17 +148,25 @@ impl Membound {
     /// During a pass of `T = pages × t`, the `C` pages clean at its start and each resent page
     /// (clean for the rest of the pass) are dirtied with chance `1 − e^{−ρgT}` and
     /// `1 − e^{−ρg(T − s)}`, `ρ` the page's rate:
-    /// `F(g) = C (1 − e^{−λgT}) + D_ws φ(μgT) + (D − D_ws) φ(λgT)`, `φ(x) = 1 − (1 − e^{−x}) / x`,
-    /// with `D_ws` the resent pages of the working set (at most its size). The throttle is
+    /// `F(g) = C (1 − e^{−λgT}) + D_ws φ(μgT) + (D − D_ws) φ(ρgT)`, `φ(x) = 1 − (1 − e^{−x}) / x`,
+    /// with `D_ws` the resent pages of the working set (at most its size) and `ρ` the larger of
+    /// `λ` and the rate at which the model's drift rewrites each of its pages. The throttle is
     /// `1 − g` for the largest `g` with `F ≤ target`; on a second and later pass at least
     /// `1 − (1 − θ_prev) / 4` (the model missed), at most `throttle_max`.
     fn tail_throttle(&self, p: &Progress, pages: u64, t: f64, passes: u32) -> f64 {
         let max = self.cfg.throttle_max.clamp(0.0, crate::vm::MAX_THROTTLE);
         let lambda = self.track.clean_rate() / (1.0 - self.throttle).max(0.01);
-        let (wss, mu) = p
-            .writes
-            .filter(|m| m.wss > 0.0 && m.rate > 0.0)
-            .map_or((0.0, 0.0), |m| (m.wss, m.rate / m.wss));
+        let (wss, mu, nu) = p.writes.map_or((0.0, 0.0, 0.0), |m| {
+            let ws = m.wss > 0.0 && m.rate > 0.0;
+            (
+                if ws { m.working_set() } else { 0.0 },
+                if ws { m.rate / m.wss } else { 0.0 },
+                m.drift_page_rate(),
+            )
+        });
+        // The other resent pages: at the clean rate, or the drift's over its pages if more (a
+        // sweep rewrites pages a harvest found dirty already, which the clean rate misses).
+        let rho = lambda.max(nu);
         // Aimed below the target: a model off by a little would cost a whole second pass.
         let target = TAIL_AIM * self.cfg.target_downtime.as_secs_f64() / t;
         let d = pages as f64;
@@ -176,8 +185,8 @@ impl Membound {
             }
         };
         let dirty_after = |g: f64| {
-            let (xl, xm) = (lambda * g * span, mu * g * span);
-            c * -(-xl).exp_m1() + d_ws * phi(xm) + (d - d_ws) * phi(xl)
+            let (xl, xm, xr) = (lambda * g * span, mu * g * span, rho * g * span);
+            c * -(-xl).exp_m1() + d_ws * phi(xm) + (d - d_ws) * phi(xr)
         };
         let need = if dirty_after(1.0) <= target {
             0.0
@@ -279,10 +288,11 @@ impl Policy for Membound {
         let budget = self.budget_left(p) as f64;
         if let Some(tail) = &self.tail {
             let pass = tail.pass_left.min(p.dirty) as f64;
-            let span = pass * t.unwrap_or(0.0);
-            let written = expected_writes(p, &self.track, span, 0.0, false, self.throttle);
+            let pass_time = t.map_or(0.0, |t| throttled_page_time(p, t, self.throttle));
+            let written =
+                expected_writes(p, &self.track, pass * pass_time, 0.0, false, self.throttle);
             let after = written.over(p.dirty as f64 - pass, p.total_pages as f64);
-            return forecast_from(p, pass, after);
+            return forecast_with_pass(p, 0.0, (pass, pass_time), after);
         }
         let share = if self.hurry { 0.0 } else { self.share(p) };
         let cold = p.dirty.saturating_sub(p.hot) as f64;
@@ -295,12 +305,22 @@ impl Policy for Membound {
             budget,
         );
         let budget_after = (budget - (live - p.never_sent as f64)).max(0.0);
-        if !self.hurry && at_end > target_pages && budget_after > 0.0 {
-            let pass = at_end.min(budget_after);
-            let left = (at_end - pass + TAIL_AIM * target_pages).min(at_end);
-            forecast_from(p, live + pass, left)
-        } else {
-            forecast_from(p, live, at_end)
+        let tail = !self.hurry && at_end > target_pages && budget_after > 0.0;
+        match t {
+            Some(t) if tail => {
+                let pass = at_end.min(budget_after);
+                let left = (at_end - pass + TAIL_AIM * target_pages).min(at_end);
+                // The pass goes under the throttle the tail would choose then, faster than now.
+                let then = Progress {
+                    never_sent: 0,
+                    dirty: at_end as u64,
+                    ..p.clone()
+                };
+                let throttle = self.tail_throttle(&then, pass as u64, t, 1);
+                let pass_time = throttled_page_time(p, t, throttle);
+                forecast_with_pass(p, live, (pass, pass_time), left)
+            }
+            _ => forecast_from(p, live, at_end),
         }
     }
 

@@ -66,7 +66,7 @@ pub use membound::Membound;
 pub use mplm::Mplm;
 pub use overcommit::{Overcommit, Overcommitted};
 pub use precopy::Precopy;
-pub use writes::{WriteModel, Writes};
+pub use writes::{Touched, TouchedGrowth, WriteModel, Writes};
 
 /// Wire bytes of one page in the worst case: a raw page, its record header and (for a batch of
 /// one page) the batch header. The encoder never emits a larger record: a page that zstd does
@@ -749,7 +749,8 @@ impl EpochTracker {
 
 /// Pages the guest is expected to dirty (write after they were sent) from the last harvest, or
 /// from now if not `from_harvest`, until `ahead` seconds from now, under `throttle`; the
-/// never-sent pages go out at an even pace over the first `sending` of those seconds. Uses the
+/// never-sent pages go out at an even pace over the next `sending` seconds (a share of them
+/// within the window if that is longer). Uses the
 /// executor's write model ([`WriteModel::dirtied`]) when there is one, else the dirty rate of
 /// the last epochs.
 fn expected_writes(
@@ -772,7 +773,7 @@ fn expected_writes(
         // set would be.
         return Writes {
             working_set: track.dirty_rate() * g * (since + ahead),
-            drift: 0.0,
+            ..Writes::default()
         };
     };
     let total = p.total_pages.max(1) as f64;
@@ -787,17 +788,26 @@ fn expected_writes(
         (1.0 - ns_then / total, since + ahead),
         // Sent since the window began, evenly: on average for half of that.
         ((ns_then - ns_now).max(0.0) / total, since / 2.0 + ahead),
-        // Still to send.
-        (ns_now / total, ahead - sending.clamp(0.0, ahead) / 2.0),
+        // Still to send: those sent within the window, on average `sending / 2` after it
+        // began (all of them if they go out within it).
+        (
+            ns_now / total
+                * if sending > ahead {
+                    ahead / sending
+                } else {
+                    1.0
+                },
+            ahead - sending.clamp(0.0, ahead) / 2.0,
+        ),
     ]
     .map(|(share, t)| (share, t * g));
-    m.dirtied((since + ahead) * g, &shares)
+    m.dirtied((since + ahead) * g, ahead * g, &shares)
 }
 
 /// The live phase of a multiplexing policy (MPLM, TLM, membound), forecast. Every never-sent
 /// page goes once; from the first harvest on (every `epoch`), each brings `ratio` resends
-/// along, while there are dirty pages to resend: the `resendable` ones now and those the
-/// harvests before the end will find, at most `budget`. Pages written after the last harvest
+/// along, while there are dirty pages to resend: the `resendable` ones now and those dirty at
+/// the last harvest before the end beyond the dirty ones now, at most `budget`. Pages written after the last harvest
 /// before the end cannot be resent. The pages dirty at the end are what is dirty now with what
 /// is written until then ([`Writes::over`]: the working set's writes fall on dirty pages, the
 /// drift's on any), less the resends, and at least what is written after that last harvest.
@@ -830,8 +840,8 @@ fn multiplexed_forecast(
     let total = p.total_pages as f64;
     let written = expected_writes(p, track, live, live, true, 0.0);
     let dirty_then = written.over(p.dirty as f64, total);
-    let unsendable = if after_last >= window {
-        written
+    let (unsendable, found) = if after_last >= window {
+        (written, 0.0)
     } else {
         // From the last harvest before the end: the never-sent pages left then go out evenly
         // over the rest of the live phase.
@@ -840,12 +850,17 @@ fn multiplexed_forecast(
             ..p.clone()
         };
         let sending = after_last.min(live);
-        expected_writes(&at_last, track, after_last, sending, false, 0.0)
+        let unsendable = expected_writes(&at_last, track, after_last, sending, false, 0.0);
+        // Until then: the harvests find what is dirty at the last one, beyond what is now.
+        let until = (live - after_last).max(0.0);
+        let at_last = expected_writes(p, track, until, live, true, 0.0).over(p.dirty as f64, total);
+        // At least the pages written before it and not after (more when the touched pages
+        // cap both counts: a sweep writes the same pages before and after).
+        let before = written.total() - unsendable.total();
+        (unsendable, before.max(at_last - p.dirty as f64).max(0.0))
     };
-    let (written, unsendable) = (written.total(), unsendable.total());
-    let resends = capacity
-        .min(budget.max(0.0))
-        .min(resendable + (written - unsendable).max(0.0));
+    let unsendable = unsendable.total();
+    let resends = capacity.min(budget.max(0.0)).min(resendable + found);
     let at_end = (dirty_then - resends).max(unsendable).clamp(0.0, total);
     (ns + resends, at_end)
 }
@@ -858,6 +873,28 @@ fn paused_page_time(p: &Progress, t: f64) -> f64 {
     } else {
         t
     }
+}
+
+/// Seconds to send one page live with the vCPUs throttled by `throttle`, from `t` unthrottled:
+/// the workers get back the share of the cores the vCPUs give up, towards the paused rate.
+fn throttled_page_time(p: &Progress, t: f64, throttle: f64) -> f64 {
+    t + throttle.clamp(0.0, 1.0) * (paused_page_time(p, t) - t)
+}
+
+/// [`forecast_from`], with a `pass` of pages sent live at `pass_time` seconds a page (a pass
+/// under a throttle) on top of the `live_pages`.
+fn forecast_with_pass(
+    p: &Progress,
+    live_pages: f64,
+    (pass, pass_time): (f64, f64),
+    final_pages: f64,
+) -> Forecast {
+    let mut f = forecast_from(p, live_pages + pass, final_pages);
+    if let Some(t) = page_time(p) {
+        let saved = pass.max(0.0) * (t - pass_time).max(0.0);
+        f.remaining = f.remaining.saturating_sub(secs_to_duration(saved));
+    }
+    f
 }
 
 /// Builds a [`Forecast`] from pages left to send live and in the stop-and-copy (at the paused

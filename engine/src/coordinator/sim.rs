@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::{secs_to_duration, Controls, Decision, Policy, Progress, WriteModel};
+use super::{secs_to_duration, Controls, Decision, Policy, Progress, TouchedGrowth, WriteModel};
 
 /// How the simulated guest writes its memory. Rates are page writes per second.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +69,9 @@ pub struct SimConfig {
     /// The write model the executor's probe would have measured (`Progress::writes`), if any.
     /// Default none.
     pub writes: Option<WriteModel>,
+    /// Whether the executor reads the dirty log every [`LOG_READ`] between harvests and passes
+    /// the pages touched so far with `writes` ([`WriteModel::touched`]). Default false.
+    pub read_log: bool,
     /// Give up (stalled) after this many decisions. Default 10 million.
     pub max_decisions: u64,
     /// Give up (stalled) after this much virtual time. Default 1 hour.
@@ -87,11 +90,16 @@ impl Default for SimConfig {
             harvest_cost: Duration::from_millis(1),
             switchover_cost: Duration::ZERO,
             writes: None,
+            read_log: false,
             max_decisions: 10_000_000,
             max_time: Duration::from_secs(3600),
         }
     }
 }
+
+/// How often the simulated executor reads the dirty log for the touched pages, as the real one
+/// does at each forecast.
+pub const LOG_READ: Duration = Duration::from_millis(100);
 
 /// How a simulated migration ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +196,11 @@ pub struct Sim {
     /// Resent since the last harvest.
     resent: Vec<bool>,
     resent_list: Vec<u32>,
+    /// Written at least once, how many, and their growth at each read of the log.
+    touched: Vec<bool>,
+    touched_pages: u64,
+    growth: TouchedGrowth,
+    last_read: f64,
     controls: Controls,
     never_cursor: u64,
     never_sent: u64,
@@ -231,6 +244,10 @@ impl Sim {
             hot: VecDeque::new(),
             resent: vec![false; n],
             resent_list: Vec::new(),
+            touched: vec![false; n],
+            touched_pages: 0,
+            growth: TouchedGrowth::default(),
+            last_read: 0.0,
             controls: Controls::default(),
             never_cursor: 0,
             never_sent: cfg.pages,
@@ -265,7 +282,10 @@ impl Sim {
             // One rate, vCPUs running or not.
             paused_bandwidth: 0.0,
             dirtied_last_epoch: self.dirtied_last_epoch,
-            writes: self.cfg.writes,
+            writes: self.cfg.writes.map(|m| WriteModel {
+                touched: self.growth.touched().filter(|_| self.cfg.read_log),
+                ..m
+            }),
         }
     }
 
@@ -297,6 +317,9 @@ impl Sim {
             }
         } as usize;
         self.version[page] = self.version[page].wrapping_add(1);
+        if !std::mem::replace(&mut self.touched[page], true) {
+            self.touched_pages += 1;
+        }
         if !self.logged[page] {
             self.logged[page] = true;
             self.log.push(page as u32);
@@ -320,6 +343,10 @@ impl Sim {
         self.write_carry = due - writes;
         for _ in 0..writes as u64 {
             self.write_one();
+        }
+        if self.now - self.last_read >= LOG_READ.as_secs_f64() {
+            self.last_read = self.now;
+            self.growth.mark(self.now, self.touched_pages as f64);
         }
     }
 

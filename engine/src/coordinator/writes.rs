@@ -20,6 +20,14 @@
 //! Three equal windows from the same start give three increments `d1, d2, d3`; with
 //! `x = e^(−r h / W)`, `d_i = W (1 − x) x^(i−1) + c h` (the drift is linear over so short a
 //! probe), so `x = (d2 − d3) / (d1 − d2)`, `W (1 − x)² = d1 − d2` and `c h = d1 − W (1 − x)`.
+//!
+//! A probe of a few hundred milliseconds cannot tell everything apart: a sweep over half of
+//! memory, with a period longer than the probe, looks like a sweep over all of it, and a
+//! working set written in two tiers (hot and cold) fits with the wrong size. So the executor
+//! keeps reading the dirty log while the migration runs, and passes what it has seen: the
+//! [`Touched`] pages, every page written at least once since the probe began, and how fast that
+//! set grows. No window can write more distinct pages than those and the growth to come: that
+//! ceiling caps the model wherever it extrapolates past what the guest has done.
 
 /// Distinct pages written in a window of τ seconds (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,18 +40,97 @@ pub struct WriteModel {
     pub drift: f64,
     /// Pages the drift covers (all of memory).
     pub memory: f64,
+    /// What the dirty log has shown since the probe, if the executor kept reading it: a ceiling
+    /// on the pages any window writes.
+    pub touched: Option<Touched>,
+}
+
+/// The pages the guest has written at least once since the probe began, as the dirty log
+/// showed them, and how fast that set grew lately.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Touched {
+    /// Pages written at least once.
+    pub pages: f64,
+    /// Pages per second the set grew by, over the last fraction of a second.
+    pub rate: f64,
+}
+
+impl Touched {
+    /// The most distinct pages a window of `secs` seconds can write: the pages touched so far
+    /// and those the growth adds meanwhile.
+    fn ceiling(&self, secs: f64) -> f64 {
+        self.pages.max(0.0) + self.rate.max(0.0) * secs.max(0.0)
+    }
 }
 
 /// Increments that fall off more slowly than this per window are steady writing.
 const LINEAR: f64 = 0.9;
 
+/// Over how long [`TouchedGrowth`] measures the touched set's growth.
+const GROWTH_WINDOW: f64 = 0.5;
+
+/// Follows the count of touched pages through time, for [`Touched`].
+#[derive(Debug, Clone, Default)]
+pub struct TouchedGrowth {
+    /// `(seconds, pages touched)`, oldest first: the last [`GROWTH_WINDOW`] and one before.
+    marks: std::collections::VecDeque<(f64, f64)>,
+}
+
+impl TouchedGrowth {
+    /// Notes `pages` touched at `secs` (any fixed origin, not decreasing).
+    pub fn mark(&mut self, secs: f64, pages: f64) {
+        self.marks.push_back((secs, pages));
+        while self.marks.len() > 2 && secs - self.marks[1].0 >= GROWTH_WINDOW {
+            self.marks.pop_front();
+        }
+    }
+
+    /// The touched pages at the last mark and their growth over the window; `None` before two
+    /// marks.
+    pub fn touched(&self) -> Option<Touched> {
+        let (&(t0, p0), &(t1, p1)) = (self.marks.front()?, self.marks.back()?);
+        (t1 > t0).then(|| Touched {
+            pages: p1,
+            rate: ((p1 - p0) / (t1 - t0)).max(0.0),
+        })
+    }
+}
+
 impl WriteModel {
     /// Distinct pages written in `secs` seconds.
     pub fn distinct(&self, secs: f64) -> f64 {
-        saturating(self.rate, self.wss, secs) + sweep(self.drift, self.memory, secs)
+        (saturating(self.rate, self.wss, secs) + sweep(self.drift, self.memory, secs))
+            .min(self.ceiling(secs))
     }
 
-    /// The same guest running `speed` times as fast.
+    /// The ceiling the touched pages put on a window that ends `secs` seconds from now
+    /// (infinite if unknown).
+    fn ceiling(&self, secs: f64) -> f64 {
+        self.touched.map_or(f64::INFINITY, |t| t.ceiling(secs))
+    }
+
+    /// The working set's size, at most the pages touched so far.
+    pub fn working_set(&self) -> f64 {
+        self.touched
+            .map_or(self.wss, |t| self.wss.min(t.pages.max(0.0)))
+    }
+
+    /// How often the drift writes each page it covers, per second: its rate over all of
+    /// memory, or over the touched pages beyond the working set when the dirty log showed
+    /// fewer.
+    pub fn drift_page_rate(&self) -> f64 {
+        let covered = self.touched.map_or(self.memory, |t| {
+            self.memory.min(t.pages - self.working_set())
+        });
+        if self.drift > 0.0 && covered >= 1.0 {
+            self.drift / covered
+        } else {
+            0.0
+        }
+    }
+
+    /// The same guest running `speed` times as fast (the touched pages' growth was measured at
+    /// the speed the guest runs now, and stays).
     pub fn scaled(&self, speed: f64) -> Self {
         Self {
             rate: self.rate * speed,
@@ -58,14 +145,20 @@ impl WriteModel {
     /// to the switchover: `(share, seconds)` pairs that add up to all of memory.
     ///
     /// Returns the working set's part and the drift's, apart: the working set's pages are
-    /// mostly dirty already when a harvest has seen the guest, the drift's mostly new.
-    pub fn dirtied(&self, secs: f64, shares: &[(f64, f64)]) -> Writes {
+    /// mostly dirty already when a harvest has seen the guest, the drift's mostly new. Both
+    /// within the touched pages' ceiling at the window's end, `ahead` seconds from now (the
+    /// touched pages hold what came before), the drift first cut.
+    pub fn dirtied(&self, secs: f64, ahead: f64, shares: &[(f64, f64)]) -> Writes {
+        let ceiling = self.ceiling(ahead);
+        let working_set = saturating(self.rate, self.wss, secs).min(ceiling);
+        let drift = shares
+            .iter()
+            .map(|&(share, t)| share.clamp(0.0, 1.0) * sweep(self.drift, self.memory, t))
+            .sum::<f64>();
         Writes {
-            working_set: saturating(self.rate, self.wss, secs),
-            drift: shares
-                .iter()
-                .map(|&(share, t)| share.clamp(0.0, 1.0) * sweep(self.drift, self.memory, t))
-                .sum::<f64>(),
+            working_set,
+            drift: drift.min(ceiling - working_set),
+            ceiling,
         }
     }
 
@@ -81,6 +174,7 @@ impl WriteModel {
             wss: 0.0,
             drift: rate.max(0.0),
             memory,
+            touched: None,
         };
         if h <= 0.0 {
             return drift_only(0.0);
@@ -106,17 +200,31 @@ impl WriteModel {
             wss,
             drift,
             memory,
+            touched: None,
         }
     }
 }
 
 /// Pages dirtied in a window, as [`WriteModel::dirtied`] forecasts them.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Writes {
     /// Within the working set: pages the guest rewrites, dirty again and again.
     pub working_set: f64,
     /// Outside it: pages new to the window.
     pub drift: f64,
+    /// The most pages the guest can have written by the window's end (touched pages and
+    /// their growth); infinite if unknown.
+    pub ceiling: f64,
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Self {
+            working_set: 0.0,
+            drift: 0.0,
+            ceiling: f64::INFINITY,
+        }
+    }
 }
 
 impl Writes {
@@ -127,7 +235,8 @@ impl Writes {
 
     /// The pages dirty at the end of the window, of `memory` pages, when `dirty` were dirty
     /// before it: the working set's writes fall on those (the larger of the two counts), the
-    /// drift's on any page, clean ones as likely as the others.
+    /// drift's on any page, clean ones as likely as the others; no more than the ceiling, as
+    /// the dirty pages were written too.
     pub fn over(&self, dirty: f64, memory: f64) -> f64 {
         let before = dirty.max(self.working_set).clamp(0.0, memory.max(0.0));
         let clean = if memory > 0.0 {
@@ -135,7 +244,7 @@ impl Writes {
         } else {
             0.0
         };
-        before + self.drift.max(0.0) * clean
+        (before + self.drift.max(0.0) * clean).min(self.ceiling.max(dirty))
     }
 }
 
@@ -191,6 +300,7 @@ mod tests {
         let w = Writes {
             working_set: 300.0,
             drift: 400.0,
+            ..Writes::default()
         };
         // 500 of 1000 pages dirty: the working set's 300 are among them; half the drift's
         // pages are clean.
@@ -200,6 +310,57 @@ mod tests {
         // Never more than memory.
         assert!(w.over(1000.0, 1000.0) <= 1000.0);
         assert_eq!(Writes::default().over(42.0, 1000.0), 42.0);
+    }
+
+    #[test]
+    fn touched_growth_follows_the_last_half_second() {
+        let mut g = TouchedGrowth::default();
+        g.mark(0.0, 0.0);
+        assert_eq!(g.touched(), None);
+        // 1000 pages a second for a second, then nothing.
+        for k in 1..=10 {
+            g.mark(0.1 * k as f64, 100.0 * k as f64);
+        }
+        let t = g.touched().unwrap();
+        assert!(
+            (t.pages - 1000.0).abs() < 1e-9 && (t.rate - 1000.0).abs() < 1e-6,
+            "{t:?}"
+        );
+        for k in 11..=14 {
+            g.mark(0.1 * k as f64, 1000.0);
+        }
+        // The window still holds growth.
+        assert!(g.touched().unwrap().rate > 0.0);
+        g.mark(1.5, 1000.0);
+        assert_eq!(g.touched().unwrap().rate, 0.0);
+    }
+
+    #[test]
+    fn touched_pages_cap_windows_and_the_drift() {
+        let m = WriteModel {
+            rate: 1000.0,
+            wss: 500.0,
+            drift: 100.0,
+            memory: MEM,
+            touched: Some(Touched {
+                pages: 800.0,
+                rate: 10.0,
+            }),
+        };
+        // 500 + 1000 without the ceiling; 800 + 10 × 10 with it.
+        assert!((m.distinct(10.0) - 900.0).abs() < 1e-9);
+        let w = m.dirtied(10.0, 10.0, &[(1.0, 10.0)]);
+        // Only the window's future grows the ceiling: the touched pages hold its past.
+        let late = m.dirtied(11.0, 1.0, &[(1.0, 11.0)]);
+        assert!((late.total() - 810.0).abs() < 1e-6, "{late:?}");
+        assert!((w.total() - 900.0).abs() < 1e-6, "{w:?}");
+        assert!(w.over(0.0, MEM) <= 900.0 + 1e-9);
+        // Dirty pages were written: never fewer than those.
+        assert_eq!(w.over(950.0, MEM), 950.0);
+        // The drift goes round the 300 touched pages beyond the working set.
+        assert!((m.drift_page_rate() - 100.0 / 300.0).abs() < 1e-12);
+        let blind = WriteModel { touched: None, ..m };
+        assert!((blind.drift_page_rate() - 100.0 / MEM).abs() < 1e-12);
     }
 
     #[test]
@@ -224,7 +385,7 @@ mod tests {
             drift in 0f64..1e4,
             h in 0.05f64..0.5,
         ) {
-            let truth = WriteModel { rate, wss, drift, memory: MEM };
+            let truth = WriteModel { rate, wss, drift, memory: MEM, touched: None };
             // Windows that tell the shape apart: the working set neither saturated in the
             // first window nor still linear, and the drift linear over the probe.
             let x = (-rate * h / wss).exp();
@@ -245,7 +406,7 @@ mod tests {
             s in 0.05f64..4.0,
             t in 0f64..10.0,
         ) {
-            let m = WriteModel { rate, wss, drift, memory: MEM };
+            let m = WriteModel { rate, wss, drift, memory: MEM, touched: None };
             let (a, b) = (m.scaled(s).distinct(t), m.distinct(s * t));
             prop_assert!((a - b).abs() <= 1e-9 * b.max(1.0), "{a} vs {b}");
         }

@@ -30,7 +30,7 @@ use ferry_transport::SessionSender;
 
 use crate::bitmap::Bitmap;
 use crate::coordinator::{self, Controls, Decision, Forecast, PolicyConfig, PolicyKind};
-use crate::coordinator::{Progress, WriteModel};
+use crate::coordinator::{Progress, TouchedGrowth, WriteModel};
 use crate::cpu;
 use crate::digest::{self, LiveTerms, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
@@ -272,13 +272,42 @@ struct Probe {
     pause: Duration,
 }
 
+/// Every page the dirty log has shown written since the write probe began, and how fast that
+/// set grows: the ceiling on the write model ([`WriteModel::touched`]). The log is read at each
+/// forecast and each harvest; a page written and then sent between two reads is missed until
+/// the guest writes it again.
+struct TouchedLog {
+    pages: Bitmap,
+    growth: TouchedGrowth,
+    origin: Instant,
+}
+
+impl TouchedLog {
+    fn new(span: u64) -> Self {
+        Self {
+            pages: Bitmap::new(span),
+            growth: TouchedGrowth::default(),
+            origin: Instant::now(),
+        }
+    }
+
+    /// Adds the pages a read of the log showed at `at`.
+    fn add(&mut self, at: Instant, read: &Bitmap) {
+        self.pages.or_words(0, read.words());
+        let secs = at.saturating_duration_since(self.origin).as_secs_f64();
+        self.growth.mark(secs, self.pages.count() as f64);
+    }
+}
+
 /// The guest's writes over `window`: the dirty log is cleared for all of memory (nothing has
 /// been sent yet, so nothing is lost), then harvested at a third, two thirds and the end of the
-/// window; the pages written by each mark fit the forecasts' [`WriteModel`].
+/// window; the pages written by each mark fit the forecasts' [`WriteModel`], and are the first
+/// of the `touched` ones.
 fn measure_writes(
     tracker: &dyn DirtyTracker,
     mem: &GuestMemory,
     window: Duration,
+    touched: &mut TouchedLog,
 ) -> Result<WriteModel, DirtyError> {
     // Cleared a slice at a time: a list of every page of a large guest would be large too.
     const SLICE: u64 = 1 << 16;
@@ -294,12 +323,14 @@ fn measure_writes(
     let memory: u64 = mem.regions().iter().map(|r| r.pages()).sum();
     let mut seen = Bitmap::new(mem.page_span());
     let start = Instant::now();
+    touched.add(start, &seen);
     let mut u = [0.0; 3];
     for (k, u) in u.iter_mut().enumerate() {
         let mark = start + window * (k as u32 + 1) / 3;
         std::thread::sleep(mark.saturating_duration_since(Instant::now()));
         seen.clear_all();
         tracker.harvest(&mut seen)?;
+        touched.add(Instant::now(), &seen);
         *u = seen.count() as f64;
     }
     log::debug!("write probe: distinct pages by each mark {u:?}");
@@ -366,8 +397,9 @@ struct Migration<'a, 'd, 's> {
     guest_cpu: Meter,
     probe_guest_cpu: f64,
     probe: Probe,
-    /// The guest's writes, as the probe measured them.
+    /// The guest's writes, as the probe measured them, and what the dirty log showed since.
     writes: Option<WriteModel>,
+    touched: TouchedLog,
     bound: Option<Duration>,
     /// The controls in force (as last applied to the VM).
     controls: Controls,
@@ -447,6 +479,7 @@ pub fn migrate(
             probe_guest_cpu: 0.0,
             probe: Probe::default(),
             writes: None,
+            touched: TouchedLog::new(span),
             bound: None,
             controls: Controls::default(),
             max_throttle: 0.0,
@@ -552,11 +585,12 @@ impl Migration<'_, '_, '_> {
                 self.guest_cpu.add(now, guest_ns);
                 self.check_destination()?;
                 self.hash_live()?;
+                self.peek()?;
                 let p = self.progress();
                 let f = policy.forecast(&p);
                 log::debug!(
                     "forecast t={:.0}ms never_sent={} dirty={} hot={} B/s={:.0} B/page={:.0} \
-                     guest_speed={:.2} left={:?} downtime={:?}",
+                     guest_speed={:.2} touched={:?} left={:?} downtime={:?}",
                     p.elapsed.as_secs_f64() * 1e3,
                     p.never_sent,
                     p.dirty,
@@ -564,6 +598,9 @@ impl Migration<'_, '_, '_> {
                     p.bandwidth,
                     p.bytes_per_page,
                     self.guest_speed(),
+                    p.writes
+                        .and_then(|m| m.touched)
+                        .map(|t| (t.pages, t.rate as u64)),
                     f.remaining,
                     f.downtime
                 );
@@ -1009,7 +1046,10 @@ impl Migration<'_, '_, '_> {
             },
             paused_bandwidth: self.probe.rate,
             dirtied_last_epoch: self.dirtied_last_epoch,
-            writes: self.writes.map(|m| m.scaled(self.guest_speed())),
+            writes: self.writes.map(|m| WriteModel {
+                touched: self.touched.growth.touched(),
+                ..m.scaled(self.guest_speed())
+            }),
         }
     }
 
@@ -1085,6 +1125,7 @@ impl Migration<'_, '_, '_> {
         }
         self.scratch.clear_all();
         self.shared.tracker.harvest(&mut self.scratch)?;
+        self.touched.add(Instant::now(), &self.scratch);
         if let Some(t) = self.shared.live_terms {
             t.mark_written(&self.scratch);
         }
@@ -1106,6 +1147,14 @@ impl Migration<'_, '_, '_> {
             self.dirty.count(),
             self.hot.count()
         );
+        Ok(())
+    }
+
+    /// Reads the dirty log for the touched pages, taking nothing from it.
+    fn peek(&mut self) -> Result<(), MigrateError> {
+        self.scratch.clear_all();
+        self.shared.tracker.peek(&mut self.scratch)?;
+        self.touched.add(Instant::now(), &self.scratch);
         Ok(())
     }
 
@@ -1169,8 +1218,9 @@ impl Migration<'_, '_, '_> {
         let tracker = self.shared.tracker;
         let window = self.cfg.probe_time;
         let guest0 = self.vm.vcpu_cpu_time();
+        let touched = &mut self.touched;
         let (writes, sent, lane_secs) = std::thread::scope(|s| {
-            let writes = s.spawn(|| measure_writes(tracker, mem, window));
+            let writes = s.spawn(|| measure_writes(tracker, mem, window, touched));
             let t = Instant::now();
             let mut sent = 0u64;
             let chunk = vec![0xa5u8; 1 << 20];
