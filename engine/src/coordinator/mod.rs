@@ -783,6 +783,12 @@ fn expected_writes(
     } else {
         ns_now
     };
+    // Of the never-sent pages, the share that goes out within the window.
+    let within = if sending > ahead {
+        ahead / sending
+    } else {
+        1.0
+    };
     let shares = [
         // Sent before the window: written to for all of it.
         (1.0 - ns_then / total, since + ahead),
@@ -791,12 +797,7 @@ fn expected_writes(
         // Still to send: those sent within the window, on average `sending / 2` after it
         // began (all of them if they go out within it).
         (
-            ns_now / total
-                * if sending > ahead {
-                    ahead / sending
-                } else {
-                    1.0
-                },
+            ns_now / total * within,
             ahead - sending.clamp(0.0, ahead) / 2.0,
         ),
     ]
@@ -807,10 +808,11 @@ fn expected_writes(
 /// The live phase of a multiplexing policy (MPLM, TLM, membound), forecast. Every never-sent
 /// page goes once; from the first harvest on (every `epoch`), each brings `ratio` resends
 /// along, while there are dirty pages to resend: the `resendable` ones now and those dirty at
-/// the last harvest before the end beyond the dirty ones now, at most `budget`. Pages written after the last harvest
-/// before the end cannot be resent. The pages dirty at the end are what is dirty now with what
-/// is written until then ([`Writes::over`]: the working set's writes fall on dirty pages, the
-/// drift's on any), less the resends, and at least what is written after that last harvest.
+/// the last harvest before the end beyond the dirty ones now, at most `budget`. Pages written
+/// after the last harvest before the end cannot be resent. The pages dirty at the end are what
+/// is dirty now with what is written until then ([`Writes::over`]: the working set's writes
+/// fall on dirty pages, the drift's on any), less the resends, and at least what is written
+/// after that last harvest.
 ///
 /// Returns the pages sent live and the pages dirty at the end of the live phase.
 fn multiplexed_forecast(
