@@ -156,14 +156,11 @@ impl Membound {
     fn tail_throttle(&self, p: &Progress, pages: u64, t: f64, passes: u32) -> f64 {
         let max = self.cfg.throttle_max.clamp(0.0, crate::vm::MAX_THROTTLE);
         let lambda = self.track.clean_rate() / (1.0 - self.throttle).max(0.01);
-        let (wss, mu, nu) = p.writes.map_or((0.0, 0.0, 0.0), |m| {
-            let ws = m.wss > 0.0 && m.rate > 0.0;
-            (
-                if ws { m.working_set() } else { 0.0 },
-                if ws { m.rate / m.wss } else { 0.0 },
-                m.drift_page_rate(),
-            )
-        });
+        let (wss, mu) = p
+            .writes
+            .filter(|m| m.wss > 0.0 && m.rate > 0.0)
+            .map_or((0.0, 0.0), |m| (m.working_set(), m.rate / m.wss));
+        let nu = p.writes.map_or(0.0, |m| m.drift_page_rate());
         // The other resent pages: at the clean rate, or the drift's over its pages if more (a
         // sweep rewrites pages a harvest found dirty already, which the clean rate misses).
         let rho = lambda.max(nu);

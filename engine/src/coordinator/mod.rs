@@ -855,11 +855,15 @@ fn multiplexed_forecast(
         let unsendable = expected_writes(&at_last, track, after_last, sending, false, 0.0);
         // Until then: the harvests find what is dirty at the last one, beyond what is now.
         let until = (live - after_last).max(0.0);
-        let at_last = expected_writes(p, track, until, live, true, 0.0).over(p.dirty as f64, total);
+        let dirty_at_last =
+            expected_writes(p, track, until, live, true, 0.0).over(p.dirty as f64, total);
         // At least the pages written before it and not after (more when the touched pages
         // cap both counts: a sweep writes the same pages before and after).
         let before = written.total() - unsendable.total();
-        (unsendable, before.max(at_last - p.dirty as f64).max(0.0))
+        (
+            unsendable,
+            before.max(dirty_at_last - p.dirty as f64).max(0.0),
+        )
     };
     let unsendable = unsendable.total();
     let resends = capacity.min(budget.max(0.0)).min(resendable + found);
