@@ -26,7 +26,8 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -198,6 +199,8 @@ pub struct Vm {
     fd: Arc<VmFd>,
     mem: Arc<GuestMemory>,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    /// Each vCPU's `immediate_exit`, set with every kick that pauses or stops it.
+    exits: Vec<ExitFlag>,
     threads: Vec<JoinHandle<()>>,
     /// Kicks the vCPUs while a throttle is set.
     ticker: Option<JoinHandle<()>>,
@@ -213,6 +216,31 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 fn kick_signal() -> libc::c_int {
     SIGRTMIN() + 1
+}
+
+/// A vCPU's `kvm_run.immediate_exit`. A kick signal that lands after the vCPU thread saw the
+/// VM running but before it entered `KVM_RUN` would be lost, and the vCPU would run on until
+/// its next exit (the pause then waits a retry, 2 ms, in the downtime); with the flag set
+/// first, `KVM_RUN` returns at once instead.
+#[derive(Clone, Copy)]
+struct ExitFlag(NonNull<u8>);
+
+// SAFETY: the flag lives in the vCPU's kvm_run mapping, which its `VcpuFd` keeps for as long
+// as the VM (and every vCPU thread) holds that fd; it is only accessed atomically here.
+unsafe impl Send for ExitFlag {}
+// SAFETY: as for `Send`: shared, the flag is still only read and written atomically.
+unsafe impl Sync for ExitFlag {}
+
+impl ExitFlag {
+    fn of(v: &mut VcpuFd) -> Self {
+        Self(NonNull::from(&mut v.get_kvm_run().immediate_exit))
+    }
+
+    fn set(self, on: bool) {
+        // SAFETY: see the `Send` impl; a u8 is always aligned, and the kernel reads the flag
+        // only on entering KVM_RUN.
+        unsafe { AtomicU8::from_ptr(self.0.as_ptr()) }.store(u8::from(on), Ordering::SeqCst);
+    }
 }
 
 impl Vm {
@@ -267,9 +295,9 @@ impl Vm {
                 op: "KVM_GET_SUPPORTED_CPUID",
                 source,
             })?;
-        let mut fds = Vec::new();
+        let (mut fds, mut exits) = (Vec::new(), Vec::new());
         for i in 0..vcpus {
-            let v = fd.create_vcpu(i.into()).map_err(|source| VmError::Vcpu {
+            let mut v = fd.create_vcpu(i.into()).map_err(|source| VmError::Vcpu {
                 op: "KVM_CREATE_VCPU",
                 vcpu: i,
                 source,
@@ -286,6 +314,7 @@ impl Vm {
                 vcpu: i,
                 source,
             })?;
+            exits.push(ExitFlag::of(&mut v));
             fds.push(Arc::new(Mutex::new(v)));
         }
         let msr_indices = Self::usable_msrs(&kvm, &fds[0])?;
@@ -294,6 +323,7 @@ impl Vm {
             fd: Arc::new(fd),
             mem,
             vcpus: fds,
+            exits,
             threads: Vec::new(),
             ticker: None,
             control: Arc::new(Control {
@@ -385,13 +415,13 @@ impl Vm {
             return Ok(());
         }
         self.set_state(RunState::Paused);
-        for (i, v) in self.vcpus.iter().enumerate() {
+        for (i, (v, &exit)) in self.vcpus.iter().zip(&self.exits).enumerate() {
             let v = Arc::clone(v);
             let control = Arc::clone(&self.control);
             let serial = Arc::clone(&self.serial);
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu_loop(i as u32, &v, &control, &serial))
+                .spawn(move || vcpu_loop(i as u32, &v, exit, &control, &serial))
                 .map_err(|source| VmError::Spawn {
                     vcpu: i as u32,
                     source,
@@ -511,6 +541,9 @@ impl Vm {
         let mut st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.1 < n {
             drop(st);
+            for &e in &self.exits {
+                e.set(true);
+            }
             for t in &self.threads {
                 // A failed kick is retried on the next round.
                 let _ = t.kill(kick_signal());
@@ -721,7 +754,7 @@ fn throttle_sleep(control: &Control, ran_since: &mut Instant) {
     *ran_since = Instant::now();
 }
 
-fn vcpu_loop(index: u32, vcpu: &Mutex<VcpuFd>, control: &Control, serial: &Serial) {
+fn vcpu_loop(index: u32, vcpu: &Mutex<VcpuFd>, exit: ExitFlag, control: &Control, serial: &Serial) {
     let mut line = Vec::<u8>::new();
     let mut ran_since = Instant::now();
     loop {
@@ -741,6 +774,8 @@ fn vcpu_loop(index: u32, vcpu: &Mutex<VcpuFd>, control: &Control, serial: &Seria
                     return;
                 }
             }
+            // Running, and a pause or stop sets the flag only after taking this lock.
+            exit.set(false);
         }
         let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
         match v.run() {
