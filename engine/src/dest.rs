@@ -356,6 +356,7 @@ fn run(
                 State::AwaitCommit { vm }
             }
             (State::AwaitCommit { vm }, Tag::Commit) => {
+                let arrived = Instant::now();
                 rx.ack(&msg)?;
                 // The decode threads hold no VM reference once every batch is acknowledged,
                 // which the source's barrier before Switchover guarantees.
@@ -386,6 +387,7 @@ fn run(
                         cpu_s: report.cpu_s,
                         pages_written: report.pages_written,
                         stale_records: report.stale_records,
+                        resume_ms: arrived.elapsed().as_secs_f64() * 1e3,
                     }),
                 )?;
                 vm.resume()?;

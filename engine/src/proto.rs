@@ -111,6 +111,10 @@ pub struct DestFigures {
     pub cpu_s: f64,
     pub pages_written: u64,
     pub stale_records: u64,
+    /// From the Commit's arrival to the reply, which comes just before the vCPUs run: the
+    /// end of the downtime, on the destination's clock.
+    #[serde(default)]
+    pub resume_ms: f64,
 }
 
 /// Encodes a JSON control message.

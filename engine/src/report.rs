@@ -85,6 +85,8 @@ pub struct Report {
     pub codec_trials: Vec<CodecTrial>,
     pub total_ms: f64,
     pub live_ms: f64,
+    /// From the pause on the source to the resume on the destination (see
+    /// [`SwitchoverFigures::commit_ms`]).
     pub downtime_ms: f64,
     pub eviction_ms: f64,
     /// The time promised before starting; `None` when the policy promises none.
@@ -180,7 +182,8 @@ pub struct Sample {
 }
 
 /// The downtime, step by step (milliseconds): `downtime_ms` is the sum of every step but
-/// `hash_ms`, which overlaps `final_pages_ms`, and `drain_ms`, which comes before the pause.
+/// `hash_ms`, which overlaps `final_pages_ms`, `drain_ms`, which comes before the pause, and
+/// `ack_ms`, which comes after the resume (`live_ms + downtime_ms + ack_ms = total_ms`).
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct SwitchoverFigures {
     /// Before the pause, the VM still running: waiting until the destination had applied
@@ -207,8 +210,13 @@ pub struct SwitchoverFigures {
     pub live_hash_pages: u64,
     /// Saving the VM state, sending it, and the destination's restore and digests.
     pub state_ms: f64,
-    /// Commit, until the destination reported the VM resumed.
+    /// Commit, until the destination resumed the VM: the Commit's way there (half the
+    /// probe's round trip) and the destination's own time until it ran the vCPUs.
     pub commit_ms: f64,
+    /// After the downtime: until the source had the destination's reply (part of the total,
+    /// as the source cannot let go of its VM before).
+    #[serde(default)]
+    pub ack_ms: f64,
 }
 
 /// CPU time spent on the migration (not running the guest).

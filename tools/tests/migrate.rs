@@ -83,7 +83,9 @@ fn assert_migrated(v: &Value, out: &Output, what: &str) {
     let total = v["total_ms"].as_f64().unwrap();
     let live = v["live_ms"].as_f64().unwrap();
     let down = v["downtime_ms"].as_f64().unwrap();
-    assert!((live + down - total).abs() < 1.0, "{}", ctx());
+    let ack = v["switchover"]["ack_ms"].as_f64().unwrap();
+    assert!(ack >= 0.0, "{}", ctx());
+    assert!((live + down + ack - total).abs() < 1.0, "{}", ctx());
     // The switchover's steps account for the downtime, and the source's hashing happened
     // while the last pages travelled.
     let step = |k: &str| {

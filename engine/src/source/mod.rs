@@ -772,11 +772,23 @@ impl Migration<'_, '_, '_> {
         steps.state_ms = lap();
         // Lane figures before the commit: the destination closes its lanes once resumed.
         let lane_stats = self.tx.stats();
+        let commit_at = Instant::now();
         self.tx.send(Tag::Commit as u16, Vec::new())?;
         let resumed: DestFigures = proto::from_json("Resumed", &self.expect_reply(Tag::Resumed)?)?;
-        steps.commit_ms = lap();
         guard.armed = false;
         let done = Instant::now();
+        // The downtime ends when the destination runs the vCPUs: the Commit's way there (half
+        // the round trip the probe measured) and the destination's time from its arrival to
+        // the resume, as it reports. The reply takes another way back, and on one host shared
+        // by both sides must also wait for a core the resumed vCPUs leave free: that is
+        // `ack_ms`, in the total but not in the downtime.
+        let resumed_at = done.min(
+            commit_at
+                + self.probe.round_trip / 2
+                + Duration::try_from_secs_f64(resumed.resume_ms / 1e3).unwrap_or_default(),
+        );
+        steps.ack_ms = done.duration_since(resumed_at).as_secs_f64() * 1e3;
+        steps.commit_ms = lap() - steps.ack_ms;
         self.sample(Phase::Done, 0.0);
 
         let total = done.duration_since(self.t0).as_secs_f64() * 1e3;
@@ -797,7 +809,7 @@ impl Migration<'_, '_, '_> {
             codec_trials,
             total_ms: total,
             live_ms: paused_at.duration_since(self.t0).as_secs_f64() * 1e3,
-            downtime_ms: done.duration_since(paused_at).as_secs_f64() * 1e3,
+            downtime_ms: resumed_at.duration_since(paused_at).as_secs_f64() * 1e3,
             eviction_ms: total,
             bound_ms: self.bound.map(|b| b.as_secs_f64() * 1e3),
             within_bound: self.bound.map(|b| total <= b.as_secs_f64() * 1e3),
@@ -905,15 +917,15 @@ impl Migration<'_, '_, '_> {
     /// A forecast `d` that ends with `pages` of stop-and-copy transfer, plus the switchover's
     /// own cost: the source hashes while those pages travel (with `--verify full` only those
     /// pages; else all of memory, and the destination too after the last one with
-    /// `reread`), then a few round trips (state, digests, commit).
+    /// `reread`), then a few round trips (state and digests, commit).
     fn with_switchover(&self, d: Duration, pages: Duration) -> Duration {
-        // The barrier after the last pages, the VM state, the commit: a round trip each.
-        // Beyond those, the steps' own work, as the reports' `switchover` figures show it
-        // on an idle 512 MiB guest here: pausing and the last harvest (0.2–0.5 ms), saving
-        // and restoring the state and summing the destination's digests (~0.8 ms), the
-        // last batch (~0.5 ms), resuming (~0.2 ms).
+        // The barrier after the last pages and the VM state, a round trip each; the Commit's
+        // way there. Beyond those, the steps' own work, as the reports' `switchover` figures
+        // show it on an idle 512 MiB guest here: pausing and the last harvest (0.2–0.5 ms),
+        // saving and restoring the state and summing the destination's digests (~0.8 ms),
+        // the last batch (~0.5 ms), resuming (~0.2 ms).
         const STEPS: Duration = Duration::from_millis(2);
-        let fixed = STEPS.saturating_add(self.probe.round_trip.saturating_mul(3));
+        let fixed = STEPS.saturating_add(self.probe.round_trip.mul_f64(2.5));
         let hash = self.hash_time;
         let theirs = match self.cfg.verify {
             VerifyMode::Reread => hash,
