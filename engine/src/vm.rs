@@ -548,13 +548,18 @@ impl Vm {
                 // A failed kick is retried on the next round.
                 let _ = t.kill(kick_signal());
             }
-            st = self.control.state.lock().unwrap_or_else(|e| e.into_inner());
-            let (s, _) = self
+            // The vCPUs may have parked (and notified no one) while we kicked: a plain wait
+            // would then sleep its whole timeout in the downtime.
+            st = self
                 .control
                 .cv
-                .wait_timeout(st, Duration::from_millis(2))
-                .unwrap_or_else(|e| e.into_inner());
-            st = s;
+                .wait_timeout_while(
+                    self.control.state.lock().unwrap_or_else(|e| e.into_inner()),
+                    Duration::from_millis(2),
+                    |st| st.1 < n,
+                )
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
