@@ -779,7 +779,8 @@ fn vcpu_loop(index: u32, vcpu: &Mutex<VcpuFd>, exit: ExitFlag, control: &Control
                     return;
                 }
             }
-            // Running, and a pause or stop sets the flag only after taking this lock.
+            // Running: a pause or stop changes the state under this lock before it sets the
+            // flag, so this never clears the flag of its kick.
             exit.set(false);
         }
         let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
