@@ -16,11 +16,38 @@ use super::{Controls, Decision, Forecast, Policy, PolicyConfig, Precopy, Progres
 pub struct Autoconverge {
     precopy: Precopy,
     cfg: PolicyConfig,
+    steps: Steps,
+    seen_epoch: u32,
+    pages_at_harvest: u64,
+}
+
+/// The throttle and the epochs above the trigger since its last step.
+#[derive(Debug, Clone, Copy, Default)]
+struct Steps {
     throttle: f64,
     /// Consecutive epochs above the trigger since the last step.
     high: u32,
-    seen_epoch: u32,
-    pages_at_harvest: u64,
+}
+
+impl Steps {
+    /// After a harvest whose epoch dirtied `dirtied` pages and sent `sent`.
+    fn after_epoch(&mut self, cfg: &PolicyConfig, dirtied: f64, sent: f64) {
+        if dirtied > cfg.throttle_trigger * sent {
+            self.high += 1;
+        } else {
+            self.high = 0;
+        }
+        if self.high >= 2 {
+            self.high = 0;
+            let max = cfg.throttle_max.clamp(0.0, crate::vm::MAX_THROTTLE);
+            self.throttle = if self.throttle == 0.0 {
+                cfg.throttle_initial
+            } else {
+                self.throttle + cfg.throttle_step
+            }
+            .min(max);
+        }
+    }
 }
 
 impl Autoconverge {
@@ -29,8 +56,7 @@ impl Autoconverge {
         Self {
             precopy: Precopy::new(cfg.clone()),
             cfg,
-            throttle: 0.0,
-            high: 0,
+            steps: Steps::default(),
             seen_epoch: 0,
             pages_at_harvest: 0,
         }
@@ -38,7 +64,7 @@ impl Autoconverge {
 
     /// The throttle in force.
     pub fn throttle(&self) -> f64 {
-        self.throttle
+        self.steps.throttle
     }
 
     fn observe(&mut self, p: &Progress) {
@@ -48,21 +74,8 @@ impl Autoconverge {
         self.seen_epoch = p.epoch;
         let sent = p.pages_sent.saturating_sub(self.pages_at_harvest);
         self.pages_at_harvest = p.pages_sent;
-        if p.dirtied_last_epoch as f64 > self.cfg.throttle_trigger * sent as f64 {
-            self.high += 1;
-        } else {
-            self.high = 0;
-        }
-        if self.high >= 2 {
-            self.high = 0;
-            let max = self.cfg.throttle_max.clamp(0.0, crate::vm::MAX_THROTTLE);
-            self.throttle = if self.throttle == 0.0 {
-                self.cfg.throttle_initial
-            } else {
-                self.throttle + self.cfg.throttle_step
-            }
-            .min(max);
-        }
+        self.steps
+            .after_epoch(&self.cfg, p.dirtied_last_epoch as f64, sent as f64);
     }
 }
 
@@ -73,11 +86,21 @@ impl Policy for Autoconverge {
 
     fn decide(&mut self, p: &Progress) -> Decision {
         self.observe(p);
-        self.precopy.decide(p)
+        self.precopy.decide_throttled(p, self.steps.throttle)
     }
 
+    /// Precopy's forecast, with the throttle stepped by the same rule at every harvest it
+    /// looks ahead to (the first counts the pages this epoch has sent so far).
     fn forecast(&self, p: &Progress) -> Forecast {
-        self.precopy.forecast_throttled(p, self.throttle)
+        let mut now = self.clone();
+        now.observe(p);
+        let mut steps = now.steps;
+        let mut sent_before = p.pages_sent.saturating_sub(now.pages_at_harvest) as f64;
+        self.precopy
+            .forecast_stepped(p, steps.throttle, |dirtied, sent| {
+                steps.after_epoch(&self.cfg, dirtied, sent + std::mem::take(&mut sent_before));
+                steps.throttle
+            })
     }
 
     fn limit_reached(&self) -> bool {
@@ -86,7 +109,7 @@ impl Policy for Autoconverge {
 
     fn controls(&self) -> Controls {
         Controls {
-            throttle: self.throttle,
+            throttle: self.steps.throttle,
             ..Controls::default()
         }
     }

@@ -286,8 +286,15 @@ impl Policy for Membound {
         if let Some(tail) = &self.tail {
             let pass = tail.pass_left.min(p.dirty) as f64;
             let pass_time = t.map_or(0.0, |t| throttled_page_time(p, t, self.throttle));
-            let written =
-                expected_writes(p, &self.track, pass * pass_time, 0.0, false, self.throttle);
+            let written = expected_writes(
+                p,
+                &self.track,
+                pass * pass_time,
+                0.0,
+                false,
+                self.throttle,
+                0.0,
+            );
             let after = written.over(p.dirty as f64 - pass, p.total_pages as f64);
             return forecast_with_pass(p, 0.0, (pass, pass_time), after);
         }

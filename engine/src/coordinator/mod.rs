@@ -750,7 +750,8 @@ impl EpochTracker {
 /// Pages the guest is expected to dirty (write after they were sent) from the last harvest, or
 /// from now if not `from_harvest`, until `ahead` seconds from now, under `throttle`; the
 /// never-sent pages go out at an even pace over the next `sending` seconds (a share of them
-/// within the window if that is longer). Uses the
+/// within the window if that is longer), and so does the share `resent` of the working set
+/// (see [`WriteModel::dirtied`]). Uses the
 /// executor's write model ([`WriteModel::dirtied`]) when there is one, else the dirty rate of
 /// the last epochs.
 fn expected_writes(
@@ -760,6 +761,7 @@ fn expected_writes(
     sending: f64,
     from_harvest: bool,
     throttle: f64,
+    resent: f64,
 ) -> Writes {
     let g = (1.0 - throttle).max(0.0);
     let ahead = ahead.max(0.0);
@@ -802,7 +804,7 @@ fn expected_writes(
         ),
     ]
     .map(|(share, t)| (share, t * g));
-    m.dirtied((since + ahead) * g, ahead * g, &shares)
+    m.dirtied((since + ahead) * g, ahead * g, &shares, resent)
 }
 
 /// The live phase of a multiplexing policy (MPLM, TLM, membound), forecast. Every never-sent
@@ -840,7 +842,7 @@ fn multiplexed_forecast(
     let window = since + live;
     let after_last = if e > 0.0 { window % e } else { window };
     let total = p.total_pages as f64;
-    let written = expected_writes(p, track, live, live, true, 0.0);
+    let written = expected_writes(p, track, live, live, true, 0.0, 0.0);
     let dirty_then = written.over(p.dirty as f64, total);
     let (unsendable, found) = if after_last >= window {
         (written, 0.0)
@@ -852,11 +854,11 @@ fn multiplexed_forecast(
             ..p.clone()
         };
         let sending = after_last.min(live);
-        let unsendable = expected_writes(&at_last, track, after_last, sending, false, 0.0);
+        let unsendable = expected_writes(&at_last, track, after_last, sending, false, 0.0, 0.0);
         // Until then: the harvests find what is dirty at the last one, beyond what is now.
         let until = (live - after_last).max(0.0);
         let dirty_at_last =
-            expected_writes(p, track, until, live, true, 0.0).over(p.dirty as f64, total);
+            expected_writes(p, track, until, live, true, 0.0, 0.0).over(p.dirty as f64, total);
         // At least the pages written before it and not after (more when the touched pages
         // cap both counts: a sweep writes the same pages before and after).
         let before = written.total() - unsendable.total();
@@ -884,7 +886,15 @@ fn paused_page_time(p: &Progress, t: f64) -> f64 {
 /// Seconds to send one page live with the vCPUs throttled by `throttle`, from `t` unthrottled:
 /// the workers get back the share of the cores the vCPUs give up, towards the paused rate.
 fn throttled_page_time(p: &Progress, t: f64, throttle: f64) -> f64 {
-    t + throttle.clamp(0.0, 1.0) * (paused_page_time(p, t) - t)
+    rethrottled_page_time(p, t, 0.0, throttle)
+}
+
+/// [`throttled_page_time`] from `t` measured under the throttle `now`.
+fn rethrottled_page_time(p: &Progress, t: f64, now: f64, throttle: f64) -> f64 {
+    let paused = paused_page_time(p, t);
+    let now = now.clamp(0.0, crate::vm::MAX_THROTTLE);
+    let free = t + (t - paused) * now / (1.0 - now);
+    free + throttle.clamp(0.0, 1.0) * (paused - free)
 }
 
 /// [`forecast_from`], with a `pass` of pages sent live at `pass_time` seconds a page (a pass

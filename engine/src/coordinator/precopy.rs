@@ -20,7 +20,8 @@
 use std::time::Duration;
 
 use super::EpochTracker;
-use super::{dirty_pass, expected_writes, forecast_from, page_time, secs_to_duration};
+use super::{dirty_pass, expected_writes, forecast_from, forecast_with_pass, page_time};
+use super::{rethrottled_page_time, secs_to_duration};
 use super::{Decision, Forecast, PolicyConfig, Progress};
 use super::{OnLimit, Policy};
 
@@ -33,6 +34,15 @@ pub struct Precopy {
     evaluated: u32,
     /// Pages of the current dirty pass not asked for yet.
     pass_left: u64,
+    /// Pages of the current dirty pass.
+    pass: u64,
+    /// When the current dirty pass's harvest was taken, in seconds from the start.
+    pass_at: f64,
+    /// The throttle the current dirty pass runs under.
+    pass_throttle: f64,
+    /// How fast the guest writes against the write model, fitted to the dirty passes'
+    /// harvests (`None` until one is seen).
+    speed: Option<f64>,
     limit: bool,
     /// The last decision was Switchover: what is dirty now is the stop-and-copy.
     switching: bool,
@@ -46,6 +56,10 @@ impl Precopy {
             cfg,
             evaluated: 0,
             pass_left: 0,
+            pass: 0,
+            pass_at: 0.0,
+            pass_throttle: 0.0,
+            speed: None,
             limit: false,
             switching: false,
             track: EpochTracker::default(),
@@ -69,21 +83,57 @@ impl Precopy {
         }
     }
 
+    /// Pages dirty at the end of a dirty pass that resends `pass` pages at an even pace over
+    /// `secs` seconds under `throttle`: a write counts on them only after their resend, on the
+    /// other pages whenever it falls in the window.
+    fn after_pass(&self, p: &Progress, pass: f64, secs: f64, throttle: f64) -> f64 {
+        let resending = Progress {
+            never_sent: pass as u64,
+            ..p.clone()
+        };
+        // The pass is the working set's pages rewritten since the last harvest, or all of them.
+        let resent = p.writes.map_or(0.0, |m| {
+            let ws = m.working_set();
+            if ws > 0.0 {
+                (pass / ws).min(1.0)
+            } else {
+                0.0
+            }
+        });
+        expected_writes(&resending, &self.track, secs, secs, false, throttle, resent)
+            .total()
+            .min(p.total_pages as f64)
+    }
+
     /// Model: the first pass sends the never-sent pages; then each dirty pass of `D` pages takes
-    /// `D × page time`, during which the last epoch's dirty rate dirties the next pass, until
-    /// the pass fits `max_downtime` or `max_epochs` harvests are done (or the timeout). The guest runs under `throttle`.
-    pub(super) fn forecast_throttled(&self, p: &Progress, throttle: f64) -> Forecast {
+    /// `D × page time`, during which the guest dirties the next pass, until the pass fits
+    /// `max_downtime` or `max_epochs` harvests are done (or the timeout). The guest runs under
+    /// `throttle` until the next harvest; after each harvest, `step(dirtied, sent)` (the pages
+    /// the epoch dirtied and those it sent) gives the throttle for the next pass. A throttle
+    /// slows the guest's writes and gives the workers back the share of the cores it takes.
+    pub(super) fn forecast_stepped(
+        &self,
+        p: &Progress,
+        throttle: f64,
+        mut step: impl FnMut(f64, f64) -> f64,
+    ) -> Forecast {
+        let p = &self.at_fitted_speed(p);
         let total = p.total_pages as f64;
         if self.switching {
             // The dirty set, and what was written since its harvest.
-            let since = expected_writes(p, &self.track, 0.0, 0.0, true, throttle).total();
+            let since = expected_writes(p, &self.track, 0.0, 0.0, true, throttle, 0.0).total();
             return forecast_from(p, 0.0, (p.dirty as f64 + since).min(total));
         }
-        let t = page_time(p).unwrap_or(0.0);
+        let measured = page_time(p).unwrap_or(0.0);
+        let page_time_at = |th: f64| rethrottled_page_time(p, measured, throttle, th);
+        let t = page_time_at(throttle);
         let max_down = self.cfg.max_downtime.as_secs_f64();
         let mut live = p.never_sent as f64;
-        let mut elapsed = p.elapsed.as_secs_f64() + live * t;
+        let mut ahead = live * t;
+        // The dirty passes after the current one: pages and seconds.
+        let (mut passes, mut pass_secs) = (0.0, 0.0);
         let mut epoch = p.epoch;
+        let mut throttle = throttle;
         // Dirty pages the next check sees: those of the harvest just done, or those the rest of
         // the current pass (the first one, or a dirty pass) leaves for the harvest at its end.
         let left = if p.never_sent > 0 || epoch == 0 {
@@ -97,30 +147,38 @@ impl Precopy {
             None => p.dirty as f64,
             Some(left) => {
                 live += left;
-                elapsed += left * t;
+                ahead += left * t;
                 epoch += 1;
-                let ahead = (p.never_sent as f64 + left) * t;
-                let sending = p.never_sent as f64 * t;
-                expected_writes(p, &self.track, ahead, sending, true, throttle)
-                    .total()
-                    .min(total)
+                let window = p.since_harvest.as_secs_f64() + ahead;
+                let pass = if p.epoch == 0 {
+                    total
+                } else {
+                    self.pass as f64
+                };
+                let dirtied = self.after_pass(p, pass, window, throttle);
+                throttle = step(dirtied, p.never_sent as f64 + left);
+                dirtied
             }
         };
         let deadline = self.cfg.timeout.map(|d| d.as_secs_f64());
         loop {
+            let t = page_time_at(throttle);
             let fits = dirty * t <= max_down || dirty == 0.0;
+            let elapsed = p.elapsed.as_secs_f64() + ahead;
             let limited = epoch >= self.cfg.max_epochs || deadline.is_some_and(|d| elapsed > d);
             if fits || limited || t == 0.0 {
                 break;
             }
-            live += dirty;
-            elapsed += dirty * t;
-            dirty = expected_writes(p, &self.track, dirty * t, 0.0, false, throttle)
-                .total()
-                .min(total);
+            let pass = dirty;
+            passes += pass;
+            pass_secs += pass * t;
+            ahead += pass * t;
+            dirty = self.after_pass(p, pass, pass * t, throttle);
+            throttle = step(dirty, pass);
             epoch += 1;
         }
-        forecast_from(p, live, dirty)
+        let pass_time = if passes > 0.0 { pass_secs / passes } else { t };
+        forecast_with_pass(p, live, (passes, pass_time), dirty)
     }
 }
 
@@ -130,13 +188,11 @@ impl Policy for Precopy {
     }
 
     fn decide(&mut self, p: &Progress) -> Decision {
-        let d = self.next(p);
-        self.switching = d == Decision::Switchover;
-        d
+        self.decide_throttled(p, 0.0)
     }
 
     fn forecast(&self, p: &Progress) -> Forecast {
-        self.forecast_throttled(p, 0.0)
+        self.forecast_stepped(p, 0.0, |_, _| 0.0)
     }
 
     fn limit_reached(&self) -> bool {
@@ -145,7 +201,57 @@ impl Policy for Precopy {
 }
 
 impl Precopy {
-    fn next(&mut self, p: &Progress) -> Decision {
+    /// [`Policy::decide`], with the guest under `throttle` from now on.
+    pub(super) fn decide_throttled(&mut self, p: &Progress, throttle: f64) -> Decision {
+        let d = self.next(p, throttle);
+        self.switching = d == Decision::Switchover;
+        d
+    }
+
+    /// After a dirty pass's harvest: the speed at which the write model forecasts the pages the
+    /// pass left dirty, within 1/5 and 5 times the model's (the first fit, then the mean of
+    /// the fits' logarithms, the newest weighing half). Not the first pass's: it sends in address order,
+    /// and where the working set lies decides how long its pages stay exposed after their send.
+    fn fit_speed(&mut self, p: &Progress) {
+        let Some(m) = p.writes else {
+            return;
+        };
+        let at = p.elapsed.saturating_sub(p.since_harvest).as_secs_f64();
+        let secs = at - self.pass_at;
+        let pass = self.pass as f64;
+        if p.epoch < 2 || pass == 0.0 || secs <= 0.0 {
+            return;
+        }
+        let left_at = |speed: f64| {
+            let q = Progress {
+                writes: Some(m.scaled(speed)),
+                ..p.clone()
+            };
+            self.after_pass(&q, pass, secs, self.pass_throttle)
+        };
+        let seen = p.dirty as f64;
+        let (mut lo, mut hi) = (0.2f64.ln(), 5.0f64.ln());
+        for _ in 0..30 {
+            let mid = (lo + hi) / 2.0;
+            if left_at(mid.exp()) < seen {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let fit = (lo + hi) / 2.0;
+        self.speed = Some(self.speed.map_or(fit, |s| (s.ln() + fit) / 2.0).exp());
+    }
+
+    /// `p` with the write model at the fitted speed.
+    fn at_fitted_speed(&self, p: &Progress) -> Progress {
+        Progress {
+            writes: p.writes.map(|m| m.scaled(self.speed.unwrap_or(1.0))),
+            ..p.clone()
+        }
+    }
+
+    fn next(&mut self, p: &Progress, throttle: f64) -> Decision {
         self.track.observe(p);
         let timed_out = self.cfg.timed_out(p);
         if timed_out && self.cfg.on_limit == OnLimit::Abort {
@@ -171,6 +277,7 @@ impl Precopy {
         }
         if p.epoch != self.evaluated {
             self.evaluated = p.epoch;
+            self.fit_speed(p);
             let estimate = Self::downtime_of(p, p.dirty);
             if estimate.is_some_and(|d| d <= self.cfg.max_downtime) {
                 return Decision::Switchover;
@@ -184,6 +291,9 @@ impl Precopy {
                 ));
             }
             self.pass_left = p.dirty;
+            self.pass = p.dirty;
+            self.pass_at = p.elapsed.saturating_sub(p.since_harvest).as_secs_f64();
+            self.pass_throttle = throttle;
         }
         dirty_pass(&mut self.pass_left, p.dirty, self.cfg.cycle())
     }

@@ -519,6 +519,46 @@ fn precopy_passes_resend_what_was_dirty_at_the_harvest() {
     }
 }
 
+/// A write model that says the guest writes twice as fast as it does: after the first dirty
+/// pass's harvest, precopy fits the model's speed to what the pass left dirty, and forecasts
+/// the time left within 20% (−14%; the model as it came: +1661%, a pass that barely shrinks).
+#[test]
+fn precopy_fits_the_write_model_to_its_harvests() {
+    let cfg = PolicyConfig {
+        max_downtime: Duration::from_millis(100),
+        ..policy_cfg()
+    };
+    let rate = 4000.0;
+    let sim = SimConfig {
+        writes: Some(WriteModel {
+            rate: 2.0 * rate,
+            wss: (N / 2) as f64,
+            drift: 0.0,
+            memory: N as f64,
+            touched: None,
+        }),
+        ..sim_cfg(DirtyModel::Uniform {
+            rate,
+            working_set: N / 2,
+        })
+    };
+    let (out, log) = run(PolicyKind::Precopy, &cfg, sim);
+    assert!(out.converged && out.epochs >= 3, "{out:?}");
+    let mut replay = Precopy::new(cfg.clone());
+    let (p, _) = log
+        .iter()
+        .find(|(p, _)| {
+            replay.decide(p);
+            p.epoch == 2
+        })
+        .expect("a harvest");
+    let left = out.total.as_secs_f64() - p.elapsed.as_secs_f64();
+    let error = |policy: &Precopy| policy.forecast(p).remaining.as_secs_f64() / left - 1.0;
+    let (fitted, unfitted) = (error(&replay), error(&Precopy::new(cfg.clone())));
+    assert!(fitted.abs() <= 0.2, "{fitted}");
+    assert!(unfitted > 1.0, "{unfitted}");
+}
+
 /// When precopy (and autoconverge, which decides through it) switches over, its downtime
 /// forecast is the dirty set it stops with, not the pass it would have sent next.
 #[test]
@@ -850,6 +890,30 @@ fn autoconverge_converges_where_precopy_does_not() {
         auto.max_throttle >= 0.2 && auto.total < pre.total,
         "{auto:?}"
     );
+}
+
+/// Auto-converge's forecast steps the throttle by the policy's own rule at every harvest it
+/// looks ahead to: where the guest writes at random over all memory twice as fast as the link
+/// carries it, the time left at 25% and 50% is within 15% (+22% and +23% when forecast at the
+/// throttle in force).
+#[test]
+fn autoconverge_forecasts_its_throttle_steps() {
+    let rate = 2.0 * N as f64;
+    let sim = SimConfig {
+        writes: Some(WriteModel {
+            rate,
+            wss: N as f64,
+            drift: 0.0,
+            memory: N as f64,
+            touched: None,
+        }),
+        ..sim_cfg(DirtyModel::Uniform {
+            rate,
+            working_set: N,
+        })
+    };
+    let errors = eta_errors(PolicyKind::Autoconverge, &policy_cfg(), sim);
+    assert!(errors.iter().all(|e| e.abs() <= 0.15), "{errors:?}");
 }
 
 // ---- over-commit ----

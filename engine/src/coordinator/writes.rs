@@ -140,17 +140,34 @@ impl WriteModel {
     }
 
     /// Of the pages written in the `secs` seconds before a switchover, those dirty then: pages
-    /// written after they were sent. The working set is rewritten soon after it is sent, so
-    /// all of it counts; the drift counts on each share of memory for the time from its send
-    /// to the switchover: `(share, seconds)` pairs that add up to all of memory.
+    /// written after they were sent. The working set's pages sent before the window count
+    /// when written in it; the share `resent` of them sent again at an even pace within it (a
+    /// pre-copy pass over the dirty set) only when written after that. The drift counts on
+    /// each share of memory for the time from its send to the switchover: `(share, seconds)`
+    /// pairs that add up to all of memory.
     ///
     /// Returns the working set's part and the drift's, apart: the working set's pages are
     /// mostly dirty already when a harvest has seen the guest, the drift's mostly new. Both
     /// within the touched pages' ceiling at the window's end, `ahead` seconds from now (the
     /// touched pages hold what came before), the drift first cut.
-    pub fn dirtied(&self, secs: f64, ahead: f64, shares: &[(f64, f64)]) -> Writes {
+    pub fn dirtied(&self, secs: f64, ahead: f64, shares: &[(f64, f64)], resent: f64) -> Writes {
         let ceiling = self.ceiling(ahead);
-        let working_set = saturating(self.rate, self.wss, secs).min(ceiling);
+        let written = saturating(self.rate, self.wss, secs);
+        // A page sent at a uniform time within the window is rewritten after it with the
+        // chance 1 − (1 − e^(−x)) / x, x = rate × secs ÷ wss: the working set less the
+        // window's writes ÷ x.
+        let x = if self.wss > 0.0 {
+            self.rate * secs / self.wss
+        } else {
+            0.0
+        };
+        let after_resend = if x > 1e-9 {
+            (self.wss - written / x).max(0.0)
+        } else {
+            0.0
+        };
+        let resent = resent.clamp(0.0, 1.0);
+        let working_set = ((1.0 - resent) * written + resent * after_resend).min(ceiling);
         let drift = shares
             .iter()
             .map(|&(share, t)| share.clamp(0.0, 1.0) * sweep(self.drift, self.memory, t))
@@ -295,6 +312,29 @@ mod tests {
         assert!((m.drift - 169_000.0).abs() < 1.0, "{m:?}");
     }
 
+    /// A working-set page resent at a uniform time within the window is dirty at its end only
+    /// if rewritten after: 1 − (1 − e^(−x)) / x of them, against 1 − e^(−x) sent before it.
+    #[test]
+    fn a_resent_working_set_counts_only_what_is_written_after_the_resend() {
+        let m = WriteModel {
+            rate: 1000.0,
+            wss: 1000.0,
+            drift: 0.0,
+            memory: MEM,
+            touched: None,
+        };
+        let e = (-1.0f64).exp();
+        let before = 1000.0 * (1.0 - e);
+        let after = 1000.0 * e;
+        let ws = |resent| m.dirtied(1.0, 1.0, &[(1.0, 1.0)], resent).working_set;
+        assert!((ws(0.0) - before).abs() < 1e-6, "{}", ws(0.0));
+        assert!((ws(1.0) - after).abs() < 1e-6, "{}", ws(1.0));
+        assert!((ws(0.5) - (before + after) / 2.0).abs() < 1e-6);
+        // Short windows: on average half the window is left after a resend.
+        let short = m.dirtied(1e-3, 1e-3, &[(1.0, 1e-3)], 1.0).working_set;
+        assert!((short - 0.5).abs() < 1e-3, "{short}");
+    }
+
     #[test]
     fn drift_lands_on_clean_pages_and_the_working_set_on_dirty_ones() {
         let w = Writes {
@@ -349,9 +389,9 @@ mod tests {
         };
         // 500 + 1000 without the ceiling; 800 + 10 × 10 with it.
         assert!((m.distinct(10.0) - 900.0).abs() < 1e-9);
-        let w = m.dirtied(10.0, 10.0, &[(1.0, 10.0)]);
+        let w = m.dirtied(10.0, 10.0, &[(1.0, 10.0)], 0.0);
         // Only the window's future grows the ceiling: the touched pages hold its past.
-        let late = m.dirtied(11.0, 1.0, &[(1.0, 11.0)]);
+        let late = m.dirtied(11.0, 1.0, &[(1.0, 11.0)], 0.0);
         assert!((late.total() - 810.0).abs() < 1e-6, "{late:?}");
         assert!((w.total() - 900.0).abs() < 1e-6, "{w:?}");
         assert!(w.over(0.0, MEM) <= 900.0 + 1e-9);
