@@ -25,6 +25,19 @@ use super::{rethrottled_page_time, secs_to_duration};
 use super::{Decision, Forecast, PolicyConfig, Progress};
 use super::{OnLimit, Policy};
 
+/// The guest's writing speed against the write model, as fitted under a throttle.
+#[derive(Debug, Clone, Copy)]
+struct SpeedFit {
+    throttle: f64,
+    /// The speed's logarithm.
+    ln_speed: f64,
+}
+
+/// `ln(1 − throttle)`, the throttle kept below 1.
+fn ln_free(throttle: f64) -> f64 {
+    (1.0 - throttle.clamp(0.0, crate::vm::MAX_THROTTLE)).ln()
+}
+
 /// Classic pre-copy: a first pass over all memory, then passes over the dirty set until the
 /// estimated downtime fits `max_downtime`, or `max_epochs` / `timeout` apply `on_limit`.
 #[derive(Debug, Clone)]
@@ -42,7 +55,10 @@ pub struct Precopy {
     pass_throttle: f64,
     /// How fast the guest writes against the write model, fitted to the dirty passes'
     /// harvests (`None` until one is seen).
-    speed: Option<f64>,
+    fit: Option<SpeedFit>,
+    /// How the guest's speed follows the throttle: as `(1 − throttle)^response`; `None` (1)
+    /// until two fits under different throttles measure it.
+    response: Option<f64>,
     limit: bool,
     /// The last decision was Switchover: what is dirty now is the stop-and-copy.
     switching: bool,
@@ -59,7 +75,8 @@ impl Precopy {
             pass: 0,
             pass_at: 0.0,
             pass_throttle: 0.0,
-            speed: None,
+            fit: None,
+            response: None,
             limit: false,
             switching: false,
             track: EpochTracker::default(),
@@ -84,13 +101,16 @@ impl Precopy {
     }
 
     /// Pages dirty at the end of a dirty pass that resends `pass` pages at an even pace over
-    /// `secs` seconds under `throttle`: a write counts on them only after their resend, on the
-    /// other pages whenever it falls in the window.
-    fn after_pass(&self, p: &Progress, pass: f64, secs: f64, throttle: f64) -> f64 {
-        let resending = Progress {
-            never_sent: pass as u64,
-            ..p.clone()
-        };
+    /// `secs` seconds, the guest writing at `speed` × the write model: a write counts on them
+    /// only after their resend, on the other pages whenever it falls in the window.
+    fn after_pass(&self, p: &Progress, pass: f64, secs: f64, speed: f64) -> f64 {
+        let (resending, throttle) = Self::writing_at(
+            &Progress {
+                never_sent: pass as u64,
+                ..p.clone()
+            },
+            speed,
+        );
         // The pass is the working set's pages rewritten since the last harvest, or all of them.
         let resent = p.writes.map_or(0.0, |m| {
             let ws = m.working_set();
@@ -105,6 +125,34 @@ impl Precopy {
             .min(p.total_pages as f64)
     }
 
+    /// `p` with the guest writing at `speed` × the write model, and the throttle that gives
+    /// the same without one (the last epochs' dirty rate then scales by `1 − throttle`).
+    fn writing_at(p: &Progress, speed: f64) -> (Progress, f64) {
+        match p.writes {
+            Some(m) => (
+                Progress {
+                    writes: Some(m.scaled(speed)),
+                    ..p.clone()
+                },
+                0.0,
+            ),
+            None => (p.clone(), (1.0 - speed).clamp(0.0, 1.0)),
+        }
+    }
+
+    /// How fast the guest writes under `throttle` against the write model: `1 − throttle`
+    /// until a dirty pass was fitted; then the fitted speed, moved to `throttle` by the
+    /// measured response.
+    fn speed_under(&self, throttle: f64) -> f64 {
+        match self.fit {
+            None => ln_free(throttle).exp(),
+            Some(f) => {
+                let response = self.response.unwrap_or(1.0);
+                (f.ln_speed + response * (ln_free(throttle) - ln_free(f.throttle))).exp()
+            }
+        }
+    }
+
     /// Model: the first pass sends the never-sent pages; then each dirty pass of `D` pages takes
     /// `D × page time`, during which the guest dirties the next pass, until the pass fits
     /// `max_downtime` or `max_epochs` harvests are done (or the timeout). The guest runs under
@@ -117,11 +165,11 @@ impl Precopy {
         throttle: f64,
         mut step: impl FnMut(f64, f64) -> f64,
     ) -> Forecast {
-        let p = &self.at_fitted_speed(p);
         let total = p.total_pages as f64;
         if self.switching {
             // The dirty set, and what was written since its harvest.
-            let since = expected_writes(p, &self.track, 0.0, 0.0, true, throttle, 0.0).total();
+            let (q, th) = Self::writing_at(p, self.speed_under(throttle));
+            let since = expected_writes(&q, &self.track, 0.0, 0.0, true, th, 0.0).total();
             return forecast_from(p, 0.0, (p.dirty as f64 + since).min(total));
         }
         let measured = page_time(p).unwrap_or(0.0);
@@ -155,7 +203,7 @@ impl Precopy {
                 } else {
                     self.pass as f64
                 };
-                let dirtied = self.after_pass(p, pass, window, throttle);
+                let dirtied = self.after_pass(p, pass, window, self.speed_under(throttle));
                 throttle = step(dirtied, p.never_sent as f64 + left);
                 dirtied
             }
@@ -173,7 +221,7 @@ impl Precopy {
             passes += pass;
             pass_secs += pass * t;
             ahead += pass * t;
-            dirty = self.after_pass(p, pass, pass * t, throttle);
+            dirty = self.after_pass(p, pass, pass * t, self.speed_under(throttle));
             throttle = step(dirty, pass);
             epoch += 1;
         }
@@ -208,47 +256,45 @@ impl Precopy {
         d
     }
 
-    /// After a dirty pass's harvest: the speed at which the write model forecasts the pages the
-    /// pass left dirty, within 1/5 and 5 times the model's (the first fit, then the mean of
-    /// the fits' logarithms, the newest weighing half). Not the first pass's: it sends in address order,
-    /// and where the working set lies decides how long its pages stay exposed after their send.
+    /// After a dirty pass's harvest: the speed at which the write model gives the pages the
+    /// pass left dirty (1/50 to 5 × the model). The first fit is taken as it is; each later
+    /// one is averaged (in logarithms) with the last, moved to its throttle by the response,
+    /// and a fit under another throttle than the last measures that response (0 to 1; the
+    /// first as it is, then averaged too). Not the first pass: it sends in address order, and where the working
+    /// set lies decides how long its pages stay exposed after their send.
     fn fit_speed(&mut self, p: &Progress) {
-        let Some(m) = p.writes else {
+        if p.writes.is_none() {
             return;
-        };
+        }
         let at = p.elapsed.saturating_sub(p.since_harvest).as_secs_f64();
         let secs = at - self.pass_at;
         let pass = self.pass as f64;
         if p.epoch < 2 || pass == 0.0 || secs <= 0.0 {
             return;
         }
-        let left_at = |speed: f64| {
-            let q = Progress {
-                writes: Some(m.scaled(speed)),
-                ..p.clone()
-            };
-            self.after_pass(&q, pass, secs, self.pass_throttle)
-        };
         let seen = p.dirty as f64;
-        let (mut lo, mut hi) = (0.2f64.ln(), 5.0f64.ln());
+        let (mut lo, mut hi) = (0.02f64.ln(), 5.0f64.ln());
         for _ in 0..30 {
             let mid = (lo + hi) / 2.0;
-            if left_at(mid.exp()) < seen {
+            if self.after_pass(p, pass, secs, mid.exp()) < seen {
                 lo = mid;
             } else {
                 hi = mid;
             }
         }
-        let fit = (lo + hi) / 2.0;
-        self.speed = Some(self.speed.map_or(fit, |s| (s.ln() + fit) / 2.0).exp());
-    }
-
-    /// `p` with the write model at the fitted speed.
-    fn at_fitted_speed(&self, p: &Progress) -> Progress {
-        Progress {
-            writes: p.writes.map(|m| m.scaled(self.speed.unwrap_or(1.0))),
-            ..p.clone()
-        }
+        let (ln_speed, throttle) = ((lo + hi) / 2.0, self.pass_throttle);
+        let ln_speed = match self.fit {
+            None => ln_speed,
+            Some(last) => {
+                let span = ln_free(throttle) - ln_free(last.throttle);
+                if span.abs() >= 0.05 {
+                    let seen = ((ln_speed - last.ln_speed) / span).clamp(0.0, 1.0);
+                    self.response = Some(self.response.map_or(seen, |r| (r + seen) / 2.0));
+                }
+                (last.ln_speed + self.response.unwrap_or(1.0) * span + ln_speed) / 2.0
+            }
+        };
+        self.fit = Some(SpeedFit { throttle, ln_speed });
     }
 
     fn next(&mut self, p: &Progress, throttle: f64) -> Decision {

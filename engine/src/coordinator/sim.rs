@@ -72,6 +72,9 @@ pub struct SimConfig {
     /// Whether the executor reads the dirty log every [`LOG_READ`] between harvests and passes
     /// the pages touched so far with `writes` ([`WriteModel::touched`]). Default false.
     pub read_log: bool,
+    /// How the guest's speed follows the throttle: `(1 − throttle)^throttle_response`. Default
+    /// 1; 0 for a guest the throttle does not slow (one starved of CPU by other threads).
+    pub throttle_response: f64,
     /// Give up (stalled) after this many decisions. Default 10 million.
     pub max_decisions: u64,
     /// Give up (stalled) after this much virtual time. Default 1 hour.
@@ -91,6 +94,7 @@ impl Default for SimConfig {
             switchover_cost: Duration::ZERO,
             writes: None,
             read_log: false,
+            throttle_response: 1.0,
             max_decisions: 10_000_000,
             max_time: Duration::from_secs(3600),
         }
@@ -337,7 +341,8 @@ impl Sim {
             .controls
             .cores
             .map_or(1.0, |c| (c.max(1) as f64 / vcpus).min(1.0));
-        let speed = (1.0 - self.controls.throttle.clamp(0.0, 1.0)) * packed;
+        let free = 1.0 - self.controls.throttle.clamp(0.0, 1.0);
+        let speed = free.powf(self.cfg.throttle_response) * packed;
         let due = self.cfg.dirty.rate() * speed * secs + self.write_carry;
         let writes = due.floor();
         self.write_carry = due - writes;
