@@ -872,8 +872,8 @@ impl Migration<'_, '_, '_> {
     }
 
     /// Wire bytes the destination has acknowledged. Those the lanes were handed run ahead by
-    /// what the socket buffers hold: counted, the first second's rate read 10–15% above what
-    /// the link carries, and the time left as much short.
+    /// what the socket buffers hold: counted, the first second's rate read 130–137 MB/s on a
+    /// 125 MB/s link, and the time left came out short by as much.
     fn delivered_bytes(&self) -> u64 {
         self.wire_bytes().saturating_sub(self.tx.unacked_bytes())
     }
