@@ -519,6 +519,21 @@ fn precopy_passes_resend_what_was_dirty_at_the_harvest() {
     }
 }
 
+/// A guest writing `rate` pages/s at random over its first `working_set` pages, and the write
+/// model of it the probe would give, `model` × too fast.
+fn random_writes(rate: f64, working_set: u64, model: f64) -> SimConfig {
+    SimConfig {
+        writes: Some(WriteModel {
+            rate: model * rate,
+            wss: working_set as f64,
+            drift: 0.0,
+            memory: N as f64,
+            touched: None,
+        }),
+        ..sim_cfg(DirtyModel::Uniform { rate, working_set })
+    }
+}
+
 /// A write model that says the guest writes twice as fast as it does: after the first dirty
 /// pass's harvest, precopy fits the model's speed to what the pass left dirty, and forecasts
 /// the time left within 20% (−2%; the model as it came: +1762%, a pass that barely shrinks).
@@ -528,21 +543,7 @@ fn precopy_fits_the_write_model_to_its_harvests() {
         max_downtime: Duration::from_millis(100),
         ..policy_cfg()
     };
-    let rate = 4000.0;
-    let sim = SimConfig {
-        writes: Some(WriteModel {
-            rate: 2.0 * rate,
-            wss: (N / 2) as f64,
-            drift: 0.0,
-            memory: N as f64,
-            touched: None,
-        }),
-        ..sim_cfg(DirtyModel::Uniform {
-            rate,
-            working_set: N / 2,
-        })
-    };
-    let (out, log) = run(PolicyKind::Precopy, &cfg, sim);
+    let (out, log) = run(PolicyKind::Precopy, &cfg, random_writes(4000.0, N / 2, 2.0));
     assert!(out.converged && out.epochs >= 3, "{out:?}");
     // The forecast before the second decision of epoch 2: the first evaluated its harvest.
     let mut replay = Precopy::new(cfg.clone());
@@ -900,20 +901,7 @@ fn autoconverge_converges_where_precopy_does_not() {
 /// throttle in force).
 #[test]
 fn autoconverge_forecasts_its_throttle_steps() {
-    let rate = 2.0 * N as f64;
-    let sim = SimConfig {
-        writes: Some(WriteModel {
-            rate,
-            wss: N as f64,
-            drift: 0.0,
-            memory: N as f64,
-            touched: None,
-        }),
-        ..sim_cfg(DirtyModel::Uniform {
-            rate,
-            working_set: N,
-        })
-    };
+    let sim = random_writes(2.0 * N as f64, N, 1.0);
     let errors = eta_errors(PolicyKind::Autoconverge, &policy_cfg(), sim);
     assert!(errors.iter().all(|e| e.abs() <= 0.15), "{errors:?}");
 }
@@ -924,27 +912,16 @@ fn autoconverge_forecasts_its_throttle_steps() {
 /// time left within 20% (−13%; with the textbook response, −59%).
 #[test]
 fn autoconverge_measures_how_the_throttle_slows_the_guest() {
-    let rate = 0.9 * N as f64;
-    let sim = |response| SimConfig {
-        writes: Some(WriteModel {
-            rate,
-            wss: N as f64,
-            drift: 0.0,
-            memory: N as f64,
-            touched: None,
-        }),
-        throttle_response: response,
-        ..sim_cfg(DirtyModel::Uniform {
-            rate,
-            working_set: N,
-        })
+    let sim = SimConfig {
+        throttle_response: 0.0,
+        ..random_writes(0.9 * N as f64, N, 1.0)
     };
     let cfg = PolicyConfig {
         max_downtime: Duration::from_millis(20),
         max_epochs: 100,
         ..policy_cfg()
     };
-    let (out, log) = run(PolicyKind::Autoconverge, &cfg, sim(0.0));
+    let (out, log) = run(PolicyKind::Autoconverge, &cfg, sim);
     assert!(out.converged && out.max_throttle >= 0.3, "{out:?}");
     // The forecast once the second throttle step is in force (before that decision).
     let mut replay = Autoconverge::new(cfg.clone());
