@@ -67,15 +67,20 @@ impl Autoconverge {
         self.steps.throttle
     }
 
-    fn observe(&mut self, p: &Progress) {
+    /// The throttle's state, and the pages sent at the last harvest, once `p` is seen.
+    fn observed(&self, p: &Progress) -> (Steps, u64) {
+        let mut steps = self.steps;
         if p.epoch == self.seen_epoch {
-            return;
+            return (steps, self.pages_at_harvest);
         }
-        self.seen_epoch = p.epoch;
         let sent = p.pages_sent.saturating_sub(self.pages_at_harvest);
-        self.pages_at_harvest = p.pages_sent;
-        self.steps
-            .after_epoch(&self.cfg, p.dirtied_last_epoch as f64, sent as f64);
+        steps.after_epoch(&self.cfg, p.dirtied_last_epoch as f64, sent as f64);
+        (steps, p.pages_sent)
+    }
+
+    fn observe(&mut self, p: &Progress) {
+        (self.steps, self.pages_at_harvest) = self.observed(p);
+        self.seen_epoch = p.epoch;
     }
 }
 
@@ -92,10 +97,8 @@ impl Policy for Autoconverge {
     /// Precopy's forecast, with the throttle stepped by the same rule at every harvest it
     /// looks ahead to (the first counts the pages this epoch has sent so far).
     fn forecast(&self, p: &Progress) -> Forecast {
-        let mut now = self.clone();
-        now.observe(p);
-        let mut steps = now.steps;
-        let mut sent_before = p.pages_sent.saturating_sub(now.pages_at_harvest) as f64;
+        let (mut steps, pages_at_harvest) = self.observed(p);
+        let mut sent_before = p.pages_sent.saturating_sub(pages_at_harvest) as f64;
         self.precopy
             .forecast_stepped(p, steps.throttle, |dirtied, sent| {
                 steps.after_epoch(&self.cfg, dirtied, sent + std::mem::take(&mut sent_before));

@@ -118,6 +118,15 @@ pub struct Progress {
     pub writes: Option<WriteModel>,
 }
 
+impl Progress {
+    /// Seconds from the start to the last harvest.
+    fn harvested_at(&self) -> f64 {
+        self.elapsed
+            .saturating_sub(self.since_harvest)
+            .as_secs_f64()
+    }
+}
+
 /// What the executor should do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -708,7 +717,7 @@ impl EpochTracker {
         if p.epoch == self.seen_epoch {
             return false;
         }
-        let at = p.elapsed.saturating_sub(p.since_harvest).as_secs_f64();
+        let at = p.harvested_at();
         let len = at - self.last_harvest_at;
         if len > 0.0 {
             let rate = p.dirtied_last_epoch as f64 / len;

@@ -105,7 +105,7 @@ impl Precopy {
     /// only after their resend, on the other pages whenever it falls in the window.
     fn after_pass(&self, p: &Progress, pass: f64, secs: f64, speed: f64) -> f64 {
         let (resending, throttle) = Self::writing_at(
-            &Progress {
+            Progress {
                 never_sent: pass as u64,
                 ..p.clone()
             },
@@ -127,16 +127,13 @@ impl Precopy {
 
     /// `p` with the guest writing at `speed` × the write model, and the throttle that gives
     /// the same without one (the last epochs' dirty rate then scales by `1 − throttle`).
-    fn writing_at(p: &Progress, speed: f64) -> (Progress, f64) {
-        match p.writes {
-            Some(m) => (
-                Progress {
-                    writes: Some(m.scaled(speed)),
-                    ..p.clone()
-                },
-                0.0,
-            ),
-            None => (p.clone(), (1.0 - speed).clamp(0.0, 1.0)),
+    fn writing_at(mut p: Progress, speed: f64) -> (Progress, f64) {
+        match p.writes.as_mut() {
+            Some(m) => {
+                *m = m.scaled(speed);
+                (p, 0.0)
+            }
+            None => (p, (1.0 - speed).clamp(0.0, 1.0)),
         }
     }
 
@@ -168,7 +165,7 @@ impl Precopy {
         let total = p.total_pages as f64;
         if self.switching {
             // The dirty set, and what was written since its harvest.
-            let (q, th) = Self::writing_at(p, self.speed_under(throttle));
+            let (q, th) = Self::writing_at(p.clone(), self.speed_under(throttle));
             let since = expected_writes(&q, &self.track, 0.0, 0.0, true, th, 0.0).total();
             return forecast_from(p, 0.0, (p.dirty as f64 + since).min(total));
         }
@@ -260,14 +257,13 @@ impl Precopy {
     /// pass left dirty (1/50 to 5 × the model). The first fit is taken as it is; each later
     /// one is averaged (in logarithms) with the last, moved to its throttle by the response,
     /// and a fit under another throttle than the last measures that response (0 to 1; the
-    /// first as it is, then averaged too). Not the first pass: it sends in address order, and where the working
-    /// set lies decides how long its pages stay exposed after their send.
+    /// first as it is, then averaged too). Not the first pass: it sends in address order, and
+    /// where the working set lies decides how long its pages stay exposed after their send.
     fn fit_speed(&mut self, p: &Progress) {
         if p.writes.is_none() {
             return;
         }
-        let at = p.elapsed.saturating_sub(p.since_harvest).as_secs_f64();
-        let secs = at - self.pass_at;
+        let secs = p.harvested_at() - self.pass_at;
         let pass = self.pass as f64;
         if p.epoch < 2 || pass == 0.0 || secs <= 0.0 {
             return;
@@ -338,7 +334,7 @@ impl Precopy {
             }
             self.pass_left = p.dirty;
             self.pass = p.dirty;
-            self.pass_at = p.elapsed.saturating_sub(p.since_harvest).as_secs_f64();
+            self.pass_at = p.harvested_at();
             self.pass_throttle = throttle;
         }
         dirty_pass(&mut self.pass_left, p.dirty, self.cfg.cycle())
