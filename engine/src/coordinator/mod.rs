@@ -112,6 +112,11 @@ pub struct Progress {
     pub paused_bandwidth: f64,
     /// Pages newly put in the dirty group by the last harvest.
     pub dirtied_last_epoch: u64,
+    /// Sent pages in neither dirty group that the dirty log showed written when it was last
+    /// read (the executor reads it at each forecast, taking nothing from it): pages the next
+    /// harvest will put in the dirty group. `None` if the log is not read between harvests
+    /// (forecasts then model the writes since the last harvest too).
+    pub unharvested: Option<u64>,
     /// How many distinct pages the guest writes in a given time at its current speed, throttle
     /// aside (policies apply their own); `None` if the executor has no such measurement
     /// (forecasts then extrapolate the dirty rate of the last epochs).
@@ -821,9 +826,10 @@ fn expected_writes(
 /// along, while there are dirty pages to resend: the `resendable` ones now and those dirty at
 /// the last harvest before the end beyond the dirty ones now, at most `budget`. Pages written
 /// after the last harvest before the end cannot be resent. The pages dirty at the end are what
-/// is dirty now with what is written until then ([`Writes::over`]: the working set's writes
-/// fall on dirty pages, the drift's on any), less the resends, and at least what is written
-/// after that last harvest.
+/// is dirty now (with what the log has shown written since the last harvest, when the executor
+/// reads it: [`Progress::unharvested`]) with what is written until then ([`Writes::over`]:
+/// the working set's writes fall on dirty pages, the drift's on any), less the resends, and at
+/// least what is written after that last harvest.
 ///
 /// Returns the pages sent live and the pages dirty at the end of the live phase.
 fn multiplexed_forecast(
@@ -851,10 +857,22 @@ fn multiplexed_forecast(
     let window = since + live;
     let after_last = if e > 0.0 { window % e } else { window };
     let total = p.total_pages as f64;
-    let written = expected_writes(p, track, live, live, true, 0.0, 0.0);
-    let dirty_then = written.over(p.dirty as f64, total);
+    // What a harvest now would put in the dirty groups, as far as the log has shown it; the
+    // model forecasts only the writes to come.
+    let seen = p.unharvested.map(|n| n as f64);
+    let from_harvest = seen.is_none();
+    let known = (p.dirty as f64 + seen.unwrap_or(0.0)).min(total);
+    let written = expected_writes(p, track, live, live, from_harvest, 0.0, 0.0);
+    let dirty_then = written.over(known, total);
+    let since_harvest = match seen {
+        Some(seen) => {
+            let ws = p.writes.map_or(0.0, |m| m.working_set());
+            written.with_seen(seen, ws, total)
+        }
+        None => written.total(),
+    };
     let (unsendable, found) = if after_last >= window {
-        (written, 0.0)
+        (since_harvest, 0.0)
     } else {
         // From the last harvest before the end: the never-sent pages left then go out evenly
         // over the rest of the live phase.
@@ -863,20 +881,20 @@ fn multiplexed_forecast(
             ..p.clone()
         };
         let sending = after_last.min(live);
-        let unsendable = expected_writes(&at_last, track, after_last, sending, false, 0.0, 0.0);
+        let unsendable =
+            expected_writes(&at_last, track, after_last, sending, false, 0.0, 0.0).total();
         // Until then: the harvests find what is dirty at the last one, beyond what is now.
         let until = (live - after_last).max(0.0);
         let dirty_at_last =
-            expected_writes(p, track, until, live, true, 0.0, 0.0).over(p.dirty as f64, total);
+            expected_writes(p, track, until, live, from_harvest, 0.0, 0.0).over(known, total);
         // At least the pages written before it and not after (more when the touched pages
         // cap both counts: a sweep writes the same pages before and after).
-        let before = written.total() - unsendable.total();
+        let before = since_harvest - unsendable;
         (
             unsendable,
             before.max(dirty_at_last - p.dirty as f64).max(0.0),
         )
     };
-    let unsendable = unsendable.total();
     let resends = capacity.min(budget.max(0.0)).min(resendable + found);
     let at_end = (dirty_then - resends).max(unsendable).clamp(0.0, total);
     (ns + resends, at_end)

@@ -22,7 +22,7 @@ use std::time::Duration;
 use super::EpochTracker;
 use super::{dirty_pass, expected_writes, forecast_from, forecast_with_pass, page_time};
 use super::{rethrottled_page_time, secs_to_duration};
-use super::{Decision, Forecast, PolicyConfig, Progress};
+use super::{Decision, Forecast, PolicyConfig, Progress, Writes};
 use super::{OnLimit, Policy};
 
 /// The guest's writing speed against the write model, as fitted under a throttle.
@@ -104,6 +104,14 @@ impl Precopy {
     /// `secs` seconds, the guest writing at `speed` × the write model: a write counts on them
     /// only after their resend, on the other pages whenever it falls in the window.
     fn after_pass(&self, p: &Progress, pass: f64, secs: f64, speed: f64) -> f64 {
+        self.pass_writes(p, pass, pass, secs, speed)
+            .total()
+            .min(p.total_pages as f64)
+    }
+
+    /// The writes [`Precopy::after_pass`] counts, when `resends` of the `pass` pages are dirty
+    /// pages (the others never-sent ones).
+    fn pass_writes(&self, p: &Progress, pass: f64, resends: f64, secs: f64, speed: f64) -> Writes {
         let (resending, throttle) = Self::writing_at(
             Progress {
                 never_sent: pass as u64,
@@ -111,18 +119,17 @@ impl Precopy {
             },
             speed,
         );
-        // The pass is the working set's pages rewritten since the last harvest, or all of them.
+        // The resends are the working set's pages rewritten since the last harvest, or all of
+        // them.
         let resent = p.writes.map_or(0.0, |m| {
             let ws = m.working_set();
             if ws > 0.0 {
-                (pass / ws).min(1.0)
+                (resends / ws).min(1.0)
             } else {
                 0.0
             }
         });
         expected_writes(&resending, &self.track, secs, secs, false, throttle, resent)
-            .total()
-            .min(p.total_pages as f64)
     }
 
     /// `p` with the guest writing at `speed` × the write model, and the throttle that gives
@@ -194,13 +201,26 @@ impl Precopy {
                 live += left;
                 ahead += left * t;
                 epoch += 1;
-                let window = p.since_harvest.as_secs_f64() + ahead;
-                let pass = if p.epoch == 0 {
-                    total
-                } else {
-                    self.pass as f64
+                let speed = self.speed_under(throttle);
+                let dirtied = match p.unharvested {
+                    // What the log has shown written since the pass began, with the writes
+                    // to come on the pages sent and those the pass still sends.
+                    Some(seen) => {
+                        let ws = p.writes.map_or(0.0, |m| m.working_set());
+                        self.pass_writes(p, p.never_sent as f64 + left, left, ahead, speed)
+                            .with_seen(seen as f64, ws, total)
+                            .min(total)
+                    }
+                    None => {
+                        let window = p.since_harvest.as_secs_f64() + ahead;
+                        let pass = if p.epoch == 0 {
+                            total
+                        } else {
+                            self.pass as f64
+                        };
+                        self.after_pass(p, pass, window, speed)
+                    }
                 };
-                let dirtied = self.after_pass(p, pass, window, self.speed_under(throttle));
                 throttle = step(dirtied, p.never_sent as f64 + left);
                 dirtied
             }

@@ -70,7 +70,8 @@ pub struct SimConfig {
     /// Default none.
     pub writes: Option<WriteModel>,
     /// Whether the executor reads the dirty log every [`LOG_READ`] between harvests and passes
-    /// the pages touched so far with `writes` ([`WriteModel::touched`]). Default false.
+    /// the pages touched so far with `writes` ([`WriteModel::touched`]) and the pages the next
+    /// harvest will find ([`Progress::unharvested`]). Default false.
     pub read_log: bool,
     /// How the guest's speed follows the throttle: `(1 − throttle)^throttle_response`. Default
     /// 1; 0 for a guest the throttle does not slow (one starved of CPU by other threads).
@@ -286,6 +287,7 @@ impl Sim {
             // One rate, vCPUs running or not.
             paused_bandwidth: 0.0,
             dirtied_last_epoch: self.dirtied_last_epoch,
+            unharvested: self.cfg.read_log.then(|| self.unharvested()),
             writes: self.cfg.writes.map(|m| WriteModel {
                 touched: self.growth.touched().filter(|_| self.cfg.read_log),
                 ..m
@@ -353,6 +355,20 @@ impl Sim {
             self.last_read = self.now;
             self.growth.mark(self.now, self.touched_pages as f64);
         }
+    }
+
+    /// The sent pages in neither dirty group that the log shows written, read as the executor
+    /// reads it before each forecast.
+    fn unharvested(&self) -> u64 {
+        // A page re-armed by its send and written again is listed twice.
+        let mut pages = self.log.clone();
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+            .into_iter()
+            .map(|p| p as usize)
+            .filter(|&p| self.logged[p] && self.sent[p] && !self.in_dirty[p] && !self.in_hot[p])
+            .count() as u64
     }
 
     /// Reads and sends one page (its content is the version at the time of reading).

@@ -263,6 +263,22 @@ impl Writes {
         };
         (before + self.drift.max(0.0) * clean).min(self.ceiling.max(dirty))
     }
+
+    /// The pages written in the window or seen written before it, `seen` of `memory` pages:
+    /// the working set's writes fall evenly on its `working_set` pages, as many of them seen
+    /// as can be; the drift's on any page. No more than the ceiling.
+    pub fn with_seen(&self, seen: f64, working_set: f64, memory: f64) -> f64 {
+        let unseen = |set: f64| {
+            if set > 0.0 {
+                1.0 - (seen / set).clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
+        let new =
+            self.working_set.max(0.0) * unseen(working_set) + self.drift.max(0.0) * unseen(memory);
+        (seen + new).min(self.ceiling.max(seen))
+    }
 }
 
 /// Distinct pages among `set` written in `secs` seconds by a sweep of `rate` new pages per
@@ -293,6 +309,29 @@ mod tests {
     use proptest::prelude::*;
 
     const MEM: f64 = 1e6;
+
+    /// Writes added to pages seen written: the working set's fall on its unseen pages only,
+    /// the drift's on any page, and the ceiling holds.
+    #[test]
+    fn writes_with_seen_pages() {
+        let w = Writes {
+            working_set: 100.0,
+            drift: 50.0,
+            ceiling: f64::INFINITY,
+        };
+        // 250 of a 1000-page working set seen: 75 new in it, 50 × (1 − 250/10 000) drifting.
+        assert!((w.with_seen(250.0, 1000.0, 10_000.0) - (250.0 + 75.0 + 48.75)).abs() < 1e-9);
+        // Nothing seen: all of it.
+        assert_eq!(w.with_seen(0.0, 1000.0, 10_000.0), 150.0);
+        // The whole working set seen: the drift only.
+        assert!((w.with_seen(1000.0, 1000.0, 10_000.0) - 1045.0).abs() < 1e-9);
+        let capped = Writes {
+            ceiling: 300.0,
+            ..w
+        };
+        assert_eq!(capped.with_seen(250.0, 1000.0, 10_000.0), 300.0);
+        assert_eq!(capped.with_seen(400.0, 1000.0, 10_000.0), 400.0);
+    }
 
     #[test]
     fn steady_writing_is_a_drift() {

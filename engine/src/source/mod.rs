@@ -390,6 +390,8 @@ struct Migration<'a, 'd, 's> {
     pending: Vec<u64>,
     pages_sent: u64,
     dirtied_last_epoch: u64,
+    /// What the next harvest will add to the dirty groups, as the last read of the log showed.
+    unharvested: u64,
     last_harvest: Instant,
     meter: Meter,
     /// vCPU CPU time (ns) over the recent window, and its rate during the probe (ns/s): how
@@ -473,6 +475,7 @@ pub fn migrate(
             pending: Vec::new(),
             pages_sent: 0,
             dirtied_last_epoch: 0,
+            unharvested: 0,
             last_harvest: Instant::now(),
             meter: Meter::new(),
             guest_cpu: Meter::new(),
@@ -589,12 +592,13 @@ impl Migration<'_, '_, '_> {
                 let p = self.progress();
                 let f = policy.forecast(&p);
                 log::debug!(
-                    "forecast t={:.0}ms never_sent={} dirty={} hot={} B/s={:.0} B/page={:.0} \
-                     guest_speed={:.2} touched={:?} left={:?} downtime={:?}",
+                    "forecast t={:.0}ms never_sent={} dirty={} hot={} unharvested={} B/s={:.0} \
+                     B/page={:.0} guest_speed={:.2} touched={:?} left={:?} downtime={:?}",
                     p.elapsed.as_secs_f64() * 1e3,
                     p.never_sent,
                     p.dirty,
                     p.hot,
+                    self.unharvested,
                     p.bandwidth,
                     p.bytes_per_page,
                     self.guest_speed(),
@@ -1065,6 +1069,7 @@ impl Migration<'_, '_, '_> {
             },
             paused_bandwidth: self.probe.rate,
             dirtied_last_epoch: self.dirtied_last_epoch,
+            unharvested: Some(self.unharvested),
             writes: self.writes.map(|m| WriteModel {
                 touched: self.touched.growth.touched(),
                 ..m.scaled(self.guest_speed())
@@ -1156,6 +1161,7 @@ impl Migration<'_, '_, '_> {
             &mut self.hot,
         );
         self.resent.clear_all();
+        self.unharvested = 0;
         self.epoch += 1;
         self.last_harvest = Instant::now();
         log::debug!(
@@ -1169,11 +1175,14 @@ impl Migration<'_, '_, '_> {
         Ok(())
     }
 
-    /// Reads the dirty log for the touched pages, taking nothing from it.
+    /// Reads the dirty log for the touched pages and those the next harvest will find, taking
+    /// nothing from it.
     fn peek(&mut self) -> Result<(), MigrateError> {
         self.scratch.clear_all();
         self.shared.tracker.peek(&mut self.scratch)?;
         self.touched.add(Instant::now(), &self.scratch);
+        self.unharvested =
+            Bitmap::count_newly_dirty(&self.scratch, &self.sent, &self.dirty, &self.hot);
         Ok(())
     }
 
