@@ -825,11 +825,14 @@ fn expected_writes(
 /// page goes once; from the first harvest on (every `epoch`), each brings `ratio` resends
 /// along, while there are dirty pages to resend: the `resendable` ones now and those dirty at
 /// the last harvest before the end beyond the dirty ones now, at most `budget`. Pages written
-/// after the last harvest before the end cannot be resent. The pages dirty at the end are what
-/// is dirty now (with what the log has shown written since the last harvest, when the executor
-/// reads it: [`Progress::unharvested`]) with what is written until then ([`Writes::over`]:
-/// the working set's writes fall on dirty pages, the drift's on any), less the resends, and at
-/// least what is written after that last harvest.
+/// after the last harvest before the end cannot be resent. What is dirty now counts what the
+/// log has shown written since the last harvest, when the executor reads it
+/// ([`Progress::unharvested`]); writes to come fall, the working set's on dirty pages, the
+/// drift's on any ([`Writes::over`]). With no harvest before the end, the pages dirty at the
+/// end are what is dirty then less the resends, and at least what is written since the last
+/// harvest. With one, they are what the resends leave of the pages dirty at that harvest
+/// together with what is written after it ([`Writes::with_seen`]: a working set rewrites the
+/// pages that were resent).
 ///
 /// Returns the pages sent live and the pages dirty at the end of the live phase.
 fn multiplexed_forecast(
@@ -864,39 +867,39 @@ fn multiplexed_forecast(
     let known = (p.dirty as f64 + seen.unwrap_or(0.0)).min(total);
     let written = expected_writes(p, track, live, live, from_harvest, 0.0, 0.0);
     let dirty_then = written.over(known, total);
+    let ws = p.writes.map_or(0.0, |m| m.working_set());
     let since_harvest = match seen {
-        Some(seen) => {
-            let ws = p.writes.map_or(0.0, |m| m.working_set());
-            written.with_seen(seen, ws, total)
-        }
+        Some(seen) => written.with_seen(seen, ws, total),
         None => written.total(),
     };
-    let (unsendable, found) = if after_last >= window {
-        (since_harvest, 0.0)
-    } else {
-        // From the last harvest before the end: the never-sent pages left then go out evenly
-        // over the rest of the live phase.
-        let at_last = Progress {
-            never_sent: (ns * after_last / live.max(f64::MIN_POSITIVE)).min(ns) as u64,
-            ..p.clone()
-        };
-        let sending = after_last.min(live);
-        let unsendable =
-            expected_writes(&at_last, track, after_last, sending, false, 0.0, 0.0).total();
-        // Until then: the harvests find what is dirty at the last one, beyond what is now.
-        let until = (live - after_last).max(0.0);
-        let dirty_at_last =
-            expected_writes(p, track, until, live, from_harvest, 0.0, 0.0).over(known, total);
-        // At least the pages written before it and not after (more when the touched pages
-        // cap both counts: a sweep writes the same pages before and after).
-        let before = since_harvest - unsendable;
-        (
-            unsendable,
-            before.max(dirty_at_last - p.dirty as f64).max(0.0),
-        )
+    if after_last >= window {
+        // No harvest before the end: what is dirty then, less the resends of what is dirty now,
+        // and at least what was written since the last harvest.
+        let resends = capacity.min(budget.max(0.0)).min(resendable);
+        let at_end = (dirty_then - resends).max(since_harvest).clamp(0.0, total);
+        return (ns + resends, at_end);
+    }
+    // From the last harvest before the end: the never-sent pages left then go out evenly over
+    // the rest of the live phase.
+    let at_last = Progress {
+        never_sent: (ns * after_last / live.max(f64::MIN_POSITIVE)).min(ns) as u64,
+        ..p.clone()
     };
+    let sending = after_last.min(live);
+    let unsendable = expected_writes(&at_last, track, after_last, sending, false, 0.0, 0.0);
+    // Until then: the harvests find what is dirty at the last one, beyond what is now.
+    let until = (live - after_last).max(0.0);
+    let dirty_at_last =
+        expected_writes(p, track, until, live, from_harvest, 0.0, 0.0).over(known, total);
+    // At least the pages written before it and not after (more when the touched pages cap
+    // both counts: a sweep writes the same pages before and after).
+    let before = since_harvest - unsendable.total();
+    let found = before.max(dirty_at_last - p.dirty as f64).max(0.0);
     let resends = capacity.min(budget.max(0.0)).min(resendable + found);
-    let at_end = (dirty_then - resends).max(unsendable).clamp(0.0, total);
+    // Dirty at the end: what the resends leave of the pages dirty at the last harvest, and
+    // what is written after it, on those or on others (a working set rewrites what was resent).
+    let left = (dirty_at_last - resends).max(0.0);
+    let at_end = unsendable.with_seen(left, ws, total).clamp(0.0, total);
     (ns + resends, at_end)
 }
 
