@@ -304,13 +304,15 @@ fn guest_detects_corruption() {
             .unwrap()
             .iter()
             .all(|s| s.fails == 0 && s.checks > 0));
-        // A page the owner visits soon: seq sweeps 64 pages; idle's cursor is at
-        // `checks % share`.
+        // A page the owner visits soon, and not the one it was stopped on (it would write
+        // back the entry it had read): seq sweeps its 64 pages, idle all of its share, the
+        // cursor at `checks` modulo their count.
         let owner = vcpus as usize - 1;
         let share = vm.layout.shares()[owner];
+        let checks = status(&vm.mem).unwrap()[owner].checks;
         let ahead = match workload {
-            Workload::Idle => (status(&vm.mem).unwrap()[owner].checks + 200) % share.pages,
-            _ => 10,
+            Workload::Idle => (checks + 200) % share.pages,
+            _ => (checks + 32) % 64,
         };
         let victim = share.first_page + ahead;
         vm.bump_ledger(victim);
