@@ -124,6 +124,11 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Pages in the write model's working set; 0 without a model.
+    fn working_set(&self) -> f64 {
+        self.writes.map_or(0.0, |m| m.working_set())
+    }
+
     /// Seconds from the start to the last harvest.
     fn harvested_at(&self) -> f64 {
         self.elapsed
@@ -866,8 +871,7 @@ fn multiplexed_forecast(
     let from_harvest = seen.is_none();
     let known = (p.dirty as f64 + seen.unwrap_or(0.0)).min(total);
     let written = expected_writes(p, track, live, live, from_harvest, 0.0, 0.0);
-    let dirty_then = written.over(known, total);
-    let ws = p.writes.map_or(0.0, |m| m.working_set());
+    let ws = p.working_set();
     let since_harvest = match seen {
         Some(seen) => written.with_seen(seen, ws, total),
         None => written.total(),
@@ -876,6 +880,7 @@ fn multiplexed_forecast(
         // No harvest before the end: what is dirty then, less the resends of what is dirty now,
         // and at least what was written since the last harvest.
         let resends = capacity.min(budget.max(0.0)).min(resendable);
+        let dirty_then = written.over(known, total);
         let at_end = (dirty_then - resends).max(since_harvest).clamp(0.0, total);
         return (ns + resends, at_end);
     }

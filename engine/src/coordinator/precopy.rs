@@ -121,14 +121,12 @@ impl Precopy {
         );
         // The resends are the working set's pages rewritten since the last harvest, or all of
         // them.
-        let resent = p.writes.map_or(0.0, |m| {
-            let ws = m.working_set();
-            if ws > 0.0 {
-                (resends / ws).min(1.0)
-            } else {
-                0.0
-            }
-        });
+        let ws = p.working_set();
+        let resent = if ws > 0.0 {
+            (resends / ws).min(1.0)
+        } else {
+            0.0
+        };
         expected_writes(&resending, &self.track, secs, secs, false, throttle, resent)
     }
 
@@ -205,12 +203,10 @@ impl Precopy {
                 let dirtied = match p.unharvested {
                     // What the log has shown written since the pass began, with the writes
                     // to come on the pages sent and those the pass still sends.
-                    Some(seen) => {
-                        let ws = p.writes.map_or(0.0, |m| m.working_set());
-                        self.pass_writes(p, p.never_sent as f64 + left, left, ahead, speed)
-                            .with_seen(seen as f64, ws, total)
-                            .min(total)
-                    }
+                    Some(seen) => self
+                        .pass_writes(p, p.never_sent as f64 + left, left, ahead, speed)
+                        .with_seen(seen as f64, p.working_set(), total)
+                        .min(total),
                     None => {
                         let window = p.since_harvest.as_secs_f64() + ahead;
                         let pass = if p.epoch == 0 {
