@@ -50,10 +50,12 @@ mod mplm;
 mod overcommit;
 mod precopy;
 pub mod sim;
+mod sweep;
 mod writes;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -66,6 +68,7 @@ pub use membound::Membound;
 pub use mplm::Mplm;
 pub use overcommit::{Overcommit, Overcommitted};
 pub use precopy::Precopy;
+pub use sweep::{LastWrites, PageState, WriteClock};
 pub use writes::{Touched, TouchedGrowth, WriteModel, Writes};
 
 /// Wire bytes of one page in the worst case: a raw page, its record header and (for a batch of
@@ -121,6 +124,9 @@ pub struct Progress {
     /// aside (policies apply their own); `None` if the executor has no such measurement
     /// (forecasts then extrapolate the dirty rate of the last epochs).
     pub writes: Option<WriteModel>,
+    /// How long ago the dirty log last showed a sample of the pages written, if the executor
+    /// follows it: where a sweeping guest's next writes fall ([`LastWrites`]).
+    pub last_writes: Option<Arc<LastWrites>>,
 }
 
 impl Progress {
@@ -870,6 +876,16 @@ fn multiplexed_forecast(
     let seen = p.unharvested.map(|n| n as f64);
     let from_harvest = seen.is_none();
     let known = (p.dirty as f64 + seen.unwrap_or(0.0)).min(total);
+    if let Some((lw, period)) = sweep(p) {
+        let at = SweepEnd {
+            known,
+            seen: seen.unwrap_or(0.0),
+            capacity: capacity.min(budget.max(0.0)),
+            resendable,
+            harvest_ahead: after_last < window,
+        };
+        return at.forecast(p, lw, period, live, after_last);
+    }
     let written = expected_writes(p, track, live, live, from_harvest, 0.0, 0.0);
     let ws = p.working_set();
     let since_harvest = match seen {
@@ -906,6 +922,102 @@ fn multiplexed_forecast(
     let left = (dirty_at_last - resends).max(0.0);
     let at_end = unsendable.with_seen(left, ws, total).clamp(0.0, total);
     (ns + resends, at_end)
+}
+
+/// A sweep's period shorter than this is not followed page by page: the log is read every
+/// 100 ms, and every page it covers is dirty again within a few reads anyway.
+const SWEEP_MIN_PERIOD: f64 = 0.75;
+
+/// The sweep has covered its pages once when the touched pages grow slower than this share of
+/// its rate.
+const SWEEP_COVERED: f64 = 0.1;
+
+/// The pages' last writes and the sweep's period in seconds, when the guest sweeps memory: a
+/// write model with a drift and no working set, a period of at least [`SWEEP_MIN_PERIOD`], and
+/// a clock that saw writes.
+fn sweep(p: &Progress) -> Option<(&LastWrites, f64)> {
+    let m = p.writes.as_ref()?;
+    let lw = p.last_writes.as_deref()?;
+    let rate = m.drift_page_rate();
+    let period = 1.0 / rate;
+    // Until the sweep has covered its pages once, the touched pages understate them, and the
+    // period with them.
+    let covered = m.touched.is_some_and(|t| t.rate < SWEEP_COVERED * m.drift);
+    (covered && m.working_set() < 1.0 && rate > 0.0 && period >= SWEEP_MIN_PERIOD && lw.seen() > 0)
+        .then_some((lw, period))
+}
+
+/// The end of a multiplexing policy's live phase over a sweeping guest, page by page
+/// ([`sweep`]): which pages the sweep writes after their send, before and after the last
+/// harvest.
+struct SweepEnd {
+    /// Pages dirty now, and of them those the log showed since the last harvest.
+    known: f64,
+    seen: f64,
+    /// Resends the live phase has room for.
+    capacity: f64,
+    /// Dirty pages that can be resent now.
+    resendable: f64,
+    /// Whether a harvest falls before the end.
+    harvest_ahead: bool,
+}
+
+impl SweepEnd {
+    /// The pages sent live and those dirty at the end of a live phase of `live` seconds, the
+    /// last harvest `after_last` seconds before its end (see [`multiplexed_forecast`]).
+    fn forecast(
+        &self,
+        p: &Progress,
+        lw: &LastWrites,
+        period: f64,
+        live: f64,
+        after_last: f64,
+    ) -> (f64, f64) {
+        let ns = p.never_sent as f64;
+        let total = p.total_pages as f64;
+        let until = if self.harvest_ahead {
+            (live - after_last).max(0.0)
+        } else {
+            live
+        };
+        // Pages not dirty now that the sweep dirties by the last harvest and by the end;
+        // pages it writes after the last harvest, and of those the ones dirty at it.
+        let (mut new_then, mut new_end, mut after, mut after_dirty) = (0.0, 0.0, 0.0, 0.0);
+        for pg in lw.pages(period, p.elapsed, p.never_sent, live) {
+            let by_then = pg.dirtied_by(until);
+            if !pg.dirty {
+                new_then += f64::from(u8::from(by_then));
+                new_end += f64::from(u8::from(pg.dirtied_by(live)));
+            }
+            if pg.sent_in < live && pg.written_in(pg.sent_in.max(until), live) {
+                after += 1.0;
+                if pg.dirty || by_then {
+                    after_dirty += 1.0;
+                }
+            }
+        }
+        let [new_then, new_end, after, after_dirty] =
+            [new_then, new_end, after, after_dirty].map(|n| n * lw.stride);
+        if !self.harvest_ahead {
+            // What is dirty now stays so unless resent; the sweep adds what it writes.
+            let resends = self.capacity.min(self.resendable);
+            let at_end = (self.known + new_end - resends).max(self.seen + new_end);
+            return (ns + resends, at_end.clamp(0.0, total));
+        }
+        let dirty_then = (self.known + new_then).min(total);
+        let found = (dirty_then - p.dirty as f64).max(0.0);
+        let resends = self.capacity.min(self.resendable + found);
+        // What the resends leave of the pages dirty at the last harvest, and what the sweep
+        // writes after it; the pages in both, as many as the resends left of those dirty then.
+        let left = (dirty_then - resends).max(0.0);
+        let kept = if dirty_then > 0.0 {
+            left / dirty_then
+        } else {
+            0.0
+        };
+        let at_end = left + after - after_dirty * kept;
+        (ns + resends, at_end.clamp(0.0, total))
+    }
 }
 
 /// Seconds to send one page in the stop-and-copy, from `t` live: at the paused rate, if the

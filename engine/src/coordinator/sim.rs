@@ -13,7 +13,12 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::{secs_to_duration, Controls, Decision, Policy, Progress, TouchedGrowth, WriteModel};
+use std::sync::Arc;
+
+use super::{
+    secs_to_duration, Controls, Decision, LastWrites, PageState, Policy, Progress, TouchedGrowth,
+    WriteClock, WriteModel,
+};
 
 /// How the simulated guest writes its memory. Rates are page writes per second.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,12 +75,19 @@ pub struct SimConfig {
     /// Default none.
     pub writes: Option<WriteModel>,
     /// Whether the executor reads the dirty log every [`LOG_READ`] between harvests and passes
-    /// the pages touched so far with `writes` ([`WriteModel::touched`]) and the pages the next
-    /// harvest will find ([`Progress::unharvested`]). Default false.
+    /// the pages touched so far with `writes` ([`WriteModel::touched`]), the pages the next
+    /// harvest will find ([`Progress::unharvested`]) and when it last saw each page written
+    /// ([`Progress::last_writes`]). Default false.
     pub read_log: bool,
     /// How the guest's speed follows the throttle: `(1 − throttle)^throttle_response`. Default
     /// 1; 0 for a guest the throttle does not slow (one starved of CPU by other threads).
     pub throttle_response: f64,
+    /// The page a sequential sweep starts from. Default 0.
+    pub sweep_start: u64,
+    /// How long the guest runs before the migration starts, the log read as it goes (the
+    /// executor's probe): the touched pages and the pages' last writes are known from the
+    /// start. Default 0.
+    pub warmup: Duration,
     /// Give up (stalled) after this many decisions. Default 10 million.
     pub max_decisions: u64,
     /// Give up (stalled) after this much virtual time. Default 1 hour.
@@ -96,6 +108,8 @@ impl Default for SimConfig {
             writes: None,
             read_log: false,
             throttle_response: 1.0,
+            sweep_start: 0,
+            warmup: Duration::ZERO,
             max_decisions: 10_000_000,
             max_time: Duration::from_secs(3600),
         }
@@ -206,6 +220,8 @@ pub struct Sim {
     touched_pages: u64,
     growth: TouchedGrowth,
     last_read: f64,
+    clock: WriteClock,
+    last_writes: Option<Arc<LastWrites>>,
     controls: Controls,
     never_cursor: u64,
     never_sent: u64,
@@ -232,11 +248,11 @@ impl Sim {
         );
         Self {
             rng: Rng(cfg.seed),
-            now: 0.0,
+            now: -cfg.warmup.as_secs_f64(),
             last_harvest: 0.0,
             page_secs: cfg.bytes_per_page / cfg.bandwidth,
             write_carry: 0.0,
-            sweep_cursor: 0,
+            sweep_cursor: cfg.sweep_start,
             paused: false,
             version: vec![0; n],
             sent_version: vec![0; n],
@@ -252,7 +268,9 @@ impl Sim {
             touched: vec![false; n],
             touched_pages: 0,
             growth: TouchedGrowth::default(),
-            last_read: 0.0,
+            last_read: -cfg.warmup.as_secs_f64(),
+            clock: WriteClock::new(cfg.pages),
+            last_writes: None,
             controls: Controls::default(),
             never_cursor: 0,
             never_sent: cfg.pages,
@@ -292,6 +310,7 @@ impl Sim {
                 touched: self.growth.touched().filter(|_| self.cfg.read_log),
                 ..m
             }),
+            last_writes: self.last_writes.clone(),
         }
     }
 
@@ -354,7 +373,32 @@ impl Sim {
         if self.now - self.last_read >= LOG_READ.as_secs_f64() {
             self.last_read = self.now;
             self.growth.mark(self.now, self.touched_pages as f64);
+            if self.cfg.read_log {
+                self.read_clock();
+            }
         }
+    }
+
+    /// Dates the writes the log shows, and notes the pages' ages by where they stand, as the
+    /// executor does at each read.
+    fn read_clock(&mut self) {
+        let logged = &self.logged;
+        self.clock.read(self.now, |p| logged[p as usize]);
+        let state = |p: u64| {
+            let p = p as usize;
+            if !self.sent[p] {
+                PageState::NeverSent
+            } else if self.in_dirty[p] || self.in_hot[p] || self.logged[p] {
+                PageState::Dirty
+            } else {
+                PageState::Clean
+            }
+        };
+        let taken = secs_to_duration(self.now);
+        let now = self
+            .clock
+            .snapshot(self.now, taken, self.never_cursor, state);
+        self.last_writes = Some(Arc::new(now));
     }
 
     /// The sent pages in neither dirty group that the log shows written, read as the executor
@@ -451,6 +495,10 @@ impl Sim {
         let mut max_throttle: f64 = 0.0;
         let mut min_cores: Option<usize> = None;
         let max_time = self.cfg.max_time.as_secs_f64();
+        while self.now < 0.0 {
+            self.advance((-self.now).min(LOG_READ.as_secs_f64()));
+        }
+        self.now = 0.0;
         let end = loop {
             if decisions >= self.cfg.max_decisions || self.now > max_time {
                 break SimEnd::Stalled;

@@ -24,13 +24,14 @@ mod tune;
 mod workers;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_transport::SessionSender;
 
 use crate::bitmap::Bitmap;
 use crate::coordinator::{self, Controls, Decision, Forecast, PolicyConfig, PolicyKind};
-use crate::coordinator::{Progress, TouchedGrowth, WriteModel};
+use crate::coordinator::{LastWrites, PageState, Progress, TouchedGrowth, WriteClock, WriteModel};
 use crate::cpu;
 use crate::digest::{self, LiveTerms, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
@@ -279,6 +280,8 @@ struct Probe {
 struct TouchedLog {
     pages: Bitmap,
     growth: TouchedGrowth,
+    /// When a sample of the pages was last seen written.
+    clock: WriteClock,
     origin: Instant,
 }
 
@@ -287,15 +290,21 @@ impl TouchedLog {
         Self {
             pages: Bitmap::new(span),
             growth: TouchedGrowth::default(),
+            clock: WriteClock::new(span),
             origin: Instant::now(),
         }
+    }
+
+    fn secs(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.origin).as_secs_f64()
     }
 
     /// Adds the pages a read of the log showed at `at`.
     fn add(&mut self, at: Instant, read: &Bitmap) {
         self.pages.or_words(0, read.words());
-        let secs = at.saturating_duration_since(self.origin).as_secs_f64();
+        let secs = self.secs(at);
         self.growth.mark(secs, self.pages.count() as f64);
+        self.clock.read(secs, |p| read.get(p));
     }
 }
 
@@ -402,6 +411,8 @@ struct Migration<'a, 'd, 's> {
     /// The guest's writes, as the probe measured them, and what the dirty log showed since.
     writes: Option<WriteModel>,
     touched: TouchedLog,
+    /// What the clock in `touched` showed at the last read between harvests.
+    last_writes: Option<Arc<LastWrites>>,
     bound: Option<Duration>,
     /// The controls in force (as last applied to the VM).
     controls: Controls,
@@ -482,6 +493,7 @@ pub fn migrate(
             probe_guest_cpu: 0.0,
             probe: Probe::default(),
             writes: None,
+            last_writes: None,
             touched: TouchedLog::new(span),
             bound: None,
             controls: Controls::default(),
@@ -1074,6 +1086,7 @@ impl Migration<'_, '_, '_> {
                 touched: self.touched.growth.touched(),
                 ..m.scaled(self.guest_speed())
             }),
+            last_writes: self.last_writes.clone(),
         }
     }
 
@@ -1180,9 +1193,29 @@ impl Migration<'_, '_, '_> {
     fn peek(&mut self) -> Result<(), MigrateError> {
         self.scratch.clear_all();
         self.shared.tracker.peek(&mut self.scratch)?;
-        self.touched.add(Instant::now(), &self.scratch);
+        let now = Instant::now();
+        self.touched.add(now, &self.scratch);
         self.unharvested =
             Bitmap::count_newly_dirty(&self.scratch, &self.sent, &self.dirty, &self.hot);
+        if self.writes.is_some() {
+            let state = |p| {
+                if self.never_sent.get(p) {
+                    PageState::NeverSent
+                } else if !self.sent.get(p) {
+                    PageState::Absent
+                } else if self.dirty.get(p) || self.hot.get(p) || self.scratch.get(p) {
+                    PageState::Dirty
+                } else {
+                    PageState::Clean
+                }
+            };
+            let t = &self.touched;
+            let taken = now.saturating_duration_since(self.t0);
+            let ages = t
+                .clock
+                .snapshot(t.secs(now), taken, self.cursor_never, state);
+            self.last_writes = Some(Arc::new(ages));
+        }
         Ok(())
     }
 
