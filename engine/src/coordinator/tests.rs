@@ -81,6 +81,17 @@ fn dirty_all(times_link: f64) -> DirtyModel {
     }
 }
 
+/// What the probe measures of [`dirty_all`]`(times_link)`: a drift over all of memory.
+fn sweep_probe(times_link: f64) -> WriteModel {
+    WriteModel {
+        rate: 0.0,
+        wss: 0.0,
+        drift: times_link * N as f64,
+        memory: N as f64,
+        touched: None,
+    }
+}
+
 fn run(
     kind: PolicyKind,
     cfg: &PolicyConfig,
@@ -272,13 +283,7 @@ fn the_log_read_between_harvests_shows_a_sweep_that_trails_the_sends() {
         (PolicyKind::Autoconverge, precopy, 0.6, 0.25),
     ];
     for (kind, cfg, rate, within) in cases {
-        let probe = WriteModel {
-            rate: 0.0,
-            wss: 0.0,
-            drift: rate * N as f64,
-            memory: N as f64,
-            touched: None,
-        };
+        let probe = sweep_probe(rate);
         let sim = |read_log| SimConfig {
             writes: Some(probe),
             read_log,
@@ -309,13 +314,7 @@ fn a_sweep_is_followed_page_by_page() {
             timebound_epoch: Duration::from_millis(500),
             ..PolicyConfig::default()
         };
-        let probe = WriteModel {
-            rate: 0.0,
-            wss: 0.0,
-            drift: rate * N as f64,
-            memory: N as f64,
-            touched: None,
-        };
+        let probe = sweep_probe(rate);
         (0..8)
             .flat_map(|k| {
                 let sim = SimConfig {
