@@ -11,9 +11,8 @@
 //! that every page on the destination has its last version.
 
 use std::collections::VecDeque;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{
     secs_to_duration, Controls, Decision, LastWrites, PageState, Policy, Progress, TouchedGrowth,
