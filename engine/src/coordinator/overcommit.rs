@@ -1,14 +1,18 @@
 //! CPU over-commit (TLM): past a progress mark, the vCPU threads are packed onto fewer cores,
 //! which lowers the dirty rate and leaves cores to the migration workers. Wraps any policy.
 //!
-//! Once the wrapped policy's own progress fraction reaches `at`, [`Controls::cores`] becomes
+//! Once the wrapped policy's own progress fraction reaches `at` (looked at every
+//! [`FORECAST_EVERY`](super::FORECAST_EVERY), not at every decision: a forecast can walk a page
+//! sample), [`Controls::cores`] becomes
 //! `cores` (or, `stepwise`, one core fewer than `from` and then one fewer at every harvest,
 //! down to `cores`). On `Switchover` or `Abort` it goes back to `None`: the executor gives the
 //! vCPU threads their own affinity back (it also does so on any rollback).
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
-use super::{Controls, Decision, Forecast, Policy, Progress};
+use super::{Controls, Decision, Forecast, Policy, Progress, FORECAST_EVERY};
 
 /// Over-commit settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -29,6 +33,8 @@ pub struct Overcommitted {
     cfg: Overcommit,
     cores: Option<usize>,
     seen_epoch: u32,
+    /// When the progress mark was last looked at (`None`: not yet).
+    checked: Option<Duration>,
 }
 
 impl Overcommitted {
@@ -39,6 +45,7 @@ impl Overcommitted {
             cfg,
             cores: None,
             seen_epoch: 0,
+            checked: None,
         }
     }
 
@@ -46,6 +53,13 @@ impl Overcommitted {
         let floor = self.cfg.cores.max(1);
         match self.cores {
             None => {
+                if self
+                    .checked
+                    .is_some_and(|at| p.elapsed.saturating_sub(at) < FORECAST_EVERY)
+                {
+                    return;
+                }
+                self.checked = Some(p.elapsed);
                 if self.inner.forecast(p).fraction_done >= self.cfg.at {
                     self.seen_epoch = p.epoch;
                     self.cores = Some(if self.cfg.stepwise {

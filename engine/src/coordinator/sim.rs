@@ -117,7 +117,7 @@ impl Default for SimConfig {
 
 /// How often the simulated executor reads the dirty log for the touched pages, as the real one
 /// does at each forecast.
-pub const LOG_READ: Duration = Duration::from_millis(100);
+pub const LOG_READ: Duration = super::FORECAST_EVERY;
 
 /// How a simulated migration ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1054,10 +1054,15 @@ fn overcommit_packs_from_the_mark_and_restores() {
     let mut w = Overcommitted::new(Box::new(Mplm::new(cfg.clone())), oc);
     let mut p = progress(0, N - 100, 0);
     p.pages_sent = 100;
+    p.elapsed = Duration::ZERO;
     w.decide(&p);
     assert_eq!(w.controls().cores, None, "before the mark");
     let mut p = progress(0, N / 4, 0);
     p.pages_sent = N - N / 4;
+    p.elapsed = FORECAST_EVERY / 2;
+    w.decide(&p);
+    assert_eq!(w.controls().cores, None, "looked at the mark between forecasts");
+    p.elapsed = FORECAST_EVERY;
     w.decide(&p);
     assert_eq!(w.controls().cores, Some(1));
     assert_eq!(w.decide(&progress(1, 0, 0)), Decision::Switchover);

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use ferry_transport::SessionSender;
 
 use crate::bitmap::Bitmap;
+use crate::coordinator::FORECAST_EVERY;
 use crate::coordinator::{self, Controls, Decision, Forecast, PolicyConfig, PolicyKind};
 use crate::coordinator::{LastWrites, PageState, Progress, TouchedGrowth, WriteClock, WriteModel};
 use crate::cpu;
@@ -592,7 +593,7 @@ impl Migration<'_, '_, '_> {
         let mut drain = Duration::ZERO;
         let downtime_forecast = loop {
             let now = Instant::now();
-            if now.duration_since(last_event) >= Duration::from_millis(100) {
+            if now.duration_since(last_event) >= FORECAST_EVERY {
                 last_event = now;
                 self.meter.add(now, self.delivered_bytes());
                 self.tune(now);
