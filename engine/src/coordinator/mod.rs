@@ -933,7 +933,8 @@ fn multiplexed_forecast(
 const SWEEP_MIN_PERIOD: f64 = 0.75;
 
 /// The sweep has covered its pages once when the touched pages grow slower than this share of
-/// its rate.
+/// its rate, or leave less than this share of memory untouched (a sweep over all of memory,
+/// about to wrap: its growth, measured over half a second, lags).
 const SWEEP_COVERED: f64 = 0.1;
 
 /// The pages' last writes and the sweep's period in seconds, when the guest sweeps memory: a
@@ -942,12 +943,17 @@ const SWEEP_COVERED: f64 = 0.1;
 fn sweep(p: &Progress) -> Option<(&LastWrites, f64)> {
     let m = p.writes.as_ref()?;
     let lw = p.last_writes.as_deref()?;
-    let rate = m.drift_page_rate();
-    let period = 1.0 / rate;
+    let touched = m.touched?;
     // Until the sweep has covered its pages once, the touched pages understate them, and the
-    // period with them.
-    let covered = m.touched.is_some_and(|t| t.rate < SWEEP_COVERED * m.drift);
-    (covered && m.working_set() < 1.0 && rate > 0.0 && period >= SWEEP_MIN_PERIOD && lw.seen() > 0)
+    // period with them; unless it is about to cover all of memory.
+    let period = if touched.rate < SWEEP_COVERED * m.drift {
+        1.0 / m.drift_page_rate()
+    } else if touched.pages >= (1.0 - SWEEP_COVERED) * m.memory {
+        m.memory / m.drift
+    } else {
+        return None;
+    };
+    (m.working_set() < 1.0 && period.is_finite() && period >= SWEEP_MIN_PERIOD && lw.seen() > 0)
         .then_some((lw, period))
 }
 
