@@ -77,8 +77,7 @@ pub use writes::{Touched, TouchedGrowth, WriteModel, Writes};
 pub const WORST_WIRE_BYTES_PER_PAGE: u64 =
     (PAGE_SIZE + RECORD_HEADER_LEN + BATCH_HEADER_LEN) as u64;
 
-/// How often the executor asks the policy for a forecast (reading the dirty log for it), and
-/// how often a policy need look at its own forecast.
+/// How often the executor asks the policy for a forecast (reading the dirty log for it).
 pub const FORECAST_EVERY: Duration = Duration::from_millis(100);
 
 const GIB: f64 = (1u64 << 30) as f64;

@@ -2,17 +2,17 @@
 //! which lowers the dirty rate and leaves cores to the migration workers. Wraps any policy.
 //!
 //! Once the wrapped policy's own progress fraction reaches `at` (looked at every
-//! [`FORECAST_EVERY`](super::FORECAST_EVERY), not at every decision: a forecast can walk a page
-//! sample), [`Controls::cores`] becomes
+//! [`CHECK_EVERY`] of memory sent, not at every decision: a forecast can walk a page sample), [`Controls::cores`] becomes
 //! `cores` (or, `stepwise`, one core fewer than `from` and then one fewer at every harvest,
 //! down to `cores`). On `Switchover` or `Abort` it goes back to `None`: the executor gives the
 //! vCPU threads their own affinity back (it also does so on any rollback).
 
-use std::time::Duration;
-
 use serde::{Deserialize, Serialize};
 
-use super::{Controls, Decision, Forecast, Policy, Progress, FORECAST_EVERY};
+use super::{Controls, Decision, Forecast, Policy, Progress};
+
+/// The share of memory sent between two looks at the progress mark.
+pub const CHECK_EVERY: f64 = 0.01;
 
 /// Over-commit settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -33,8 +33,8 @@ pub struct Overcommitted {
     cfg: Overcommit,
     cores: Option<usize>,
     seen_epoch: u32,
-    /// When the progress mark was last looked at (`None`: not yet).
-    checked: Option<Duration>,
+    /// Pages sent when the progress mark was last looked at (`None`: not yet).
+    checked: Option<u64>,
 }
 
 impl Overcommitted {
@@ -53,13 +53,14 @@ impl Overcommitted {
         let floor = self.cfg.cores.max(1);
         match self.cores {
             None => {
+                let step = ((p.total_pages as f64 * CHECK_EVERY) as u64).max(1);
                 if self
                     .checked
-                    .is_some_and(|at| p.elapsed.saturating_sub(at) < FORECAST_EVERY)
+                    .is_some_and(|at| p.pages_sent < at.saturating_add(step))
                 {
                     return;
                 }
-                self.checked = Some(p.elapsed);
+                self.checked = Some(p.pages_sent);
                 if self.inner.forecast(p).fraction_done >= self.cfg.at {
                     self.seen_epoch = p.epoch;
                     self.cores = Some(if self.cfg.stepwise {
