@@ -928,7 +928,7 @@ fn multiplexed_forecast(
 }
 
 /// A sweep's period shorter than this is not followed page by page: the log is read every
-/// 100 ms, and every page it covers is dirty again within a few reads anyway.
+/// [`FORECAST_EVERY`], and every page it covers is dirty again within a few reads anyway.
 const SWEEP_MIN_PERIOD: f64 = 0.75;
 
 /// The sweep has covered its pages once when the touched pages grow slower than this share of

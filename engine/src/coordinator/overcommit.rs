@@ -2,17 +2,18 @@
 //! which lowers the dirty rate and leaves cores to the migration workers. Wraps any policy.
 //!
 //! Once the wrapped policy's own progress fraction reaches `at` (looked at every
-//! [`CHECK_EVERY`] of memory sent, not at every decision: a forecast can walk a page sample), [`Controls::cores`] becomes
-//! `cores` (or, `stepwise`, one core fewer than `from` and then one fewer at every harvest,
-//! down to `cores`). On `Switchover` or `Abort` it goes back to `None`: the executor gives the
-//! vCPU threads their own affinity back (it also does so on any rollback).
+//! [`CHECK_EVERY`] of memory sent, not at every decision: a forecast can walk a page sample),
+//! [`Controls::cores`] becomes `cores` (or, `stepwise`, one core fewer than `from` and then one
+//! fewer at every harvest, down to `cores`). On `Switchover` or `Abort` it goes back to `None`:
+//! the executor gives the vCPU threads their own affinity back (it also does so on any
+//! rollback).
 
 use serde::{Deserialize, Serialize};
 
 use super::{Controls, Decision, Forecast, Policy, Progress};
 
 /// The share of memory sent between two looks at the progress mark.
-pub const CHECK_EVERY: f64 = 0.01;
+const CHECK_EVERY: f64 = 0.01;
 
 /// Over-commit settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
