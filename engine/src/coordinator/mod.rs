@@ -879,7 +879,7 @@ fn multiplexed_forecast(
     let seen = p.unharvested.map(|n| n as f64);
     let from_harvest = seen.is_none();
     let known = (p.dirty as f64 + seen.unwrap_or(0.0)).min(total);
-    if let Some((lw, period)) = sweep(p) {
+    if let Some((lw, period, set)) = sweep(p) {
         let at = SweepEnd {
             known,
             seen: seen.unwrap_or(0.0),
@@ -887,7 +887,7 @@ fn multiplexed_forecast(
             resendable,
             harvest_ahead: after_last < window,
         };
-        return at.forecast(p, lw, period, live, after_last);
+        return at.forecast(p, lw, (period, set), live, after_last);
     }
     let written = expected_writes(p, track, live, live, from_harvest, 0.0, 0.0);
     let ws = p.working_set();
@@ -932,28 +932,25 @@ fn multiplexed_forecast(
 const SWEEP_MIN_PERIOD: f64 = 0.75;
 
 /// The sweep has covered its pages once when the touched pages grow slower than this share of
-/// its rate, or leave less than this share of memory untouched (a sweep over all of memory,
-/// about to wrap: its growth, measured over half a second, lags).
+/// its rate.
 const SWEEP_COVERED: f64 = 0.1;
 
-/// The pages' last writes and the sweep's period in seconds, when the guest sweeps memory: a
-/// write model with a drift and no working set, a period of at least [`SWEEP_MIN_PERIOD`], and
-/// a clock that saw writes.
-fn sweep(p: &Progress) -> Option<(&LastWrites, f64)> {
+/// Where the pages stand in the sweep, its period in seconds and the pages it covers, when the
+/// guest sweeps memory: a write model with a drift and no working set, a period of at least
+/// [`SWEEP_MIN_PERIOD`], and a clock that saw writes.
+fn sweep(p: &Progress) -> Option<(&LastWrites, f64, f64)> {
     let m = p.writes.as_ref()?;
     let lw = p.last_writes.as_deref()?;
     let touched = m.touched?;
-    // Until the sweep has covered its pages once, the touched pages understate them, and the
-    // period with them; unless it is about to cover all of memory.
+    // Until the sweep has covered its pages once, the touched pages understate them: it is
+    // taken over all of memory, as the probe's model has it.
     let period = if touched.rate < SWEEP_COVERED * m.drift {
         1.0 / m.drift_page_rate()
-    } else if touched.pages >= (1.0 - SWEEP_COVERED) * m.memory {
-        m.memory / m.drift
     } else {
-        return None;
+        m.memory / m.drift
     };
-    (m.working_set() < 1.0 && period.is_finite() && period >= SWEEP_MIN_PERIOD && lw.seen() > 0)
-        .then_some((lw, period))
+    (m.working_set() < 1.0 && period.is_finite() && period >= SWEEP_MIN_PERIOD && lw.seen > 0)
+        .then_some((lw, period, period * m.drift))
 }
 
 /// The end of a multiplexing policy's live phase over a sweeping guest, page by page
@@ -973,12 +970,13 @@ struct SweepEnd {
 
 impl SweepEnd {
     /// The pages sent live and those dirty at the end of a live phase of `live` seconds, the
-    /// last harvest `after_last` seconds before its end (see [`multiplexed_forecast`]).
+    /// last harvest `after_last` seconds before its end (see [`multiplexed_forecast`]), over a
+    /// sweep of `(period, pages)`.
     fn forecast(
         &self,
         p: &Progress,
         lw: &LastWrites,
-        period: f64,
+        (period, set): (f64, f64),
         live: f64,
         after_last: f64,
     ) -> (f64, f64) {
@@ -992,7 +990,7 @@ impl SweepEnd {
         // Pages not dirty now that the sweep dirties by the last harvest and by the end;
         // pages it writes after the last harvest, and of those the ones dirty at it.
         let (mut new_then, mut new_end, mut after, mut after_dirty) = (0.0, 0.0, 0.0, 0.0);
-        for pg in lw.pages(period, p.elapsed, p.never_sent, live) {
+        for pg in lw.pages(period, set, p.elapsed, p.never_sent, live) {
             let by_then = pg.dirtied_by(until);
             if !pg.dirty {
                 new_then += f64::from(u8::from(by_then));

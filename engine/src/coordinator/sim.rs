@@ -87,6 +87,9 @@ pub struct SimConfig {
     /// executor's probe): the touched pages and the pages' last writes are known from the
     /// start. Default 0.
     pub warmup: Duration,
+    /// How many times faster than its rate the guest writes during the warmup (the executor's
+    /// probe runs before the migration takes cores from it). Default 1.
+    pub warmup_speed: f64,
     /// Give up (stalled) after this many decisions. Default 10 million.
     pub max_decisions: u64,
     /// Give up (stalled) after this much virtual time. Default 1 hour.
@@ -109,6 +112,7 @@ impl Default for SimConfig {
             throttle_response: 1.0,
             sweep_start: 0,
             warmup: Duration::ZERO,
+            warmup_speed: 1.0,
             max_decisions: 10_000_000,
             max_time: Duration::from_secs(3600),
         }
@@ -362,7 +366,12 @@ impl Sim {
             .cores
             .map_or(1.0, |c| (c.max(1) as f64 / vcpus).min(1.0));
         let free = 1.0 - self.controls.throttle.clamp(0.0, 1.0);
-        let speed = free.powf(self.cfg.throttle_response) * packed;
+        let warm = if self.now <= 0.0 {
+            self.cfg.warmup_speed
+        } else {
+            1.0
+        };
+        let speed = free.powf(self.cfg.throttle_response) * packed * warm;
         let due = self.cfg.dirty.rate() * speed * secs + self.write_carry;
         let writes = due.floor();
         self.write_carry = due - writes;

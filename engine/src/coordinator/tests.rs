@@ -300,10 +300,10 @@ fn the_log_read_between_harvests_shows_a_sweep_that_trails_the_sends() {
     }
 }
 
-/// The ETA errors at 25% and 50% for `kind` over [`dirty_all`]`(rate)` begun `warmup` before
-/// the migration, from eight starting points of the sweep; with the pages' dates from the log
-/// if `dated`, else the mean model.
-fn sweep_errors(kind: PolicyKind, rate: f64, warmup: Duration, dated: bool) -> Vec<f64> {
+/// The ETA errors at 25% and 50% for `kind` over [`dirty_all`]`(rate)` begun `warmup.0` before
+/// the migration (the guest `warmup.1` times faster meanwhile), from eight starting points of
+/// the sweep; with the pages followed in the log if `dated`, else the mean model.
+fn sweep_errors(kind: PolicyKind, rate: f64, warmup: (Duration, f64), dated: bool) -> Vec<f64> {
     let cfg = PolicyConfig {
         epoch: Duration::from_millis(1500),
         timebound_epoch: Duration::from_millis(500),
@@ -316,7 +316,8 @@ fn sweep_errors(kind: PolicyKind, rate: f64, warmup: Duration, dated: bool) -> V
                 writes: Some(probe),
                 read_log: true,
                 sweep_start: k * N / 8 + 100,
-                warmup,
+                warmup: warmup.0,
+                warmup_speed: warmup.1,
                 ..sim_cfg(dirty_all(rate))
             };
             eta_errors_as(kind, &cfg, sim, |p| Progress {
@@ -327,45 +328,69 @@ fn sweep_errors(kind: PolicyKind, rate: f64, warmup: Duration, dated: bool) -> V
         .collect()
 }
 
-/// Asserts that over [`dirty_all`]`(rate)` begun `warmup` before the migration, the forecast
-/// that dates the pages is off by at most `within` on average, and by at least 1.5 × less than
-/// the mean model.
-fn assert_dated_beats_mean(kind: PolicyKind, rate: f64, warmup: Duration, within: f64) {
+/// Asserts that over [`dirty_all`]`(rate)` begun `warmup.0` before the migration (the guest
+/// `warmup.1` times faster meanwhile), the forecast that follows the pages is off by at most
+/// `within` on average, and at least `by` times less than the mean model.
+fn assert_followed_beats_mean(
+    kind: PolicyKind,
+    rate: f64,
+    warmup: (Duration, f64),
+    within: f64,
+    by: f64,
+) {
     let mean_abs = |e: &[f64]| e.iter().map(|e| e.abs()).sum::<f64>() / e.len() as f64;
     let dated = sweep_errors(kind, rate, warmup, true);
     let mean = sweep_errors(kind, rate, warmup, false);
     let (d, m) = (mean_abs(&dated), mean_abs(&mean));
     assert!(
-        d <= within && d * 1.5 <= m,
+        d <= within && d * by <= m,
         "{kind} at {rate}: dated {dated:?} ({d:.3}), mean model {mean:?} ({m:.3})"
     );
 }
 
 /// A sweep's next writes fall where it stands against the sends: the mean model forecasts
 /// them from the average alone and misses by tens of percent either way, depending on where
-/// the sweep started. Dated page by page from the dirty log, they come out within a few
+/// the sweep started. Followed page by page in the dirty log, they come out within a few
 /// percent on average. Timebound (harvests ahead) and mplm (none), over a sweep slower and
 /// faster than the link, from eight starting points each: the time left at 25% and 50% off
-/// by 3–7% on average, at most 17–25% (15–19%, at most 32–70%, from the mean model).
+/// by 3–6% on average, at most 12–27% (15–19%, at most 32–70%, from the mean model).
 #[test]
 fn a_sweep_is_followed_page_by_page() {
     for kind in [PolicyKind::Timebound, PolicyKind::Mplm] {
         for rate in [0.7, 1.2] {
-            assert_dated_beats_mean(kind, rate, Duration::from_secs(2), 0.08);
+            assert_followed_beats_mean(kind, rate, (Duration::from_secs(2), 1.0), 0.08, 1.5);
         }
     }
 }
 
 /// A sweep over all of memory that has not come round yet (begun three quarters of a period
-/// before the migration) is followed page by page as soon as it has touched 90% of memory,
-/// its period taken over all of memory, rather than half a second after it stops growing,
-/// when most marks have passed. Measured: 8% (timebound) and 5% (mplm) off on average,
-/// against 17% and 15% from the mean model; the same as the mean model when it waited.
+/// before the migration) is followed page by page from the start, taken over all of memory,
+/// rather than once it stops growing, when most marks have passed. Measured: 5% (timebound)
+/// and 2% (mplm) off on average, against 17% and 15% from the mean model; the same as the
+/// mean model when it waited.
 #[test]
 fn a_sweep_about_to_cover_memory_is_followed() {
     for kind in [PolicyKind::Timebound, PolicyKind::Mplm] {
         let rate = 0.7;
-        assert_dated_beats_mean(kind, rate, Duration::from_secs_f64(0.75 / rate), 0.1);
+        let warmup = (Duration::from_secs_f64(0.75 / rate), 1.0);
+        assert_followed_beats_mean(kind, rate, warmup, 0.1, 1.5);
+    }
+}
+
+/// The executor's probe runs the guest before the migration takes cores from it: on the
+/// testbed, `dirty-all` swept a third of memory in the probe's 0.3 s, two to three times
+/// faster than during the migration. Dated by their last writes, a period apart, the pages the
+/// probe saw came due much later than they were: the forecast was off by 16–25% on average
+/// in the simulator, worse than the mean model (15–19%). In the sweep's order, from where it
+/// stands: 0–7% (0.3 s at 2.5 ×, timebound and mplm, over a sweep slower and faster than the
+/// link, from eight starting points each).
+#[test]
+fn a_sweep_faster_before_the_migration_is_followed_in_its_order() {
+    for kind in [PolicyKind::Timebound, PolicyKind::Mplm] {
+        for rate in [0.7, 1.2] {
+            let warmup = (Duration::from_millis(300), 2.5);
+            assert_followed_beats_mean(kind, rate, warmup, 0.08, 1.5);
+        }
     }
 }
 
