@@ -366,7 +366,7 @@ fn a_sweep_is_followed_page_by_page() {
 /// A sweep over all of memory that has not come round yet (begun three quarters of a period
 /// before the migration) is followed page by page from the start, taken over all of memory,
 /// rather than once it stops growing, when most marks have passed. Measured: 5% (timebound)
-/// and 2% (mplm) off on average, against 17% and 15% from the mean model; the same as the
+/// and 1% (mplm) off on average, against 17% and 15% from the mean model; the same as the
 /// mean model when it waited.
 #[test]
 fn a_sweep_about_to_cover_memory_is_followed() {
