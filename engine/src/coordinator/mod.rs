@@ -68,7 +68,7 @@ pub use membound::Membound;
 pub use mplm::Mplm;
 pub use overcommit::{Overcommit, Overcommitted};
 pub use precopy::Precopy;
-pub use sweep::{LastWrites, PageState, WriteClock};
+pub use sweep::{PageState, SweepOrder, WriteClock};
 pub use writes::{Touched, TouchedGrowth, WriteModel, Writes};
 
 /// Wire bytes of one page in the worst case: a raw page, its record header and (for a batch of
@@ -127,9 +127,9 @@ pub struct Progress {
     /// aside (policies apply their own); `None` if the executor has no such measurement
     /// (forecasts then extrapolate the dirty rate of the last epochs).
     pub writes: Option<WriteModel>,
-    /// How long ago the dirty log last showed a sample of the pages written, if the executor
-    /// follows it: where a sweeping guest's next writes fall ([`LastWrites`]).
-    pub last_writes: Option<Arc<LastWrites>>,
+    /// Where a sample of the pages and the guest stand in a sweep's order, if the executor
+    /// follows the dirty log: where a sweeping guest's next writes fall ([`SweepOrder`]).
+    pub sweep_order: Option<Arc<SweepOrder>>,
 }
 
 impl Progress {
@@ -938,9 +938,9 @@ const SWEEP_COVERED: f64 = 0.1;
 /// Where the pages stand in the sweep, its period in seconds and the pages it covers, when the
 /// guest sweeps memory: a write model with a drift and no working set, a period of at least
 /// [`SWEEP_MIN_PERIOD`], and a clock that saw writes.
-fn sweep(p: &Progress) -> Option<(&LastWrites, f64, f64)> {
+fn sweep(p: &Progress) -> Option<(&SweepOrder, f64, f64)> {
     let m = p.writes.as_ref()?;
-    let lw = p.last_writes.as_deref()?;
+    let lw = p.sweep_order.as_deref()?;
     let touched = m.touched?;
     // Until the sweep has covered its pages once, the touched pages understate them: it is
     // taken over all of memory, as the probe's model has it.
@@ -975,7 +975,7 @@ impl SweepEnd {
     fn forecast(
         &self,
         p: &Progress,
-        lw: &LastWrites,
+        lw: &SweepOrder,
         (period, set): (f64, f64),
         live: f64,
         after_last: f64,

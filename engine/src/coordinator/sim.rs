@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    secs_to_duration, Controls, Decision, LastWrites, PageState, Policy, Progress, TouchedGrowth,
+    secs_to_duration, Controls, Decision, PageState, Policy, Progress, SweepOrder, TouchedGrowth,
     WriteClock, WriteModel,
 };
 
@@ -76,7 +76,7 @@ pub struct SimConfig {
     /// Whether the executor reads the dirty log every [`LOG_READ`] between harvests and passes
     /// the pages touched so far with `writes` ([`WriteModel::touched`]), the pages the next
     /// harvest will find ([`Progress::unharvested`]) and when it last saw each page written
-    /// ([`Progress::last_writes`]). Default false.
+    /// ([`Progress::sweep_order`]). Default false.
     pub read_log: bool,
     /// How the guest's speed follows the throttle: `(1 − throttle)^throttle_response`. Default
     /// 1; 0 for a guest the throttle does not slow (one starved of CPU by other threads).
@@ -224,7 +224,7 @@ pub struct Sim {
     growth: TouchedGrowth,
     last_read: f64,
     clock: WriteClock,
-    last_writes: Option<Arc<LastWrites>>,
+    sweep_order: Option<Arc<SweepOrder>>,
     controls: Controls,
     never_cursor: u64,
     never_sent: u64,
@@ -273,7 +273,7 @@ impl Sim {
             growth: TouchedGrowth::default(),
             last_read: -cfg.warmup.as_secs_f64(),
             clock: WriteClock::new(cfg.pages),
-            last_writes: None,
+            sweep_order: None,
             controls: Controls::default(),
             never_cursor: 0,
             never_sent: cfg.pages,
@@ -313,7 +313,7 @@ impl Sim {
                 touched: self.growth.touched().filter(|_| self.cfg.read_log),
                 ..m
             }),
-            last_writes: self.last_writes.clone(),
+            sweep_order: self.sweep_order.clone(),
         }
     }
 
@@ -387,8 +387,8 @@ impl Sim {
         }
     }
 
-    /// Dates the writes the log shows, and notes the pages' ages by where they stand, as the
-    /// executor does at each read.
+    /// Follows the writes the log shows in the sweep's order, and notes the pages' places by
+    /// where they stand, as the executor does at each read.
     fn read_clock(&mut self) {
         let logged = &self.logged;
         self.clock.read(self.now, |p| logged[p as usize]);
@@ -406,7 +406,7 @@ impl Sim {
         let now = self
             .clock
             .snapshot(self.now, taken, self.never_cursor, state);
-        self.last_writes = Some(Arc::new(now));
+        self.sweep_order = Some(Arc::new(now));
     }
 
     /// The sent pages in neither dirty group that the log shows written, read as the executor

@@ -17,7 +17,7 @@
 //!   sent); it has moved on since at its current speed.
 //!
 //! A page `d` pages ahead of the sweep in its order is written again `d ÷ speed` seconds from
-//! now, and every period after that ([`LastWrites`]). Dating each page by its last write
+//! now, and every period after that ([`SweepOrder`]). Dating each page by its last write
 //! instead (written again a period after it) went wrong on the testbed: before the migration
 //! the guest ran two to three times faster, so its pages were due much sooner than their
 //! dates said; and the log shows one write per page between two re-arms (the send of the
@@ -125,12 +125,12 @@ impl WriteClock {
         taken: Duration,
         cursor: u64,
         state: impl Fn(u64) -> PageState,
-    ) -> LastWrites {
+    ) -> SweepOrder {
         let mut place = self.place.clone();
-        let mut out = LastWrites {
+        let mut out = SweepOrder {
             stride: self.stride as f64,
             taken,
-            ..LastWrites::default()
+            ..SweepOrder::default()
         };
         // The pages the latest read showed written, in the sweep's order.
         let (before, latest) = self.latest;
@@ -221,7 +221,7 @@ fn sweep_run(places: &mut [f32], lap: f32) -> (f32, f32) {
 /// it in the sweep's order: the pages seen written first, in the order first seen, then the
 /// others.
 #[derive(Clone, Default, PartialEq)]
-pub struct LastWrites {
+pub struct SweepOrder {
     /// Pages each sample stands for.
     pub stride: f64,
     /// When the log was read, in the migration's clock ([`super::Progress::elapsed`]).
@@ -261,11 +261,11 @@ impl Head {
     }
 }
 
-impl fmt::Debug for LastWrites {
+impl fmt::Debug for SweepOrder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "LastWrites {{ stride: {}, samples: never_sent {}, clean {}, dirty {}, seen {}, \
+            "SweepOrder {{ stride: {}, samples: never_sent {}, clean {}, dirty {}, seen {}, \
              {:?} }}",
             self.stride,
             self.never_sent.len(),
@@ -302,13 +302,13 @@ impl SweptPage {
     }
 }
 
-impl LastWrites {
+impl SweepOrder {
     /// Each sampled page the sweep writes, over `set` pages with a `period` in seconds, at
     /// `now` in the migration's clock: the never-sent ones still never-sent (`never_sent` of
     /// them, fewer than at the read: the first ones in the order went out since, just now)
     /// going out evenly over the next `sending` seconds; pages placed past `set` are not in
     /// the sweep, and are left out. Sum what the forecast needs and multiply by
-    /// [`LastWrites::stride`].
+    /// [`SweepOrder::stride`].
     pub fn pages(
         &self,
         period: f64,
@@ -441,7 +441,7 @@ mod tests {
     /// seen come next, then the first ones seen.
     #[test]
     fn the_sweep_comes_back_in_its_order() {
-        let lw = LastWrites {
+        let lw = SweepOrder {
             stride: 1.0,
             taken: Duration::from_millis(100),
             never_sent: vec![0.0],

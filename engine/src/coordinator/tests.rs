@@ -143,7 +143,7 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
         dirtied_last_epoch: dirty,
         unharvested: None,
         writes: None,
-        last_writes: None,
+        sweep_order: None,
     }
 }
 
@@ -302,8 +302,8 @@ fn the_log_read_between_harvests_shows_a_sweep_that_trails_the_sends() {
 
 /// The ETA errors at 25% and 50% for `kind` over [`dirty_all`]`(rate)` begun `warmup.0` before
 /// the migration (the guest `warmup.1` times faster meanwhile), from eight starting points of
-/// the sweep; with the pages followed in the log if `dated`, else the mean model.
-fn sweep_errors(kind: PolicyKind, rate: f64, warmup: (Duration, f64), dated: bool) -> Vec<f64> {
+/// the sweep; with the pages followed in the log if `followed`, else the mean model.
+fn sweep_errors(kind: PolicyKind, rate: f64, warmup: (Duration, f64), followed: bool) -> Vec<f64> {
     let cfg = PolicyConfig {
         epoch: Duration::from_millis(1500),
         timebound_epoch: Duration::from_millis(500),
@@ -321,7 +321,7 @@ fn sweep_errors(kind: PolicyKind, rate: f64, warmup: (Duration, f64), dated: boo
                 ..sim_cfg(dirty_all(rate))
             };
             eta_errors_as(kind, &cfg, sim, |p| Progress {
-                last_writes: p.last_writes.clone().filter(|_| dated),
+                sweep_order: p.sweep_order.clone().filter(|_| followed),
                 ..p.clone()
             })
         })
@@ -339,12 +339,12 @@ fn assert_followed_beats_mean(
     by: f64,
 ) {
     let mean_abs = |e: &[f64]| e.iter().map(|e| e.abs()).sum::<f64>() / e.len() as f64;
-    let dated = sweep_errors(kind, rate, warmup, true);
+    let followed = sweep_errors(kind, rate, warmup, true);
     let mean = sweep_errors(kind, rate, warmup, false);
-    let (d, m) = (mean_abs(&dated), mean_abs(&mean));
+    let (f, m) = (mean_abs(&followed), mean_abs(&mean));
     assert!(
-        d <= within && d * by <= m,
-        "{kind} at {rate}: dated {dated:?} ({d:.3}), mean model {mean:?} ({m:.3})"
+        f <= within && f * by <= m,
+        "{kind} at {rate}: followed {followed:?} ({f:.3}), mean model {mean:?} ({m:.3})"
     );
 }
 

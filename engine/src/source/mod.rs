@@ -32,7 +32,7 @@ use ferry_transport::SessionSender;
 use crate::bitmap::Bitmap;
 use crate::coordinator::FORECAST_EVERY;
 use crate::coordinator::{self, Controls, Decision, Forecast, PolicyConfig, PolicyKind};
-use crate::coordinator::{LastWrites, PageState, Progress, TouchedGrowth, WriteClock, WriteModel};
+use crate::coordinator::{PageState, Progress, SweepOrder, TouchedGrowth, WriteClock, WriteModel};
 use crate::cpu;
 use crate::digest::{self, LiveTerms, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
@@ -281,7 +281,7 @@ struct Probe {
 struct TouchedLog {
     pages: Bitmap,
     growth: TouchedGrowth,
-    /// When a sample of the pages was last seen written.
+    /// In what order a sample of the pages was first seen written, and where the guest stands.
     clock: WriteClock,
     origin: Instant,
 }
@@ -416,7 +416,7 @@ struct Migration<'a, 'd, 's> {
     writes: Option<WriteModel>,
     touched: TouchedLog,
     /// What the clock in `touched` showed at the last read between harvests.
-    last_writes: Option<Arc<LastWrites>>,
+    sweep_order: Option<Arc<SweepOrder>>,
     bound: Option<Duration>,
     /// The controls in force (as last applied to the VM).
     controls: Controls,
@@ -498,7 +498,7 @@ pub fn migrate(
             probe_guest_cpu: 0.0,
             probe: Probe::default(),
             writes: None,
-            last_writes: None,
+            sweep_order: None,
             touched: TouchedLog::new(span),
             bound: None,
             controls: Controls::default(),
@@ -1092,7 +1092,7 @@ impl Migration<'_, '_, '_> {
                 touched: self.touched.growth.touched(),
                 ..m.scaled(self.guest_speed())
             }),
-            last_writes: self.last_writes.clone(),
+            sweep_order: self.sweep_order.clone(),
         }
     }
 
@@ -1232,10 +1232,10 @@ impl Migration<'_, '_, '_> {
             };
             let t = &self.touched;
             let taken = now.saturating_duration_since(self.t0);
-            let ages = t
+            let order = t
                 .clock
                 .snapshot(t.secs(now), taken, self.cursor_never, state);
-            self.last_writes = Some(Arc::new(ages));
+            self.sweep_order = Some(Arc::new(order));
         }
         Ok(())
     }
