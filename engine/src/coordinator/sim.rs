@@ -75,8 +75,8 @@ pub struct SimConfig {
     pub writes: Option<WriteModel>,
     /// Whether the executor reads the dirty log every [`LOG_READ`] between harvests and passes
     /// the pages touched so far with `writes` ([`WriteModel::touched`]), the pages the next
-    /// harvest will find ([`Progress::unharvested`]) and when it last saw each page written
-    /// ([`Progress::sweep_order`]). Default false.
+    /// harvest will find ([`Progress::unharvested`]) and where the pages stand in a sweep's
+    /// order ([`Progress::sweep_order`]). Default false.
     pub read_log: bool,
     /// How the guest's speed follows the throttle: `(1 − throttle)^throttle_response`. Default
     /// 1; 0 for a guest the throttle does not slow (one starved of CPU by other threads).
@@ -84,8 +84,8 @@ pub struct SimConfig {
     /// The page a sequential sweep starts from. Default 0.
     pub sweep_start: u64,
     /// How long the guest runs before the migration starts, the log read as it goes (the
-    /// executor's probe): the touched pages and the pages' last writes are known from the
-    /// start. Default 0.
+    /// executor's probe): the touched pages and the sweep's order are known from the start.
+    /// Default 0.
     pub warmup: Duration,
     /// How many times faster than its rate the guest writes during the warmup (the executor's
     /// probe runs before the migration takes cores from it). Default 1.
