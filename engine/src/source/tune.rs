@@ -9,8 +9,10 @@
 //! window, unless the lanes would cap it below what moves now (their rate ÷ its wire bytes
 //! per page). Two full windows mean the lanes are the bottleneck: the next stronger codec may
 //! move more pages, and is tried. A trial is kept when it moves at least [`GAIN`] times the
-//! pages per second of the window before it; otherwise the codec goes back, and the one
-//! tried waits twice as many windows as last time before it is tried again.
+//! pages per second of the best of the windows that called for it (one window that dipped,
+//! as when the guest takes a core for a moment, would let a trial win that moves fewer
+//! pages than the codec usually does); otherwise the codec goes back, and the one tried
+//! waits twice as many windows as last time before it is tried again.
 //!
 //! Pages are compared per second rather than bytes, because pages are what the migration
 //! needs moved; the mixed content of guest memory makes any two windows' pages alike.
@@ -56,6 +58,8 @@ pub(super) struct Tuner {
     mark: Option<Mark>,
     /// Windows in a row with the lanes underused (negative: full).
     streak: i32,
+    /// The most pages per second of the windows in the streak.
+    streak_rate: f64,
     /// The codec before the trial in progress, and its pages per second.
     trial: Option<(Codec, f64)>,
     /// Per codec (in [`Codec::ALL`]'s order): windows left before it may be tried again,
@@ -92,6 +96,7 @@ impl Tuner {
             settle_until: now + SETTLE,
             mark: None,
             streak: 0,
+            streak_rate: 0.0,
             trial: None,
             wait: [0; 3],
             backoff: [1; 3],
@@ -184,11 +189,17 @@ impl Tuner {
         for w in &mut self.wait {
             *w = w.saturating_sub(1);
         }
-        self.streak = match used {
+        let streak = match used {
             u if u < UNDERUSED => self.streak.max(0) + 1,
             u if u > FULL => self.streak.min(0) - 1,
             _ => 0,
         };
+        self.streak_rate = if streak.signum() == self.streak.signum() && streak != 0 {
+            self.streak_rate.max(rate)
+        } else {
+            rate
+        };
+        self.streak = streak;
         if self.streak.unsigned_abs() < STREAK {
             return None;
         }
@@ -197,15 +208,15 @@ impl Tuner {
         if faster {
             // The lanes cap a faster codec at their rate ÷ its wire bytes per page (the
             // probe's figure, scaled by how this window's pages compare with the probe's
-            // sample). Below GAIN × the rate now, it cannot win: not worth a trial.
+            // sample). Below GAIN × the rate it must beat, it cannot win: not worth a trial.
             let bpp_now = window_wire / pages.saturating_sub(m.pages).max(1) as f64;
             let scale = bpp_now / self.bpp[index(self.codec)].max(1.0);
             let ceiling = self.lane_rate / (self.bpp[index(next)] * scale).max(1.0);
-            if ceiling < rate * GAIN {
+            if ceiling < self.streak_rate * GAIN {
                 return None;
             }
         }
-        self.trial = Some((self.codec, rate));
+        self.trial = Some((self.codec, self.streak_rate));
         self.streak = 0;
         Some(self.switch(next, now))
     }
@@ -230,15 +241,33 @@ mod tests {
         pages_per_s: impl Fn(Codec) -> f64,
         bytes_per_page: impl Fn(Codec) -> f64,
     ) -> (Codec, Tuner) {
+        drive_in_time(
+            start,
+            lane_rate,
+            secs,
+            |c, _| pages_per_s(c),
+            bytes_per_page,
+        )
+    }
+
+    /// As [`drive`], with pages per second that also depend on the time in seconds.
+    fn drive_in_time(
+        start: Codec,
+        lane_rate: f64,
+        secs: f64,
+        pages_per_s: impl Fn(Codec, f64) -> f64,
+        bytes_per_page: impl Fn(Codec) -> f64,
+    ) -> (Codec, Tuner) {
         let t0 = Instant::now();
         let mut t = Tuner::new(start, lane_rate, Codec::ALL.map(&bytes_per_page), t0);
         let (mut codec, mut pages, mut wire) = (start, 0.0f64, 0.0f64);
         let tick = 0.1;
         let mut now = 0.0;
         while now < secs {
+            let rate = pages_per_s(codec, now);
             now += tick;
-            pages += pages_per_s(codec) * tick;
-            wire += pages_per_s(codec) * bytes_per_page(codec) * tick;
+            pages += rate * tick;
+            wire += rate * bytes_per_page(codec) * tick;
             let at = t0 + Duration::from_secs_f64(now);
             if let Some(c) = t.observe(at, pages as u64, wire as u64) {
                 codec = c;
@@ -305,6 +334,25 @@ mod tests {
         let (codec, t) = drive(Codec::Zstd, lane, 10.0, rate, bpp);
         assert_eq!(codec, Codec::Zstd);
         assert!(t.finish().1.is_empty());
+    }
+
+    #[test]
+    fn a_trial_must_beat_the_best_window_that_called_for_it() {
+        // Zstd moves 60k pages/s on underused lanes, but the second window of the streak
+        // dips to 46k (the guest took a core). LZ4 moves 56k: more than the dip, less than
+        // what zstd moves. It must not be kept.
+        let rate = |c, t: f64| match c {
+            Codec::Zstd if (0.4..0.7).contains(&t) => 46e3,
+            Codec::Zstd => 60e3,
+            _ => 56e3,
+        };
+        let (codec, t) = drive_in_time(Codec::Zstd, 1e9, 1.2, rate, bpp);
+        assert_eq!(codec, Codec::Zstd);
+        let trials = t.finish().1;
+        assert_eq!(trials.len(), 1, "{trials:?}");
+        let trial = &trials[0];
+        assert!(!trial.kept && trial.to == Codec::Lz4, "{trial:?}");
+        assert!((trial.from_pages_per_s - 60e3).abs() < 1e3, "{trial:?}");
     }
 
     #[test]
