@@ -379,11 +379,16 @@ impl Sim {
             self.write_one();
         }
         if self.now - self.last_read >= LOG_READ.as_secs_f64() {
-            self.last_read = self.now;
-            self.growth.mark(self.now, self.touched_pages as f64);
-            if self.cfg.read_log {
-                self.read_clock();
-            }
+            self.read_log();
+        }
+    }
+
+    /// Reads the log for the touched pages and, if the executor follows them, the sweep.
+    fn read_log(&mut self) {
+        self.last_read = self.now;
+        self.growth.mark(self.now, self.touched_pages as f64);
+        if self.cfg.read_log {
+            self.read_clock();
         }
     }
 
@@ -507,6 +512,11 @@ impl Sim {
             self.advance((-self.now).min(LOG_READ.as_secs_f64()));
         }
         self.now = 0.0;
+        if self.cfg.warmup > Duration::ZERO {
+            // As the executor's probe ends: the log read, and the sweep's speed measured anew.
+            self.read_log();
+            self.clock.speed_changes(0.0);
+        }
         let end = loop {
             if decisions >= self.cfg.max_decisions || self.now > max_time {
                 break SimEnd::Stalled;

@@ -15,6 +15,9 @@
 //! - **Where it stands.** The pages the latest read showed are where the sweep was then (the
 //!   densest run of them: a few pages the guest rewrites all the time show wherever they were
 //!   sent); it has moved on since at its current speed.
+//! - **How fast it moves.** Where it stood read after read: the first page of each run was
+//!   the first written after the read before. The write model's speed (the probe's, scaled by
+//!   the vCPUs' CPU time) was half the sweep's on the testbed late in a migration.
 //!
 //! A page `d` pages ahead of the sweep in its order is written again `d ÷ speed` seconds from
 //! now, and every period after that ([`SweepOrder`]). Dating each page by its last write
@@ -23,6 +26,7 @@
 //! dates said; and the log shows one write per page between two re-arms (the send of the
 //! page), so a never-sent page's date stays at its first write, laps old.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
@@ -30,7 +34,7 @@ use std::time::Duration;
 pub const SAMPLES: u64 = 1 << 16;
 
 /// Follows, read after read of the dirty log, in what order the sampled pages were first seen
-/// written and when each was last.
+/// written, where the sweep stood at the latest read that showed writes, and how fast it moves.
 #[derive(Debug, Clone)]
 pub struct WriteClock {
     /// Every `stride`-th page is followed.
@@ -40,15 +44,24 @@ pub struct WriteClock {
     place: Vec<f32>,
     /// Sampled pages seen written.
     seen: usize,
-    /// Per sampled page: seconds (any fixed origin) of the read that last showed it written;
-    /// NaN if none.
-    last: Vec<f32>,
     /// Per sampled page: its bit in the previous read.
     was_set: Vec<bool>,
     /// The previous read, and the last one that showed writes with the read before it.
     prev_read: f32,
     latest: (f32, f32),
+    /// The first and last places of the sweep's run at the latest read that showed writes.
+    run: (f32, f32),
+    /// Where the sweep stood at the reads before those in a row that showed it, over the last
+    /// [`SPEED_WINDOW`]: `(seconds of the read before, of the read, first place of the run)`.
+    heads: VecDeque<(f32, f32, f32)>,
+    /// When the guest's speed last changed ([`WriteClock::speed_changes`]).
+    speed_from: f32,
 }
+
+/// Over how long [`WriteClock`] measures the sweep's speed, and in how many steps from one
+/// read to the next at least.
+const SPEED_WINDOW: f32 = 0.5;
+const SPEED_STEPS: usize = 3;
 
 /// Where a page stands in a migration, for [`WriteClock::snapshot`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,10 +86,12 @@ impl WriteClock {
             pages,
             place: vec![f32::NAN; n],
             seen: 0,
-            last: vec![f32::NAN; n],
             was_set: vec![false; n],
             prev_read: f32::NAN,
             latest: (f32::NAN, f32::NAN),
+            run: (f32::NAN, f32::NAN),
+            heads: VecDeque::new(),
+            speed_from: f32::NEG_INFINITY,
         }
     }
 
@@ -86,23 +101,18 @@ impl WriteClock {
     /// came round to the first pages within the read comes round last).
     pub fn read(&mut self, secs: f64, is_set: impl Fn(u64) -> bool) {
         let at = secs as f32;
-        let mut wrote = false;
-        let mut new = Vec::new();
+        let (mut shown, mut new) = (Vec::new(), Vec::new());
         for (i, was) in self.was_set.iter_mut().enumerate() {
             let now = is_set(i as u64 * self.stride);
             if now && !*was {
                 if self.place[i].is_nan() {
                     new.push(i);
                 }
-                self.last[i] = at;
-                wrote = true;
+                shown.push(i);
             }
             *was = now;
         }
-        if wrote {
-            self.latest = (self.prev_read, at);
-        }
-        self.prev_read = at;
+        let before = std::mem::replace(&mut self.prev_read, at);
         let n = self.place.len();
         let gap = |k: usize| new.get(k + 1).map_or(new[0] + n, |&i| i) - new[k];
         if let Some(widest) = (0..new.len()).max_by_key(|&k| gap(k)) {
@@ -113,6 +123,58 @@ impl WriteClock {
             self.place[i] = self.seen as f32;
             self.seen += 1;
         }
+        if shown.is_empty() {
+            return;
+        }
+        self.latest = (before, at);
+        let mut places: Vec<f32> = shown.into_iter().map(|i| self.place[i]).collect();
+        let lap = self.seen as f32;
+        self.run = sweep_run(&mut places, lap);
+        // The sweep's speed from reads in a row that showed it: the first page of its run was
+        // the first written after the read before, where the sweep stood then. Reads that
+        // show nothing (the sweep crossing pages not re-armed since it last wrote them) leave
+        // gaps it may go round in.
+        if self.heads.back().is_some_and(|&(_, was, _)| was != before) {
+            self.heads.clear();
+        }
+        if before >= self.speed_from {
+            self.heads.push_back((before, at, self.run.0 % lap));
+        }
+        while let (Some(f), Some(b)) = (self.heads.front(), self.heads.back()) {
+            if b.0 - f.0 <= SPEED_WINDOW {
+                break;
+            }
+            self.heads.pop_front();
+        }
+    }
+
+    /// The guest's speed changes at `secs` (the migration starts and takes cores from it):
+    /// the sweep's speed is measured anew from there.
+    pub fn speed_changes(&mut self, secs: f64) {
+        self.heads.clear();
+        self.speed_from = secs as f32;
+    }
+
+    /// Sampled places per second the sweep moved on by over the last [`SPEED_WINDOW`], read
+    /// after read: the upper quartile of the steps (forward less than half a lap, else back),
+    /// from [`SPEED_STEPS`] on; else 0. A step falls short, not long, when the sends re-arm
+    /// pages right behind the sweep: the log never shows those written, and the sweep's
+    /// order skips them.
+    fn speed(&self) -> f64 {
+        let lap = self.seen as f32;
+        let mut rates: Vec<f64> = (1..self.heads.len())
+            .map(|k| {
+                let ((t0, _, p0), (t1, _, p1)) = (self.heads[k - 1], self.heads[k]);
+                let d = (p1 - p0).rem_euclid(lap);
+                let d = if d > 0.5 * lap { d - lap } else { d };
+                f64::from(d) / f64::from(t1 - t0).max(1e-3)
+            })
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        if rates.len() < SPEED_STEPS {
+            return 0.0;
+        }
+        rates[rates.len() * 3 / 4].max(0.0)
     }
 
     /// The sampled pages' places in the sweep's order and where the sweep stood at `secs`, by
@@ -130,19 +192,16 @@ impl WriteClock {
         let mut out = SweepOrder {
             stride: self.stride as f64,
             taken,
+            speed: self.speed(),
             ..SweepOrder::default()
         };
         // The pages the latest read showed written, in the sweep's order.
         let (before, latest) = self.latest;
         if latest.is_finite() {
-            let mut places: Vec<f32> = (0..self.last.len())
-                .filter(|&i| self.last[i] == latest)
-                .map(|i| place[i])
-                .collect();
-            let (lo, hi) = sweep_run(&mut places, self.seen as f32);
+            let (first, last) = self.run;
             out.head = Head {
-                first: lo,
-                last: hi,
+                first,
+                last,
                 span: if before.is_finite() {
                     latest - before
                 } else {
@@ -236,6 +295,9 @@ pub struct SweepOrder {
     pub head: Head,
     /// Sampled pages ever seen written: the first places.
     pub seen: usize,
+    /// Sampled places per second the sweep moved on by lately, as the log showed it; 0 if
+    /// not measured.
+    pub speed: f64,
 }
 
 /// The pages a read of the log showed written, as places in the sweep's order: where the
@@ -266,12 +328,13 @@ impl fmt::Debug for SweepOrder {
         write!(
             f,
             "SweepOrder {{ stride: {}, samples: never_sent {}, clean {}, dirty {}, seen {}, \
-             {:?} }}",
+             speed {:.0}/s, {:?} }}",
             self.stride,
             self.never_sent.len(),
             self.clean.len(),
             self.dirty.len(),
             self.seen,
+            self.speed,
             self.head
         )
     }
@@ -416,7 +479,7 @@ mod tests {
     #[test]
     fn samples_go_in_sending_order() {
         let mut c = WriteClock::new(4 * SAMPLES);
-        assert_eq!(c.last.len() as u64, SAMPLES);
+        assert_eq!(c.place.len() as u64, SAMPLES);
         c.read(1.0, |p| p % 8 == 0);
         let s = c.snapshot(1.5, Duration::ZERO, 2 * SAMPLES, |p| {
             if p % 8 == 0 {
@@ -454,6 +517,7 @@ mod tests {
                 age: 0.1,
             },
             seen: 4,
+            speed: 0.0,
         };
         let pages: Vec<_> = lw
             .pages(1.0, 10.0, Duration::from_millis(200), 1, 0.75)

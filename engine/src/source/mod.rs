@@ -300,6 +300,11 @@ impl TouchedLog {
         at.saturating_duration_since(self.origin).as_secs_f64()
     }
 
+    /// The guest's speed changes at `at`: the sweep's speed is measured anew from there.
+    fn speed_changes(&mut self, at: Instant) {
+        self.clock.speed_changes(self.secs(at));
+    }
+
     /// Adds the pages a read of the log showed at `at`.
     fn add(&mut self, at: Instant, read: &Bitmap) {
         self.pages.or_words(0, read.words());
@@ -615,7 +620,8 @@ impl Migration<'_, '_, '_> {
                 let f = policy.forecast(&p);
                 log::debug!(
                     "forecast t={:.0}ms never_sent={} dirty={} hot={} unharvested={} B/s={:.0} \
-                     B/page={:.0} guest_speed={:.2} touched={:?} left={:?} downtime={:?}",
+                     B/page={:.0} guest_speed={:.2} touched={:?} drift={:.0} sweep={:.0} \
+                     left={:?} downtime={:?}",
                     p.elapsed.as_secs_f64() * 1e3,
                     p.never_sent,
                     p.dirty,
@@ -627,6 +633,8 @@ impl Migration<'_, '_, '_> {
                     p.writes
                         .and_then(|m| m.touched)
                         .map(|t| (t.pages, t.rate as u64)),
+                    p.writes.map_or(0.0, |m| m.drift),
+                    p.sweep_order.as_ref().map_or(0.0, |o| o.speed * o.stride),
                     f.remaining,
                     f.downtime
                 );
@@ -1326,6 +1334,8 @@ impl Migration<'_, '_, '_> {
             writes.drift
         );
         self.writes = Some(writes);
+        // The migration takes cores from the guest: its speed is measured anew.
+        self.touched.speed_changes(Instant::now());
         let guest = self.vm.vcpu_cpu_time().saturating_sub(guest0);
         self.probe_guest_cpu = guest.as_nanos() as f64 / lane_secs.max(1e-6);
         // One round trip: an empty message, acknowledged; the fastest of a few. The
