@@ -476,6 +476,35 @@ mod tests {
         assert_eq!(sweep_run(&mut places, 100.0), (95.0, 104.0));
     }
 
+    /// The sweep's speed is where it stood read after read: 20 pages every 0.1 s, 200 a
+    /// second once three steps are seen. A read that shows nothing starts the count again
+    /// (the sweep may have gone round meanwhile), as does a change of the guest's speed.
+    #[test]
+    fn the_sweep_moves_on_at_the_speed_the_reads_show() {
+        let mut c = WriteClock::new(1000);
+        // A first lap: by read `k`, the pages below 20 k are written.
+        let read = |c: &mut WriteClock, k: u64| c.read(k as f64 * 0.1, |p| p < 20 * k);
+        for k in 0..=3 {
+            read(&mut c, k);
+        }
+        assert_eq!(c.speed(), 0.0, "two steps are not enough");
+        read(&mut c, 4);
+        assert!((c.speed() - 200.0).abs() < 0.1, "{}", c.speed());
+        // A read at 0.5 s that shows nothing, then the sweep shown again.
+        c.read(0.5, |p| p < 80);
+        for k in 6..=8 {
+            read(&mut c, k);
+        }
+        assert_eq!(c.speed(), 0.0, "counted again from 0.5 s");
+        read(&mut c, 9);
+        assert!((c.speed() - 200.0).abs() < 0.1, "{}", c.speed());
+        c.speed_changes(0.9);
+        for k in 10..=12 {
+            read(&mut c, k);
+        }
+        assert_eq!(c.speed(), 0.0, "counted again from the change");
+    }
+
     /// A large guest is sampled; the never-sent pages come in sending order from the cursor.
     #[test]
     fn samples_go_in_sending_order() {
