@@ -999,7 +999,7 @@ fn sweep(p: &Progress) -> Option<(&SweepOrder, f64, f64)> {
     } else {
         (m.memory, lw.speed * lw.stride)
     };
-    let trusted = shown * SWEEP_SPEED_TRUSTED >= m.drift && shown <= SWEEP_SPEED_TRUSTED * m.drift;
+    let trusted = (1.0 / SWEEP_SPEED_TRUSTED..=SWEEP_SPEED_TRUSTED).contains(&(shown / m.drift));
     let period = set / if trusted { shown } else { m.drift };
     (m.working_set() < 1.0 && period.is_finite() && period >= SWEEP_MIN_PERIOD && lw.seen > 0)
         .then_some((lw, period, set))

@@ -53,8 +53,8 @@ pub struct WriteClock {
     /// The first and last places of the sweep's run at the latest read that showed writes.
     run: (f32, f32),
     /// Where the sweep stood at the reads before those in a row that showed it, over the last
-    /// [`SPEED_WINDOW`]: `(seconds of the read before, of the read, first place of the run)`.
-    heads: VecDeque<(f32, f32, f32)>,
+    /// [`SPEED_WINDOW`]: `(seconds of the read before, first place of the run)`.
+    heads: VecDeque<(f32, f32)>,
     /// When the guest's speed last changed ([`WriteClock::speed_changes`]).
     speed_from: f32,
 }
@@ -127,6 +127,8 @@ impl WriteClock {
         if shown.is_empty() {
             return;
         }
+        // Whether the read before showed writes too (for the speed, below).
+        let in_a_row = self.latest.1 == before;
         self.latest = (before, at);
         let mut places: Vec<f32> = shown.into_iter().map(|i| self.place[i]).collect();
         let lap = self.seen as f32;
@@ -135,11 +137,11 @@ impl WriteClock {
         // the first written after the read before, where the sweep stood then. Reads that
         // show nothing (the sweep crossing pages not re-armed since it last wrote them) leave
         // gaps it may go round in.
-        if self.heads.back().is_some_and(|&(_, was, _)| was != before) {
+        if !in_a_row {
             self.heads.clear();
         }
         if before >= self.speed_from {
-            self.heads.push_back((before, at, self.run.0 % lap));
+            self.heads.push_back((before, self.run.0 % lap));
         }
         while let (Some(f), Some(b)) = (self.heads.front(), self.heads.back()) {
             if b.0 - f.0 <= SPEED_WINDOW {
@@ -165,7 +167,7 @@ impl WriteClock {
         let lap = self.seen as f32;
         let mut rates: Vec<f64> = (1..self.heads.len())
             .map(|k| {
-                let ((t0, _, p0), (t1, _, p1)) = (self.heads[k - 1], self.heads[k]);
+                let ((t0, p0), (t1, p1)) = (self.heads[k - 1], self.heads[k]);
                 let d = (p1 - p0).rem_euclid(lap);
                 let d = if d > 0.5 * lap { d - lap } else { d };
                 f64::from(d) / f64::from(t1 - t0).max(1e-3)
