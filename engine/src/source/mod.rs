@@ -262,6 +262,8 @@ struct Probe {
     /// Per codec (in [`Codec::ALL`]'s order): wire bytes per page and seconds per page on
     /// one core.
     codecs: [CodecSample; 3],
+    /// Cores the workers encode on: one each, at most every core there is.
+    encode_cores: f64,
     /// The choice made, and the wire rate and bytes per page it implies.
     codec: Codec,
     rate: f64,
@@ -591,6 +593,7 @@ impl Migration<'_, '_, '_> {
                 self.probe.codec,
                 self.probe.lane_rate,
                 self.probe.codecs.map(|s| s.bpp),
+                self.probe.codecs.map(|s| self.probe.encode_cores / s.secs),
                 self.t0,
             ));
         }
@@ -1392,6 +1395,7 @@ impl Migration<'_, '_, '_> {
         Ok(Probe {
             lane_rate,
             codecs,
+            encode_cores: par,
             codec,
             rate: pages(chosen) * chosen.bpp,
             bpp: chosen.bpp,

@@ -8,11 +8,15 @@
 //! something other than the lanes is the bottleneck: the next faster codec is tried for a
 //! window, unless the lanes would cap it below what moves now (their rate ÷ its wire bytes
 //! per page). Two full windows mean the lanes are the bottleneck: the next stronger codec may
-//! move more pages, and is tried. A trial is kept when it moves at least [`GAIN`] times the
-//! pages per second of the best of the windows that called for it (one window that dipped,
-//! as when the guest takes a core for a moment, would let a trial win that moves fewer
-//! pages than the codec usually does); otherwise the codec goes back, and the one tried
-//! waits twice as many windows as last time before it is tried again.
+//! move more pages, and is tried, unless the workers would cap it below what moves now (the
+//! pages per second the probe saw them encode, with every core theirs). A trial is kept when
+//! it moves at least [`GAIN`] times the pages per second of the best of the windows that
+//! called for it (one window that dipped, as when the guest takes a core for a moment, would
+//! let a trial win that moves fewer pages than the codec usually does); otherwise the codec
+//! goes back, and the one tried waits twice as many windows as last time before it is tried
+//! again. A harvest cuts the window short: a trial it cuts starts its window again after the
+//! harvest, once (a policy that harvests every second would otherwise cut every trial it
+//! meets, as timebound did).
 //!
 //! Pages are compared per second rather than bytes, because pages are what the migration
 //! needs moved; the mixed content of guest memory makes any two windows' pages alike.
@@ -53,6 +57,9 @@ pub(super) struct Tuner {
     /// Wire bytes per page of each codec (in [`Codec::ALL`]'s order), as the probe measured
     /// them on a sample of memory.
     bpp: [f64; 3],
+    /// Pages per second the workers encode with each codec, as the probe measured them with
+    /// every core theirs: a ceiling, as the guest and the lanes' own work take cores too.
+    encode: [f64; 3],
     t0: Instant,
     settle_until: Instant,
     mark: Option<Mark>,
@@ -62,6 +69,8 @@ pub(super) struct Tuner {
     streak_rate: f64,
     /// The codec before the trial in progress, and its pages per second.
     trial: Option<(Codec, f64)>,
+    /// A harvest has cut the trial in progress once.
+    cut: bool,
     /// Per codec (in [`Codec::ALL`]'s order): windows left before it may be tried again,
     /// and the wait after its last failed trial.
     wait: [u32; 3],
@@ -85,19 +94,27 @@ fn neighbour(c: Codec, faster: bool) -> Option<Codec> {
 
 impl Tuner {
     /// A tuner starting at `now` with the probe's `codec`, lanes carrying `lane_rate` wire
-    /// bytes per second and each codec's wire bytes per page `bpp` (in [`Codec::ALL`]'s
-    /// order).
-    pub fn new(codec: Codec, lane_rate: f64, bpp: [f64; 3], now: Instant) -> Self {
+    /// bytes per second, and each codec's wire bytes per page `bpp` and pages per second the
+    /// workers encode `encode` (both in [`Codec::ALL`]'s order).
+    pub fn new(
+        codec: Codec,
+        lane_rate: f64,
+        bpp: [f64; 3],
+        encode: [f64; 3],
+        now: Instant,
+    ) -> Self {
         Self {
             codec,
             lane_rate,
             bpp,
+            encode,
             t0: now,
             settle_until: now + SETTLE,
             mark: None,
             streak: 0,
             streak_rate: 0.0,
             trial: None,
+            cut: false,
             wait: [0; 3],
             backoff: [1; 3],
             trials: Vec::new(),
@@ -112,14 +129,19 @@ impl Tuner {
     }
 
     /// Sending paused (a harvest): the window in progress measures nothing and is dropped.
-    /// A trial in progress is undone as if it had lost (its codec returned): left running
-    /// across harvests, which come every few tens of milliseconds in a policy's tail, it
-    /// would never complete a window and run unmeasured to the end.
+    /// A trial in progress starts its window again the first time; the second time it is
+    /// undone as if it had lost (its codec returned): left running across harvests, which
+    /// come every few tens of milliseconds in a policy's tail, it would never complete a
+    /// window and run unmeasured to the end.
     pub fn restart(&mut self, now: Instant) -> Option<Codec> {
-        let Some((from, from_rate)) = self.trial.take() else {
-            self.new_window(now);
+        self.new_window(now);
+        self.trial?;
+        if !self.cut {
+            self.cut = true;
             return None;
-        };
+        }
+        let (from, from_rate) = self.trial.take()?;
+        self.cut = false;
         self.record(now, from, from_rate, 0.0, false);
         self.lost(self.codec);
         Some(self.switch(from, now))
@@ -175,6 +197,7 @@ impl Tuner {
         let used = window_wire / secs / self.lane_rate.max(1.0);
 
         if let Some((from, from_rate)) = self.trial.take() {
+            self.cut = false;
             let kept = rate >= from_rate * GAIN;
             self.record(now, from, from_rate, rate, kept);
             self.streak = 0;
@@ -205,16 +228,19 @@ impl Tuner {
         }
         let faster = self.streak > 0;
         let next = neighbour(self.codec, faster).filter(|&c| self.wait[index(c)] == 0)?;
-        if faster {
-            // The lanes cap a faster codec at their rate ÷ its wire bytes per page (the
-            // probe's figure, scaled by how this window's pages compare with the probe's
-            // sample). Below GAIN × the rate it must beat, it cannot win: not worth a trial.
+        // The lanes cap a faster codec at their rate ÷ its wire bytes per page (the probe's
+        // figure, scaled by how this window's pages compare with the probe's sample); the
+        // workers cap a stronger one at what they encode. Below GAIN × the rate it must beat,
+        // it cannot win: not worth a trial, which would move fewer pages for a window.
+        let ceiling = if faster {
             let bpp_now = window_wire / pages.saturating_sub(m.pages).max(1) as f64;
             let scale = bpp_now / self.bpp[index(self.codec)].max(1.0);
-            let ceiling = self.lane_rate / (self.bpp[index(next)] * scale).max(1.0);
-            if ceiling < self.streak_rate * GAIN {
-                return None;
-            }
+            self.lane_rate / (self.bpp[index(next)] * scale).max(1.0)
+        } else {
+            self.encode[index(next)]
+        };
+        if ceiling < self.streak_rate * GAIN {
+            return None;
         }
         self.trial = Some((self.codec, self.streak_rate));
         self.streak = 0;
@@ -234,6 +260,7 @@ mod tests {
 
     /// Drives a tuner with a simulated pipeline: each codec moves `pages_per_s(codec)` pages
     /// at `bytes_per_page(codec)` on the wire; returns the codec after `secs` and the tuner.
+    /// The workers could encode any codec at 1M pages/s.
     fn drive(
         start: Codec,
         lane_rate: f64,
@@ -241,35 +268,46 @@ mod tests {
         pages_per_s: impl Fn(Codec) -> f64,
         bytes_per_page: impl Fn(Codec) -> f64,
     ) -> (Codec, Tuner) {
-        drive_in_time(
+        let t = Tuner::new(
             start,
             lane_rate,
+            Codec::ALL.map(&bytes_per_page),
+            [1e6; 3],
+            Instant::now(),
+        );
+        drive_tuner(
+            t,
             secs,
+            f64::INFINITY,
             |c, _| pages_per_s(c),
             bytes_per_page,
         )
     }
 
-    /// As [`drive`], with pages per second that also depend on the time in seconds.
-    fn drive_in_time(
-        start: Codec,
-        lane_rate: f64,
+    /// As [`drive`], for a tuner made by the caller, with pages per second that also depend
+    /// on the time in seconds, and a harvest every `harvest_every` seconds.
+    fn drive_tuner(
+        mut t: Tuner,
         secs: f64,
+        harvest_every: f64,
         pages_per_s: impl Fn(Codec, f64) -> f64,
         bytes_per_page: impl Fn(Codec) -> f64,
     ) -> (Codec, Tuner) {
-        let t0 = Instant::now();
-        let mut t = Tuner::new(start, lane_rate, Codec::ALL.map(&bytes_per_page), t0);
-        let (mut codec, mut pages, mut wire) = (start, 0.0f64, 0.0f64);
-        let tick = 0.1;
-        let mut now = 0.0;
+        let (t0, tick) = (t.t0, 0.1);
+        let (mut codec, mut pages, mut wire) = (t.codec, 0.0f64, 0.0f64);
+        let (mut now, mut harvest) = (0.0, harvest_every);
         while now < secs {
             let rate = pages_per_s(codec, now);
             now += tick;
             pages += rate * tick;
             wire += rate * bytes_per_page(codec) * tick;
             let at = t0 + Duration::from_secs_f64(now);
-            if let Some(c) = t.observe(at, pages as u64, wire as u64) {
+            if now >= harvest {
+                harvest += harvest_every;
+                if let Some(c) = t.restart(at) {
+                    codec = c;
+                }
+            } else if let Some(c) = t.observe(at, pages as u64, wire as u64) {
                 codec = c;
             }
         }
@@ -346,7 +384,14 @@ mod tests {
             Codec::Zstd => 60e3,
             _ => 56e3,
         };
-        let (codec, t) = drive_in_time(Codec::Zstd, 1e9, 1.2, rate, bpp);
+        let t = Tuner::new(
+            Codec::Zstd,
+            1e9,
+            Codec::ALL.map(bpp),
+            [1e6; 3],
+            Instant::now(),
+        );
+        let (codec, t) = drive_tuner(t, 1.2, f64::INFINITY, rate, bpp);
         assert_eq!(codec, Codec::Zstd);
         let trials = t.finish().1;
         assert_eq!(trials.len(), 1, "{trials:?}");
@@ -386,7 +431,7 @@ mod tests {
     fn restart_drops_the_window_in_progress() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut t = Tuner::new(Codec::Zstd, 1e9, Codec::ALL.map(bpp), t0);
+        let mut t = Tuner::new(Codec::Zstd, 1e9, Codec::ALL.map(bpp), [1e6; 3], t0);
         assert_eq!(t.observe(at(100), 0, 0), None);
         assert_eq!(t.restart(at(200)), None);
         // Within the settling time nothing counts, and the next window starts after it.
@@ -397,12 +442,15 @@ mod tests {
     }
 
     #[test]
-    fn a_harvest_undoes_a_trial_in_progress() {
+    fn a_second_harvest_undoes_a_trial_in_progress() {
         // As in `finishing_undoes_a_trial_in_progress`, LZ4 is on trial at 0.8 s.
         let rate = |c| if c == Codec::Zstd { 50e3 } else { 80e3 };
         let (now, mut t) = drive(Codec::Zstd, 1e9, 0.8, rate, bpp);
         assert_eq!(now, Codec::Lz4);
         let at = t.t0 + Duration::from_millis(900);
+        // The first harvest only starts the trial's window again; the second undoes it.
+        assert_eq!(t.restart(at), None);
+        assert_eq!(t.codec, Codec::Lz4);
         assert_eq!(t.restart(at), Some(Codec::Zstd));
         assert_eq!(t.codec, Codec::Zstd);
         // Recorded as lost, unmeasured, and LZ4 waits before it is tried again.
@@ -413,5 +461,56 @@ mod tests {
         );
         assert_eq!(t.wait[index(Codec::Lz4)], 2);
         assert_eq!(t.restart(at), None);
+    }
+
+    #[test]
+    fn a_stronger_codec_the_workers_would_cap_is_not_tried() {
+        // LZ4 fills 125 MB/s lanes at 62k pages/s; the probe saw the workers encode 46k zstd
+        // pages/s with the cores to themselves. Zstd cannot win: no trial.
+        let lane = 125e6;
+        let rate = |c| match c {
+            Codec::Zstd => 40e3,
+            c => lane / bpp(c),
+        };
+        let encode = [46e3, 70e3, 1e6];
+        let t = Tuner::new(
+            Codec::Lz4,
+            lane,
+            Codec::ALL.map(bpp),
+            encode,
+            Instant::now(),
+        );
+        let (codec, t) = drive_tuner(t, 10.0, f64::INFINITY, |c, _| rate(c), bpp);
+        assert_eq!(codec, Codec::Lz4);
+        assert!(t.finish().1.is_empty());
+        // Where the workers could encode 80k, the trial is made (and lost).
+        let t = Tuner::new(
+            Codec::Lz4,
+            lane,
+            Codec::ALL.map(bpp),
+            [80e3, 70e3, 1e6],
+            Instant::now(),
+        );
+        let (codec, t) = drive_tuner(t, 3.0, f64::INFINITY, |c, _| rate(c), bpp);
+        assert_eq!(codec, Codec::Lz4);
+        assert!(!t.finish().1.is_empty());
+    }
+
+    #[test]
+    fn a_trial_a_harvest_cuts_is_measured_after_it() {
+        // Timebound harvests every 1.03 s, and the tuner's first trial starts just before the
+        // first harvest: zstd leaves the lanes half empty, LZ4 moves 30% more pages.
+        let rate = |c, _| if c == Codec::Zstd { 50e3 } else { 65e3 };
+        let t = Tuner::new(
+            Codec::Zstd,
+            1e9,
+            Codec::ALL.map(bpp),
+            [1e6; 3],
+            Instant::now(),
+        );
+        let (codec, t) = drive_tuner(t, 3.0, 1.03, rate, bpp);
+        assert_eq!(codec, Codec::Lz4);
+        let trials = t.finish().1;
+        assert!(trials[0].kept && trials[0].to == Codec::Lz4, "{trials:?}");
     }
 }
