@@ -233,8 +233,10 @@ pub struct CpuFigures {
     pub destination_s_per_gib: f64,
 }
 
-/// Measured before the migration: the lanes (a probe of discarded messages) and one core's
-/// encoding of a sample of 1024 pages spread over memory with each codec.
+/// Measured before the migration: the lanes (a probe of discarded messages) and the encoding
+/// of a sample of 1024 pages spread over memory with each codec, by as many threads at once
+/// as there will be workers (at most one a core); `*_us_per_page` is each thread's time a
+/// page.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct ProbeFigures {
     pub lane_bytes_per_s: f64,
