@@ -9,14 +9,14 @@
 //! window, unless the lanes would cap it below what moves now (their rate ÷ its wire bytes
 //! per page). Two full windows mean the lanes are the bottleneck: the next stronger codec may
 //! move more pages, and is tried, unless the workers would cap it below what moves now (the
-//! pages per second the probe saw them encode, with every core theirs). A trial is kept when
-//! it moves at least [`GAIN`] times the pages per second of the best of the windows that
-//! called for it (one window that dipped, as when the guest takes a core for a moment, would
-//! let a trial win that moves fewer pages than the codec usually does); otherwise the codec
-//! goes back, and the one tried waits twice as many windows as last time before it is tried
-//! again. A harvest cuts the window short: a trial it cuts starts its window again after the
-//! harvest, once (a policy that harvests every second would otherwise cut every trial it
-//! meets, as timebound did).
+//! pages per second the probe saw them encode). A trial is kept when it moves at least
+//! [`GAIN`] times the pages per second of the best of the windows that called for it (one
+//! window that dipped, as when the guest takes a core for a moment, would let a trial win
+//! that moves fewer pages than the codec usually does); otherwise the codec goes back, and
+//! the one tried waits twice as many windows as last time before it is tried again. A harvest
+//! cuts the window short: a trial it cuts starts its window again after the harvest, once (a
+//! policy that harvests every second would otherwise cut every trial it meets, as timebound
+//! did).
 //!
 //! Pages are compared per second rather than bytes, because pages are what the migration
 //! needs moved; the mixed content of guest memory makes any two windows' pages alike.
@@ -57,8 +57,8 @@ pub(super) struct Tuner {
     /// Wire bytes per page of each codec (in [`Codec::ALL`]'s order), as the probe measured
     /// them on a sample of memory.
     bpp: [f64; 3],
-    /// Pages per second the workers encode with each codec, as the probe measured them with
-    /// every core theirs: a ceiling, as the guest and the lanes' own work take cores too.
+    /// Pages per second the workers encode with each codec, as the probe measured them, every
+    /// worker's thread encoding at once: a ceiling, as the lanes' own work takes cores too.
     encode: [f64; 3],
     t0: Instant,
     settle_until: Instant,
@@ -466,32 +466,28 @@ mod tests {
     #[test]
     fn a_stronger_codec_the_workers_would_cap_is_not_tried() {
         // LZ4 fills 125 MB/s lanes at 62k pages/s; the probe saw the workers encode 46k zstd
-        // pages/s with the cores to themselves. Zstd cannot win: no trial.
+        // pages/s. Zstd cannot win: no trial.
         let lane = 125e6;
-        let rate = |c| match c {
+        let rate = |c, _| match c {
             Codec::Zstd => 40e3,
             c => lane / bpp(c),
         };
-        let encode = [46e3, 70e3, 1e6];
-        let t = Tuner::new(
-            Codec::Lz4,
-            lane,
-            Codec::ALL.map(bpp),
-            encode,
-            Instant::now(),
-        );
-        let (codec, t) = drive_tuner(t, 10.0, f64::INFINITY, |c, _| rate(c), bpp);
+        let run = |zstd: f64| {
+            let encode = [zstd, 70e3, 1e6];
+            let t = Tuner::new(
+                Codec::Lz4,
+                lane,
+                Codec::ALL.map(bpp),
+                encode,
+                Instant::now(),
+            );
+            drive_tuner(t, 10.0, f64::INFINITY, rate, bpp)
+        };
+        let (codec, t) = run(46e3);
         assert_eq!(codec, Codec::Lz4);
         assert!(t.finish().1.is_empty());
         // Where the workers could encode 80k, the trial is made (and lost).
-        let t = Tuner::new(
-            Codec::Lz4,
-            lane,
-            Codec::ALL.map(bpp),
-            [80e3, 70e3, 1e6],
-            Instant::now(),
-        );
-        let (codec, t) = drive_tuner(t, 3.0, f64::INFINITY, |c, _| rate(c), bpp);
+        let (codec, t) = run(80e3);
         assert_eq!(codec, Codec::Lz4);
         assert!(!t.finish().1.is_empty());
     }
