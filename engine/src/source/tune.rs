@@ -258,30 +258,29 @@ impl Tuner {
 mod tests {
     use super::*;
 
+    /// A tuner starting now with `start`, lanes carrying `lane_rate`, [`bpp`]'s bytes per
+    /// page and workers that encode `encode` pages per second with each codec.
+    fn tuner(start: Codec, lane_rate: f64, encode: [f64; 3]) -> Tuner {
+        Tuner::new(
+            start,
+            lane_rate,
+            Codec::ALL.map(bpp),
+            encode,
+            Instant::now(),
+        )
+    }
+
     /// Drives a tuner with a simulated pipeline: each codec moves `pages_per_s(codec)` pages
-    /// at `bytes_per_page(codec)` on the wire; returns the codec after `secs` and the tuner.
+    /// at [`bpp`]'s bytes per page on the wire; returns the codec after `secs` and the tuner.
     /// The workers could encode any codec at 1M pages/s.
     fn drive(
         start: Codec,
         lane_rate: f64,
         secs: f64,
         pages_per_s: impl Fn(Codec) -> f64,
-        bytes_per_page: impl Fn(Codec) -> f64,
     ) -> (Codec, Tuner) {
-        let t = Tuner::new(
-            start,
-            lane_rate,
-            Codec::ALL.map(&bytes_per_page),
-            [1e6; 3],
-            Instant::now(),
-        );
-        drive_tuner(
-            t,
-            secs,
-            f64::INFINITY,
-            |c, _| pages_per_s(c),
-            bytes_per_page,
-        )
+        let t = tuner(start, lane_rate, [1e6; 3]);
+        drive_tuner(t, secs, f64::INFINITY, |c, _| pages_per_s(c))
     }
 
     /// As [`drive`], for a tuner made by the caller, with pages per second that also depend
@@ -291,7 +290,6 @@ mod tests {
         secs: f64,
         harvest_every: f64,
         pages_per_s: impl Fn(Codec, f64) -> f64,
-        bytes_per_page: impl Fn(Codec) -> f64,
     ) -> (Codec, Tuner) {
         let (t0, tick) = (t.t0, 0.1);
         let (mut codec, mut pages, mut wire) = (t.codec, 0.0f64, 0.0f64);
@@ -300,7 +298,7 @@ mod tests {
             let rate = pages_per_s(codec, now);
             now += tick;
             pages += rate * tick;
-            wire += rate * bytes_per_page(codec) * tick;
+            wire += rate * bpp(codec) * tick;
             let at = t0 + Duration::from_secs_f64(now);
             if now >= harvest {
                 harvest += harvest_every;
@@ -332,7 +330,7 @@ mod tests {
             Codec::Lz4 => 95e3,
             Codec::Raw => lane / bpp(Codec::Raw),
         };
-        let (codec, t) = drive(Codec::Zstd, lane, 6.0, rate, bpp);
+        let (codec, t) = drive(Codec::Zstd, lane, 6.0, rate);
         assert_eq!(codec, Codec::Lz4);
         let trials = t.finish().1;
         assert!(trials[0].kept && trials[0].from == Codec::Zstd && trials[0].to == Codec::Lz4);
@@ -347,7 +345,7 @@ mod tests {
             Codec::Zstd => 50e3,
             _ => 40e3,
         };
-        let (codec, t) = drive(Codec::Zstd, 1e9, 20.0, rate, bpp);
+        let (codec, t) = drive(Codec::Zstd, 1e9, 20.0, rate);
         assert_eq!(codec, Codec::Zstd);
         let trials = t.finish().1;
         assert!(trials.iter().all(|t| !t.kept && t.to == Codec::Lz4));
@@ -369,7 +367,7 @@ mod tests {
             Codec::Zstd => 60e3,
             c => lane / bpp(c),
         };
-        let (codec, t) = drive(Codec::Zstd, lane, 10.0, rate, bpp);
+        let (codec, t) = drive(Codec::Zstd, lane, 10.0, rate);
         assert_eq!(codec, Codec::Zstd);
         assert!(t.finish().1.is_empty());
     }
@@ -384,14 +382,8 @@ mod tests {
             Codec::Zstd => 60e3,
             _ => 56e3,
         };
-        let t = Tuner::new(
-            Codec::Zstd,
-            1e9,
-            Codec::ALL.map(bpp),
-            [1e6; 3],
-            Instant::now(),
-        );
-        let (codec, t) = drive_tuner(t, 1.2, f64::INFINITY, rate, bpp);
+        let t = tuner(Codec::Zstd, 1e9, [1e6; 3]);
+        let (codec, t) = drive_tuner(t, 1.2, f64::INFINITY, rate);
         assert_eq!(codec, Codec::Zstd);
         let trials = t.finish().1;
         assert_eq!(trials.len(), 1, "{trials:?}");
@@ -405,7 +397,7 @@ mod tests {
         // LZ4 fills the lanes; zstd has the cores to fill them too, with fewer bytes a page.
         let lane = 125e6;
         let rate = |c| lane / bpp(c);
-        let (codec, t) = drive(Codec::Lz4, lane, 3.0, rate, bpp);
+        let (codec, t) = drive(Codec::Lz4, lane, 3.0, rate);
         assert_eq!(codec, Codec::Zstd);
         assert!(t.finish().1[0].kept);
     }
@@ -413,7 +405,7 @@ mod tests {
     #[test]
     fn the_strongest_codec_on_full_lanes_stays() {
         let lane = 125e6;
-        let (codec, t) = drive(Codec::Zstd, lane, 10.0, |c| lane / bpp(c), bpp);
+        let (codec, t) = drive(Codec::Zstd, lane, 10.0, |c| lane / bpp(c));
         assert_eq!(codec, Codec::Zstd);
         assert!(t.finish().1.is_empty());
     }
@@ -422,7 +414,7 @@ mod tests {
     fn finishing_undoes_a_trial_in_progress() {
         // Zstd leaves the lanes half empty: LZ4 is being tried when the live phase ends.
         let rate = |c| if c == Codec::Zstd { 50e3 } else { 80e3 };
-        let (now, t) = drive(Codec::Zstd, 1e9, 0.8, rate, bpp);
+        let (now, t) = drive(Codec::Zstd, 1e9, 0.8, rate);
         assert_eq!(now, Codec::Lz4);
         assert_eq!(t.finish(), (Codec::Zstd, Vec::new()));
     }
@@ -445,7 +437,7 @@ mod tests {
     fn a_second_harvest_undoes_a_trial_in_progress() {
         // As in `finishing_undoes_a_trial_in_progress`, LZ4 is on trial at 0.8 s.
         let rate = |c| if c == Codec::Zstd { 50e3 } else { 80e3 };
-        let (now, mut t) = drive(Codec::Zstd, 1e9, 0.8, rate, bpp);
+        let (now, mut t) = drive(Codec::Zstd, 1e9, 0.8, rate);
         assert_eq!(now, Codec::Lz4);
         let at = t.t0 + Duration::from_millis(900);
         // The first harvest only starts the trial's window again; the second undoes it.
@@ -472,16 +464,13 @@ mod tests {
             Codec::Zstd => 40e3,
             c => lane / bpp(c),
         };
-        let run = |zstd: f64| {
-            let encode = [zstd, 70e3, 1e6];
-            let t = Tuner::new(
-                Codec::Lz4,
-                lane,
-                Codec::ALL.map(bpp),
-                encode,
-                Instant::now(),
-            );
-            drive_tuner(t, 10.0, f64::INFINITY, rate, bpp)
+        let run = |zstd| {
+            drive_tuner(
+                tuner(Codec::Lz4, lane, [zstd, 70e3, 1e6]),
+                10.0,
+                f64::INFINITY,
+                rate,
+            )
         };
         let (codec, t) = run(46e3);
         assert_eq!(codec, Codec::Lz4);
@@ -497,14 +486,8 @@ mod tests {
         // Timebound harvests every 1.03 s, and the tuner's first trial starts just before the
         // first harvest: zstd leaves the lanes half empty, LZ4 moves 30% more pages.
         let rate = |c, _| if c == Codec::Zstd { 50e3 } else { 65e3 };
-        let t = Tuner::new(
-            Codec::Zstd,
-            1e9,
-            Codec::ALL.map(bpp),
-            [1e6; 3],
-            Instant::now(),
-        );
-        let (codec, t) = drive_tuner(t, 3.0, 1.03, rate, bpp);
+        let t = tuner(Codec::Zstd, 1e9, [1e6; 3]);
+        let (codec, t) = drive_tuner(t, 3.0, 1.03, rate);
         assert_eq!(codec, Codec::Lz4);
         let trials = t.finish().1;
         assert!(trials[0].kept && trials[0].to == Codec::Lz4, "{trials:?}");
