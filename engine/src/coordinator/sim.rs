@@ -29,6 +29,10 @@ pub enum DirtyModel {
     /// Writes sweep the first `working_set` pages in order, over and over (the MG-like sweep;
     /// with the whole memory as working set, the case pre-copy never converges on).
     Sequential { rate: f64, working_set: u64 },
+    /// Each of the [`SimConfig::vcpus`] sweeps the first `working_set` pages of its share of
+    /// memory (`pages ÷ vcpus` from the share's start) in order, over and over, the vCPUs
+    /// taking turns: the executor's `seq` workload. `rate` is all the vCPUs' writes together.
+    SequentialEach { rate: f64, working_set: u64 },
     /// A share `hot_share` of the writes hits the first `hot_pages` pages, the rest the other
     /// pages of the working set, uniformly within each part.
     HotCold {
@@ -45,6 +49,7 @@ impl DirtyModel {
             DirtyModel::Idle => 0.0,
             DirtyModel::Uniform { rate, .. }
             | DirtyModel::Sequential { rate, .. }
+            | DirtyModel::SequentialEach { rate, .. }
             | DirtyModel::HotCold { rate, .. } => rate.max(0.0),
         }
     }
@@ -81,7 +86,8 @@ pub struct SimConfig {
     /// How the guest's speed follows the throttle: `(1 − throttle)^throttle_response`. Default
     /// 1; 0 for a guest the throttle does not slow (one starved of CPU by other threads).
     pub throttle_response: f64,
-    /// The page a sequential sweep starts from. Default 0.
+    /// The page a sequential sweep starts from (for [`DirtyModel::SequentialEach`], the
+    /// writes already made: each vCPU starts `sweep_start ÷ vcpus` pages in). Default 0.
     pub sweep_start: u64,
     /// How long the guest runs before the migration starts, the log read as it goes (the
     /// executor's probe): the touched pages and the sweep's order are known from the start.
@@ -328,6 +334,15 @@ impl Sim {
                 let p = self.sweep_cursor % ws;
                 self.sweep_cursor = (p + 1) % ws;
                 p
+            }
+            DirtyModel::SequentialEach { working_set, .. } => {
+                let vcpus = u64::from(self.cfg.vcpus.max(1));
+                let share = n / vcpus;
+                let ws = working_set.clamp(1, share.max(1));
+                // The writes so far: the vCPU whose turn it is, and how far each has gone.
+                let k = self.sweep_cursor;
+                self.sweep_cursor += 1;
+                (k % vcpus) * share + (k / vcpus) % ws
             }
             DirtyModel::HotCold {
                 working_set,
