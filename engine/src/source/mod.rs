@@ -259,8 +259,8 @@ impl Meter {
 struct Probe {
     /// Wire bytes/s the lanes carried.
     lane_rate: f64,
-    /// Per codec (in [`Codec::ALL`]'s order): wire bytes per page and seconds per page on
-    /// one core.
+    /// Per codec (in [`Codec::ALL`]'s order): wire bytes per page and seconds per page of
+    /// each worker, all of them encoding at once.
     codecs: [CodecSample; 3],
     /// Cores the workers encode on: one each, at most every core there is.
     encode_cores: f64,
