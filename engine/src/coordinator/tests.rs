@@ -337,18 +337,29 @@ fn sweep_errors(kind: PolicyKind, case: SweepCase, followed: bool) -> Vec<f64> {
     };
     let rate = case.rate / case.memory_secs;
     let probe = sweep_probe(rate * case.probed);
+    errors_from_eight_starts(kind, &cfg, followed, |start| SimConfig {
+        writes: Some(probe),
+        read_log: true,
+        sweep_start: start,
+        warmup: case.warmup,
+        warmup_speed: case.warmup_speed,
+        bandwidth: (N * 4096) as f64 / case.memory_secs,
+        ..sim_cfg(dirty_all(rate))
+    })
+}
+
+/// The ETA errors at 25% and 50% for `kind` over the simulations `sim(start)` makes for eight
+/// starting points of a sweep; with the pages followed in the log if `followed`, else the
+/// mean model.
+fn errors_from_eight_starts(
+    kind: PolicyKind,
+    cfg: &PolicyConfig,
+    followed: bool,
+    sim: impl Fn(u64) -> SimConfig,
+) -> Vec<f64> {
     (0..8)
         .flat_map(|k| {
-            let sim = SimConfig {
-                writes: Some(probe),
-                read_log: true,
-                sweep_start: k * N / 8 + 100,
-                warmup: case.warmup,
-                warmup_speed: case.warmup_speed,
-                bandwidth: (N * 4096) as f64 / case.memory_secs,
-                ..sim_cfg(dirty_all(rate))
-            };
-            eta_errors_as(kind, &cfg, sim, |p| Progress {
+            eta_errors_as(kind, cfg, sim(k * N / 8 + 100), |p| Progress {
                 sweep_order: p.sweep_order.clone().filter(|_| followed),
                 ..p.clone()
             })
@@ -1516,27 +1527,19 @@ fn two_sweeps_errors(kind: PolicyKind, warmup: Duration, followed: bool) -> Vec<
         ..PolicyConfig::default()
     };
     let memory_secs = 2.4;
-    (0..8)
-        .flat_map(|k| {
-            let sim = SimConfig {
-                writes: Some(sweep_probe(0.3)),
-                read_log: true,
-                vcpus: 2,
-                sweep_start: k * N / 8 + 100,
-                warmup,
-                warmup_speed: 2.0,
-                bandwidth: (N * 4096) as f64 / memory_secs,
-                ..sim_cfg(DirtyModel::SequentialEach {
-                    rate: 0.3 * N as f64,
-                    working_set: N / 4,
-                })
-            };
-            eta_errors_as(kind, &cfg, sim, |p| Progress {
-                sweep_order: p.sweep_order.clone().filter(|_| followed),
-                ..p.clone()
-            })
+    errors_from_eight_starts(kind, &cfg, followed, |start| SimConfig {
+        writes: Some(sweep_probe(0.3)),
+        read_log: true,
+        vcpus: 2,
+        sweep_start: start,
+        warmup,
+        warmup_speed: 2.0,
+        bandwidth: (N * 4096) as f64 / memory_secs,
+        ..sim_cfg(DirtyModel::SequentialEach {
+            rate: 0.3 * N as f64,
+            working_set: N / 4,
         })
-        .collect()
+    })
 }
 
 /// Two sweeps, each in its own quarter of memory (the testbed's `seq` 128M), are followed

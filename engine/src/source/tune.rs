@@ -135,12 +135,12 @@ impl Tuner {
     /// window and run unmeasured to the end.
     pub fn restart(&mut self, now: Instant) -> Option<Codec> {
         self.new_window(now);
-        self.trial?;
+        let (from, from_rate) = self.trial?;
         if !self.cut {
             self.cut = true;
             return None;
         }
-        let (from, from_rate) = self.trial.take()?;
+        self.trial = None;
         self.cut = false;
         self.record(now, from, from_rate, 0.0, false);
         self.lost(self.codec);
