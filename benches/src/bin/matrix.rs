@@ -8,8 +8,9 @@
 //! ```
 //!
 //! After one warm-up migration that is not recorded, per row: `ferry listen` in the
-//! destination namespace, `ferry vm run` in the source one, a
-//! warm-up, then `ferry migrate --json` over every lane. `precopy` (at `--max-downtime 300ms`)
+//! destination namespace, `ferry vm run` in the source one, a warm-up (at least `--warmup`
+//! seconds, and until every vCPU has written its working set `--warm-passes` times), then
+//! `ferry migrate --json` over every lane. `precopy` (at `--max-downtime 300ms`)
 //! and `autoconverge` get `--timeout` 10 × membound's bound for the workload (run first) and
 //! `--on-limit abort`: a row they do not finish in time is "did not converge", and the VM
 //! stays on the source. Writes `matrix.jsonl` (the reports), `matrix.csv`, `matrix.md` (the
@@ -23,9 +24,9 @@
 //! precopy's 300 ms downtime) with `--nofit`.
 //!
 //! Options: `--mem SIZE` (default 512M), `--vcpus N` (2), `--fit`, `--nofit`, `--nofit-hot`,
-//! `--workloads a,b,..`, `--policies a,b,..` (names as
-//! below), `--warmup SECS` (2), `--out DIR`, `--ferry PATH` (default: `ferry` next to this
-//! binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate` arguments),
+//! `--workloads a,b,..`, `--policies a,b,..` (names as below), `--warmup SECS` (2),
+//! `--warm-passes N` (3; 0: the time only), `--out DIR`, `--ferry PATH` (default: `ferry`
+//! next to this binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate` arguments),
 //! `--repeat N` (1: run every row N times, each round through all the policies before the
 //! next, so that the runs compared are close in time; the summary compares medians),
 //! `--reports` (also keep every row's whole report, timeline included, as
@@ -53,7 +54,7 @@ const POLICIES: [&str; 6] = [
 const BOUNDED: [&str; 4] = ["membound", "mplm", "timebound", "timebound+overcommit"];
 const PORT: u16 = 7900;
 const USAGE: &str = "usage: matrix [--mem SIZE] [--vcpus N] [--fit SIZE] [--nofit SIZE] \
-[--nofit-hot SIZE] [--workloads a,b,..] [--policies a,b,..] [--warmup SECS] [--out DIR] \
+[--nofit-hot SIZE] [--workloads a,b,..] [--policies a,b,..] [--warmup SECS] [--warm-passes N] [--out DIR] \
 [--ferry PATH] [--plots] [--reports] [--extra \"ARGS\"] [--repeat N]
 (run inside `benches/testbed.sh exec`; see the top of benches/src/bin/matrix.rs)";
 
@@ -66,6 +67,7 @@ struct Args {
     workloads: Vec<String>,
     policies: Vec<String>,
     warmup: f64,
+    warm_passes: u64,
     out: PathBuf,
     ferry: PathBuf,
     plots: bool,
@@ -93,6 +95,7 @@ fn parse_args() -> Args {
             .to_vec(),
         policies: POLICIES.map(String::from).to_vec(),
         warmup: 2.0,
+        warm_passes: WARM_PASSES,
         out: "bench-results".into(),
         ferry,
         plots: false,
@@ -118,6 +121,7 @@ fn parse_args() -> Args {
             "--workloads" => a.workloads = v().split(',').map(String::from).collect(),
             "--policies" => a.policies = v().split(',').map(String::from).collect(),
             "--warmup" => a.warmup = v().parse().expect("--warmup SECS"),
+            "--warm-passes" => a.warm_passes = v().parse().expect("--warm-passes N"),
             "--out" => a.out = v().into(),
             "--ferry" => a.ferry = v().into(),
             "--extra" => a.extra = v().split_whitespace().map(String::from).collect(),
@@ -192,6 +196,73 @@ fn wait_for(deadline: Duration, mut ok: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Passes over its working set each vCPU makes before it is migrated (`--warm-passes`). On
+/// this PVM host a fresh guest's first write to each page since boot is slow (likely KVM
+/// building its shadow page tables): `dirty-all` wrote 45–50k pages/s over its first pass and 80–95k
+/// after, `seq` 128M doubled after its first, and `random` 128M rose from 30k to 60k as it
+/// touched its pages (`engine/examples/write_rate.rs`; write-protecting every page again
+/// costs at most a fifth). After the old fixed 2 s, `dirty-all` was in its first pass and
+/// doubled its speed a second into the migration.
+const WARM_PASSES: u64 = 3;
+
+/// Bytes in a size such as `512M` (suffixes K, M, G: powers of 1024).
+fn bytes(s: &str) -> u64 {
+    let (n, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    n.parse::<u64>()
+        .unwrap_or_else(|_| panic!("not a size: {s}"))
+        << shift
+}
+
+/// The writes each vCPU makes in `--warm-passes` over its working set (`--wss`, else its
+/// share of memory); `None` for `idle`, which writes nothing, or no passes.
+fn written_pages(a: &Args, workload: &str, guest_args: &[String]) -> Option<u64> {
+    if workload == "idle" || a.warm_passes == 0 {
+        return None;
+    }
+    let share = bytes(&a.mem) / u64::from(a.vcpus);
+    let wss = guest_args
+        .iter()
+        .position(|s| s == "--wss")
+        .map_or(share, |i| bytes(&guest_args[i + 1]).min(share));
+    Some(a.warm_passes * (wss >> 12))
+}
+
+/// Every vCPU's page writes so far, from the VM's control socket.
+fn guest_writes(sock: &Path) -> Option<Vec<u64>> {
+    use std::io::{BufRead, BufReader};
+    let mut conn = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    writeln!(conn, "{}", json!({ "status": null })).ok()?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line).ok()?;
+    let v: Value = serde_json::from_str(&line).ok()?;
+    v["status"]["guest"]
+        .as_array()?
+        .iter()
+        .map(|g| g["writes"].as_u64())
+        .collect()
+}
+
+/// Runs the guest at least `min_s` seconds and until every vCPU has made `writes` page
+/// writes (at most 30 s); the seconds it ran.
+fn warm_up(sock: &Path, min_s: f64, writes: Option<u64>) -> f64 {
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(min_s));
+    if let Some(n) = writes {
+        let warm = wait_for(Duration::from_secs(30), || {
+            guest_writes(sock).is_some_and(|w| w.iter().all(|&k| k >= n))
+        });
+        if !warm {
+            eprintln!("matrix: the guest made fewer than {n} writes per vCPU in 30 s");
+        }
+    }
+    t.elapsed().as_secs_f64()
+}
+
 /// One row: a VM started fresh, migrated with `policy_args`; the report (or the error) as
 /// JSON, with the destination's result under `"destination"`.
 fn migrate(
@@ -239,7 +310,7 @@ fn migrate(
     if !wait_for(Duration::from_secs(30), || sock.exists()) {
         return json!({ "error": "ferry vm run did not start" });
     }
-    std::thread::sleep(Duration::from_secs_f64(a.warmup));
+    let warm_s = warm_up(&sock, a.warmup, written_pages(a, workload, guest_args));
     let mut m = Command::new(&a.ferry);
     m.arg("migrate")
         .arg("--control")
@@ -261,6 +332,7 @@ fn migrate(
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
         .unwrap_or_else(|| json!({ "error": String::from_utf8_lossy(&out.stderr).trim() }));
+    v["warmup_ms"] = json!((warm_s * 1e3).round());
     if out.status.success() {
         // The destination runs the guest for a second and checks it, then exits.
         let _ = wait_for(Duration::from_secs(20), || {

@@ -984,10 +984,12 @@ const SWEEP_SPEED_TRUSTED: f64 = 4.0;
 /// did. The write model's drift is the probe's, scaled by the vCPUs' CPU time since: on the
 /// testbed, a `dirty-all` guest wrote 1.4–2.3 times as many pages per CPU-second after the
 /// first half second of an MPLM migration as in the probe, and the stop-and-copy forecast at
-/// 50% was half the actual one (388 against 728 ms). After the first lap the log shows only
-/// the writes to pages sent since the last, and the runs found jump: on `seq` 128M, read
-/// there, the speed came out 2–2.5 times the model's, then half of it, and the time left at
-/// 25% 22–42% long in three timebound runs; the model's speed is kept there.
+/// 50% was half the actual one (388 against 728 ms); that guest was ending its first pass
+/// over memory since boot, at half the later passes' speed on this PVM host
+/// (`engine/examples/write_rate.rs`). After the first lap the log shows only the writes to
+/// pages sent since the last, and the runs found jump: on `seq` 128M, read there, the speed
+/// came out 2–2.5 times the model's, then half of it, and the time left at 25% 22–42% long
+/// in three timebound runs; the model's speed is kept there.
 fn sweep(p: &Progress) -> Option<(&SweepOrder, f64, f64)> {
     let m = p.writes.as_ref()?;
     let lw = p.sweep_order.as_deref()?;
