@@ -31,8 +31,13 @@ pub enum DirtyModel {
     Sequential { rate: f64, working_set: u64 },
     /// Each of the [`SimConfig::vcpus`] sweeps the first `working_set` pages of its share of
     /// memory (`pages ÷ vcpus` from the share's start) in order, over and over, the vCPUs
-    /// taking turns: the executor's `seq` workload. `rate` is all the vCPUs' writes together.
-    SequentialEach { rate: f64, working_set: u64 },
+    /// taking turns: the executor's `seq` workload. `rate` is all the vCPUs' writes together;
+    /// the last vCPU writes `last_faster` times as fast as each of the others (1: alike).
+    SequentialEach {
+        rate: f64,
+        working_set: u64,
+        last_faster: f64,
+    },
     /// A share `hot_share` of the writes hits the first `hot_pages` pages, the rest the other
     /// pages of the working set, uniformly within each part.
     HotCold {
@@ -208,6 +213,8 @@ pub struct Sim {
     /// Fractional writes carried to the next time step.
     write_carry: f64,
     sweep_cursor: u64,
+    /// Writes each vCPU made, for [`DirtyModel::SequentialEach`].
+    sweep_writes: Vec<u64>,
     paused: bool,
 
     version: Vec<u32>,
@@ -262,6 +269,10 @@ impl Sim {
             page_secs: cfg.bytes_per_page / cfg.bandwidth,
             write_carry: 0.0,
             sweep_cursor: cfg.sweep_start,
+            sweep_writes: vec![
+                cfg.sweep_start / u64::from(cfg.vcpus.max(1));
+                cfg.vcpus.max(1) as usize
+            ],
             paused: false,
             version: vec![0; n],
             sent_version: vec![0; n],
@@ -335,14 +346,23 @@ impl Sim {
                 self.sweep_cursor = (p + 1) % ws;
                 p
             }
-            DirtyModel::SequentialEach { working_set, .. } => {
-                let vcpus = u64::from(self.cfg.vcpus.max(1));
-                let share = n / vcpus;
+            DirtyModel::SequentialEach {
+                working_set,
+                last_faster,
+                ..
+            } => {
+                let vcpus = self.sweep_writes.len();
+                let share = n / vcpus as u64;
                 let ws = working_set.clamp(1, share.max(1));
-                // The writes so far: the vCPU whose turn it is, and how far each has gone.
-                let k = self.sweep_cursor;
-                self.sweep_cursor += 1;
-                (k % vcpus) * share + (k / vcpus) % ws
+                // The vCPU furthest behind its share of the writes goes next.
+                let weight = |j: usize| if j + 1 == vcpus { last_faster } else { 1.0 };
+                let behind = |j: usize| (self.sweep_writes[j] + 1) as f64 / weight(j);
+                let j = (0..vcpus)
+                    .min_by(|&a, &b| behind(a).total_cmp(&behind(b)))
+                    .unwrap_or(0);
+                let k = self.sweep_writes[j];
+                self.sweep_writes[j] += 1;
+                j as u64 * share + k % ws
             }
             DirtyModel::HotCold {
                 working_set,

@@ -1521,7 +1521,12 @@ proptest! {
 /// 128M: a third of the link's rate together, memory sent once in 2.4 s, timebound
 /// harvesting every second), from eight starting points; the forecasts followed in the log
 /// (`followed`) or from the mean model.
-fn two_sweeps_errors(kind: PolicyKind, warmup: Duration, followed: bool) -> Vec<f64> {
+fn two_sweeps_errors(
+    kind: PolicyKind,
+    warmup: Duration,
+    last_faster: f64,
+    followed: bool,
+) -> Vec<f64> {
     let cfg = PolicyConfig {
         timebound_epoch: Duration::from_secs(1),
         ..PolicyConfig::default()
@@ -1538,6 +1543,7 @@ fn two_sweeps_errors(kind: PolicyKind, warmup: Duration, followed: bool) -> Vec<
         ..sim_cfg(DirtyModel::SequentialEach {
             rate: 0.3 * N as f64,
             working_set: N / 4,
+            last_faster,
         })
     })
 }
@@ -1545,7 +1551,11 @@ fn two_sweeps_errors(kind: PolicyKind, warmup: Duration, followed: bool) -> Vec<
 /// Two sweeps, each in its own quarter of memory (the testbed's `seq` 128M), are followed
 /// once they have come round (a second of the probe's warmup): the time left at 25% and 50%
 /// off by 6.3% on average for timebound (8.9% from the mean model) and 2.5–2.7% for mplm and
-/// membound (3.2–3.4%). Before they have come round, the forecast takes them for a sweep over
+/// membound (3.2–3.4%); with one vCPU 1.2 × as fast as the other, by 7.8% and 4.5% (the
+/// mean model 9.3% and 4.4–4.6%). The forecast follows one sweep: two at different speeds
+/// stand at two places in its order, and the densest run of a read is one or the other. At
+/// 1.5 ×, 10.2% and 6.8–7.1% (mean model 7.9% and 5.4–5.7%); before they have come round
+/// (0.3 s of warmup), 12–16% at 1.2 × (4–9%). Before they have come round, the forecast takes them for a sweep over
 /// all of memory, whose writes land on pages not written yet this lap: it is short, by 12%
 /// (timebound) and 6% on average after 0.3 s of warmup, 18–23% after none, where the mean
 /// model is off by 3–10%. The log cannot tell the two apart before a sweep comes round: the
@@ -1558,8 +1568,10 @@ fn two_sweeps_are_followed_once_they_have_come_round() {
         PolicyKind::Mplm,
         PolicyKind::Membound,
     ] {
-        let errors = two_sweeps_errors(kind, Duration::from_secs(1), true);
-        let e = mean_abs(&errors);
-        assert!(e <= 0.08, "{kind}: {errors:?} ({e:.3})");
+        for (last_faster, within) in [(1.0, 0.08), (1.2, 0.1)] {
+            let errors = two_sweeps_errors(kind, Duration::from_secs(1), last_faster, true);
+            let e = mean_abs(&errors);
+            assert!(e <= within, "{kind} at {last_faster}: {errors:?} ({e:.3})");
+        }
     }
 }
