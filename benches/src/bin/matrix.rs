@@ -26,15 +26,16 @@
 //! Options: `--mem SIZE` (default 512M), `--vcpus N` (2), `--fit`, `--nofit`, `--nofit-hot`,
 //! `--workloads a,b,..`, `--policies a,b,..` (names as below), `--warmup SECS` (2),
 //! `--warm-passes N` (3; 0: the time only), `--out DIR`, `--ferry PATH` (default: `ferry`
-//! next to this binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate` arguments),
-//! `--repeat N` (1: run every row N times, each round through all the policies before the
-//! next, so that the runs compared are close in time; the summary compares medians),
+//! next to this binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate`
+//! arguments), `--repeat N` (1: run every row N times, each round through all the policies
+//! before the next, so that the runs compared are close in time; the summary compares
+//! medians),
 //! `--reports` (also keep every row's whole report, timeline included, as
 //! `report-WORKLOAD[-WSS]-POLICY-RUN.json`, and the migrating process's log as
 //! `log-WORKLOAD[-WSS]-POLICY-RUN.txt`: set `RUST_LOG=ferry_engine::source=debug` for each
 //! forecast), `--help`.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -54,8 +55,8 @@ const POLICIES: [&str; 6] = [
 const BOUNDED: [&str; 4] = ["membound", "mplm", "timebound", "timebound+overcommit"];
 const PORT: u16 = 7900;
 const USAGE: &str = "usage: matrix [--mem SIZE] [--vcpus N] [--fit SIZE] [--nofit SIZE] \
-[--nofit-hot SIZE] [--workloads a,b,..] [--policies a,b,..] [--warmup SECS] [--warm-passes N] [--out DIR] \
-[--ferry PATH] [--plots] [--reports] [--extra \"ARGS\"] [--repeat N]
+[--nofit-hot SIZE] [--workloads a,b,..] [--policies a,b,..] [--warmup SECS] \
+[--warm-passes N] [--out DIR] [--ferry PATH] [--plots] [--reports] [--extra \"ARGS\"] [--repeat N]
 (run inside `benches/testbed.sh exec`; see the top of benches/src/bin/matrix.rs)";
 
 struct Args {
@@ -198,10 +199,10 @@ fn wait_for(deadline: Duration, mut ok: impl FnMut() -> bool) -> bool {
 
 /// Passes over its working set each vCPU makes before it is migrated (`--warm-passes`). On
 /// this PVM host a fresh guest's first write to each page since boot is slow (likely KVM
-/// building its shadow page tables): `dirty-all` wrote 45–50k pages/s over its first pass and 80–95k
-/// after, `seq` 128M doubled after its first, and `random` 128M rose from 30k to 60k as it
-/// touched its pages (`engine/examples/write_rate.rs`; write-protecting every page again
-/// costs at most a fifth). After the old fixed 2 s, `dirty-all` was in its first pass and
+/// building its shadow page tables): `dirty-all` wrote 45–50k pages/s over its first pass
+/// and 80–95k after, `seq` 128M doubled after its first, and `random` 128M rose from 30k to
+/// 60k as it touched its pages (`engine/examples/write_rate.rs`; write-protecting every page
+/// again costs at most a fifth). After the old fixed 2 s, `dirty-all` was in its first pass and
 /// doubled its speed a second into the migration.
 const WARM_PASSES: u64 = 3;
 
@@ -234,7 +235,6 @@ fn written_pages(a: &Args, workload: &str, guest_args: &[String]) -> Option<u64>
 
 /// Every vCPU's page writes so far, from the VM's control socket.
 fn guest_writes(sock: &Path) -> Option<Vec<u64>> {
-    use std::io::{BufRead, BufReader};
     let mut conn = std::os::unix::net::UnixStream::connect(sock).ok()?;
     writeln!(conn, "{}", json!({ "status": null })).ok()?;
     let mut line = String::new();
