@@ -916,7 +916,7 @@ fn multiplexed_over(
     let seen = p.unharvested.map(|n| n as f64);
     let from_harvest = seen.is_none();
     let known = (p.dirty as f64 + seen.unwrap_or(0.0)).min(total);
-    if let Some((lw, period, set)) = sweep(p) {
+    if let Some((lw, shapes)) = sweep(p) {
         let at = SweepEnd {
             known,
             seen: seen.unwrap_or(0.0),
@@ -924,7 +924,7 @@ fn multiplexed_over(
             resendable,
             harvest_ahead: after_last < window,
         };
-        return at.forecast(p, lw, (period, set), live, after_last);
+        return at.forecast(p, lw, &shapes, live, after_last);
     }
     let written = expected_writes(p, track, live, live, from_harvest, 0.0, 0.0);
     let ws = p.working_set();
@@ -990,21 +990,60 @@ const SWEEP_SPEED_TRUSTED: f64 = 4.0;
 /// pages sent since the last, and the runs found jump: on `seq` 128M, read there, the speed
 /// came out 2–2.5 times the model's, then half of it, and the time left at 25% 22–42% long
 /// in three timebound runs; the model's speed is kept there.
-fn sweep(p: &Progress) -> Option<(&SweepOrder, f64, f64)> {
+///
+/// When the clock follows a sweep a share of memory ([`SweepOrder::parts`]), each gets its
+/// own `(period, pages)`: over its share of memory, or the pages it has seen once covered,
+/// at its share of the drift by the speeds the log shows (by the pages seen until those are
+/// measured).
+fn sweep(p: &Progress) -> Option<(&SweepOrder, Vec<(f64, f64)>)> {
     let m = p.writes.as_ref()?;
     let lw = p.sweep_order.as_deref()?;
     let touched = m.touched?;
     // Until the sweep has covered its pages once, the touched pages understate them: it is
     // taken over all of memory, as the probe's model has it, at the speed the log shows.
-    let (set, shown) = if touched.rate < SWEEP_COVERED * m.drift {
-        (m.drift / m.drift_page_rate(), 0.0)
+    let covered = touched.rate < SWEEP_COVERED * m.drift;
+    // Per sweep: the pages it covers, its speed as the log shows it, its share of the drift.
+    let sweeps: Vec<(f64, f64, f64)> = if lw.parts.is_empty() {
+        vec![if covered {
+            (m.drift / m.drift_page_rate(), 0.0, 1.0)
+        } else {
+            (m.memory, lw.speed * lw.stride, 1.0)
+        }]
     } else {
-        (m.memory, lw.speed * lw.stride)
+        // One sweep a share of memory: each writes its share of the drift, as fast as the log
+        // shows it move against the others (as many pages as it has seen, until measured).
+        let speeds: f64 = lw.parts.iter().map(|q| q.speed).sum();
+        let measured = lw.parts.iter().all(|q| q.speed > 0.0);
+        let seen = lw.parts.iter().map(|q| q.seen as f64).sum::<f64>().max(1.0);
+        lw.parts
+            .iter()
+            .map(|q| {
+                let share = if measured {
+                    q.speed / speeds
+                } else {
+                    q.seen as f64 / seen
+                };
+                if covered {
+                    (q.seen as f64 * lw.stride, 0.0, share)
+                } else {
+                    (q.samples as f64 * lw.stride, q.speed * lw.stride, share)
+                }
+            })
+            .collect()
     };
-    let trusted = (1.0 / SWEEP_SPEED_TRUSTED..=SWEEP_SPEED_TRUSTED).contains(&(shown / m.drift));
-    let period = set / if trusted { shown } else { m.drift };
-    (m.working_set() < 1.0 && period.is_finite() && period >= SWEEP_MIN_PERIOD && lw.seen > 0)
-        .then_some((lw, period, set))
+    let shapes: Vec<(f64, f64)> = sweeps
+        .into_iter()
+        .map(|(set, shown, share)| {
+            let model = m.drift * share;
+            let trusted =
+                (1.0 / SWEEP_SPEED_TRUSTED..=SWEEP_SPEED_TRUSTED).contains(&(shown / model));
+            (set / if trusted { shown } else { model }, set)
+        })
+        .collect();
+    let periodic = shapes
+        .iter()
+        .all(|&(period, _)| period.is_finite() && period >= SWEEP_MIN_PERIOD);
+    (m.working_set() < 1.0 && periodic && lw.seen > 0).then_some((lw, shapes))
 }
 
 /// The end of a multiplexing policy's live phase over a sweeping guest, page by page
@@ -1024,13 +1063,13 @@ struct SweepEnd {
 
 impl SweepEnd {
     /// The pages sent live and those dirty at the end of a live phase of `live` seconds, the
-    /// last harvest `after_last` seconds before its end (see [`multiplexed_forecast`]), over a
-    /// sweep of `(period, pages)`.
+    /// last harvest `after_last` seconds before its end (see [`multiplexed_forecast`]), over
+    /// sweeps of `(period, pages)` ([`SweepOrder::pages`]).
     fn forecast(
         &self,
         p: &Progress,
         lw: &SweepOrder,
-        (period, set): (f64, f64),
+        shapes: &[(f64, f64)],
         live: f64,
         after_last: f64,
     ) -> (f64, f64) {
@@ -1044,7 +1083,7 @@ impl SweepEnd {
         // Pages not dirty now that the sweep dirties by the last harvest and by the end;
         // pages it writes after the last harvest, and of those the ones dirty at it.
         let (mut new_then, mut new_end, mut after, mut after_dirty) = (0.0, 0.0, 0.0, 0.0);
-        for pg in lw.pages(period, set, p.elapsed, p.never_sent, live) {
+        for pg in lw.pages(shapes, p.elapsed, p.never_sent, live) {
             let by_then = pg.dirtied_by(until);
             if !pg.dirty {
                 new_then += f64::from(u8::from(by_then));

@@ -289,7 +289,7 @@ impl Sim {
             touched_pages: 0,
             growth: TouchedGrowth::default(),
             last_read: -cfg.warmup.as_secs_f64(),
-            clock: WriteClock::new(cfg.pages),
+            clock: WriteClock::with_shares(cfg.pages, cfg.vcpus as usize),
             sweep_order: None,
             controls: Controls::default(),
             never_cursor: 0,

@@ -19,6 +19,13 @@
 //!   the first written after the read before. The write model's speed (the probe's, scaled by
 //!   the vCPUs' CPU time) was half the sweep's on the testbed late in a migration. It is taken
 //!   in the first lap only (see [`super::sweep`]).
+//! - **One sweep a vCPU.** A guest whose vCPUs each sweep their own share of memory (the
+//!   testbed's `dirty-all` and `seq`) has as many sweeps, at speeds of their own: in one
+//!   order they stand at several places, and a read's densest run is one or the other. The
+//!   clock also follows each share of the pages (one a vCPU, in page order) on its own, and
+//!   when most reads show sweeps in two shares or more at once, the forecast takes each
+//!   share's order, place and speed ([`SweepOrder::parts`]). One sweep over all of memory
+//!   shows in one share at a time, and keeps the one order.
 //!
 //! A page `d` pages ahead of the sweep in its order is written again `d ÷ speed` seconds from
 //! now, and every period after that ([`SweepOrder`]). Dating each page by its last write
@@ -57,7 +64,32 @@ pub struct WriteClock {
     heads: VecDeque<(f32, f32)>,
     /// When the guest's speed last changed ([`WriteClock::speed_changes`]).
     speed_from: f32,
+    /// Sampled pages the latest read that showed writes showed, and the share they are of the
+    /// pages between the first and the last of them in page order (round the end, across the
+    /// widest gap): a sweep's are close together, random writes' spread over all.
+    shown: usize,
+    dense: f32,
+    /// A clock over each share of the sample (a vCPU's share of memory, in page order), each
+    /// following a sweep of its own; none with one share. Local page `j` of a share is its
+    /// `j`-th sample.
+    shares: Vec<WriteClock>,
+    /// Of the last [`APART_READS`] reads that showed writes, whether each showed a sweep in
+    /// two shares or more.
+    together: VecDeque<bool>,
+    /// Whether the shares' sweeps are followed each on its own: most of those reads showed
+    /// several at once. It stays so.
+    apart: bool,
 }
+
+/// The shares' sweeps are taken apart when at least half of this many reads in a row showed
+/// writes in two shares or more (a sweep over all of memory shows in one share at a time).
+const APART_READS: usize = 8;
+
+/// A share's pages in a read show a sweep of its own when they are at least this many samples
+/// (the pages a guest rewrites all the time are a few) and at least this share of the pages
+/// they span (a guest writing at random spreads them over the share).
+const SHARE_RUN_MIN: usize = 16;
+const SHARE_RUN_DENSE: f32 = 0.25;
 
 /// Over how long [`WriteClock`] measures the sweep's speed, and in how many steps from one
 /// read to the next at least.
@@ -78,8 +110,27 @@ pub enum PageState {
 }
 
 impl WriteClock {
-    /// A clock over `pages` pages (page numbers `0..pages`), nothing seen yet.
+    /// A clock over `pages` pages (page numbers `0..pages`), nothing seen yet, that follows
+    /// one sweep.
     pub fn new(pages: u64) -> Self {
+        Self::with_shares(pages, 1)
+    }
+
+    /// A clock over `pages` pages that also follows a sweep in each of `shares` equal parts of
+    /// them, should the reads show several at once (a guest whose vCPUs each sweep their own
+    /// share of memory, at speeds of their own).
+    pub fn with_shares(pages: u64, shares: usize) -> Self {
+        let mut c = Self::sampled(pages);
+        let n = c.place.len();
+        if shares > 1 {
+            c.shares = (0..shares)
+                .map(|r| Self::sampled(((r + 1) * n / shares - r * n / shares) as u64))
+                .collect();
+        }
+        c
+    }
+
+    fn sampled(pages: u64) -> Self {
         let stride = pages.div_ceil(SAMPLES).max(1);
         let n = pages.div_ceil(stride) as usize;
         Self {
@@ -93,6 +144,11 @@ impl WriteClock {
             run: (f32::NAN, f32::NAN),
             heads: VecDeque::new(),
             speed_from: f32::NEG_INFINITY,
+            shown: 0,
+            dense: 0.0,
+            shares: Vec::new(),
+            together: VecDeque::new(),
+            apart: false,
         }
     }
 
@@ -101,10 +157,38 @@ impl WriteClock {
     /// before, in page order from the page after the widest gap between them (a sweep that
     /// came round to the first pages within the read comes round last).
     pub fn read(&mut self, secs: f64, is_set: impl Fn(u64) -> bool) {
+        let bits: Vec<bool> = (0..self.place.len())
+            .map(|i| is_set(i as u64 * self.stride))
+            .collect();
+        self.read_bits(secs, &bits);
+    }
+
+    /// [`WriteClock::read`] of the sampled pages' bits.
+    fn read_bits(&mut self, secs: f64, bits: &[bool]) {
         let at = secs as f32;
+        if !self.shares.is_empty() {
+            let mut from = 0;
+            let mut showing = 0;
+            for c in &mut self.shares {
+                let to = from + c.place.len();
+                c.read_bits(secs, &bits[from..to]);
+                if c.latest.1 == at && c.shown >= SHARE_RUN_MIN && c.dense >= SHARE_RUN_DENSE {
+                    showing += 1;
+                }
+                from = to;
+            }
+            if showing > 0 {
+                self.together.push_back(showing > 1);
+                if self.together.len() > APART_READS {
+                    self.together.pop_front();
+                }
+                let n = self.together.iter().filter(|&&t| t).count();
+                self.apart |= 2 * n >= APART_READS;
+            }
+        }
         let (mut shown, mut new) = (Vec::new(), Vec::new());
         for (i, was) in self.was_set.iter_mut().enumerate() {
-            let now = is_set(i as u64 * self.stride);
+            let now = bits[i];
             if now && !*was {
                 if self.place[i].is_nan() {
                     new.push(i);
@@ -130,6 +214,12 @@ impl WriteClock {
         // Whether the read before showed writes too (for the speed, below).
         let in_a_row = self.latest.1 == before;
         self.latest = (before, at);
+        self.shown = shown.len();
+        let widest = (0..shown.len())
+            .map(|k| shown.get(k + 1).map_or(shown[0] + n, |&i| i) - shown[k])
+            .max()
+            .unwrap_or(n);
+        self.dense = shown.len() as f32 / (n + 1 - widest) as f32;
         let mut places: Vec<f32> = shown.into_iter().map(|i| self.place[i]).collect();
         let lap = self.seen as f32;
         self.run = sweep_run(&mut places, lap);
@@ -156,6 +246,9 @@ impl WriteClock {
     pub fn speed_changes(&mut self, secs: f64) {
         self.heads.clear();
         self.speed_from = secs as f32;
+        for c in &mut self.shares {
+            c.speed_changes(secs);
+        }
     }
 
     /// Sampled places per second the sweep moved on by over the last [`SPEED_WINDOW`], read
@@ -191,14 +284,51 @@ impl WriteClock {
         cursor: u64,
         state: impl Fn(u64) -> PageState,
     ) -> SweepOrder {
-        let mut place = self.place.clone();
         let mut out = SweepOrder {
             stride: self.stride as f64,
             taken,
-            speed: self.speed(),
             ..SweepOrder::default()
         };
-        // The pages the latest read showed written, in the sweep's order.
+        let (part, place) = self.part(secs);
+        out.head = part.head;
+        out.seen = part.seen;
+        out.speed = part.speed;
+        // Apart, each page stands in its share's order.
+        let mut places: Vec<(f32, u16)> = place.into_iter().map(|x| (x, 0)).collect();
+        if self.apart {
+            let mut from = 0;
+            for (r, c) in self.shares.iter().enumerate() {
+                let (part, place) = c.part(secs);
+                for (k, x) in place.into_iter().enumerate() {
+                    places[from + k] = (x, r as u16);
+                }
+                from += part.samples;
+                out.parts.push(part);
+            }
+        }
+        let first = cursor.min(self.pages).div_ceil(self.stride) as usize;
+        for i in (first..places.len()).chain(0..first) {
+            let page = i as u64 * self.stride;
+            match state(page) {
+                PageState::NeverSent => out.never_sent.push(places[i]),
+                PageState::Clean => out.clean.push(places[i]),
+                PageState::Dirty => out.dirty.push(places[i]),
+                PageState::Absent => {}
+            }
+        }
+        out
+    }
+
+    /// Where this clock's sweep stood at the latest read that showed writes, seen from `secs`,
+    /// and every sampled page's place in its order: the pages not seen written come after the
+    /// others, in page order from where the sweep stands (as a sweep in address order does).
+    fn part(&self, secs: f64) -> (Part, Vec<f32>) {
+        let mut out = Part {
+            seen: self.seen,
+            samples: self.place.len(),
+            speed: self.speed(),
+            ..Part::default()
+        };
         let (before, latest) = self.latest;
         if latest.is_finite() {
             let (first, last) = self.run;
@@ -213,10 +343,8 @@ impl WriteClock {
                 age: (secs as f32 - latest).max(0.0),
             };
         }
-        // The pages not seen written: the sweep comes to those it covers after the others,
-        // in page order from where it stands (as a sweep in address order does).
+        let mut place = self.place.clone();
         let n = place.len();
-        out.seen = self.seen;
         let head = (out.head.last.round() as usize % self.seen.max(1)) as f32;
         let from = (0..n).find(|&i| place[i] == head).unwrap_or(0);
         let mut next = self.seen;
@@ -226,17 +354,7 @@ impl WriteClock {
                 next += 1;
             }
         }
-        let first = cursor.min(self.pages).div_ceil(self.stride) as usize;
-        for i in (first..place.len()).chain(0..first) {
-            let page = i as u64 * self.stride;
-            match state(page) {
-                PageState::NeverSent => out.never_sent.push(place[i]),
-                PageState::Clean => out.clean.push(place[i]),
-                PageState::Dirty => out.dirty.push(place[i]),
-                PageState::Absent => {}
-            }
-        }
-        out
+        (out, place)
     }
 }
 
@@ -288,18 +406,37 @@ pub struct SweepOrder {
     pub stride: f64,
     /// When the log was read, in the migration's clock ([`super::Progress::elapsed`]).
     pub taken: Duration,
-    /// The never-sent pages, in the order they will be sent.
-    pub never_sent: Vec<f32>,
+    /// The never-sent pages, in the order they will be sent: their places, and the part of
+    /// [`SweepOrder::parts`] whose order they stand in (0 when there are none).
+    pub never_sent: Vec<(f32, u16)>,
     /// The pages sent and not written since.
-    pub clean: Vec<f32>,
+    pub clean: Vec<(f32, u16)>,
     /// The pages sent and written since.
-    pub dirty: Vec<f32>,
+    pub dirty: Vec<(f32, u16)>,
     /// The pages the latest read that showed writes showed, in the sweep's order.
     pub head: Head,
     /// Sampled pages ever seen written: the first places.
     pub seen: usize,
     /// Sampled places per second the sweep moved on by lately, as the log showed it; 0 if
     /// not measured.
+    pub speed: f64,
+    /// When the vCPUs sweep their own shares of memory at once, each share's sweep, in page
+    /// order (the places of its pages are in its own order); empty when one sweep is followed.
+    /// Two sweeps at different speeds stand at two places in one order, and a read's densest
+    /// run is one or the other.
+    pub parts: Vec<Part>,
+}
+
+/// One share's sweep ([`SweepOrder::parts`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Part {
+    /// Where its sweep stood, in its order.
+    pub head: Head,
+    /// Its sampled pages seen written.
+    pub seen: usize,
+    /// Its sampled pages.
+    pub samples: usize,
+    /// Places per second its sweep moved on by lately; 0 if not measured.
     pub speed: f64,
 }
 
@@ -331,14 +468,15 @@ impl fmt::Debug for SweepOrder {
         write!(
             f,
             "SweepOrder {{ stride: {}, samples: never_sent {}, clean {}, dirty {}, seen {}, \
-             speed {:.0}/s, {:?} }}",
+             speed {:.0}/s, {:?}, parts {} }}",
             self.stride,
             self.never_sent.len(),
             self.clean.len(),
             self.dirty.len(),
             self.seen,
             self.speed,
-            self.head
+            self.head,
+            self.parts.len()
         )
     }
 }
@@ -369,28 +507,39 @@ impl SweptPage {
 }
 
 impl SweepOrder {
-    /// Each sampled page the sweep writes, over `set` pages with a `period` in seconds, at
-    /// `now` in the migration's clock: the never-sent ones still never-sent (`never_sent` of
-    /// them, fewer than at the read: the first ones in the order went out since, just now)
-    /// going out evenly over the next `sending` seconds; pages placed past `set` are not in
-    /// the sweep, and are left out. Sum what the forecast needs and multiply by
-    /// [`SweepOrder::stride`].
-    pub fn pages(
-        &self,
-        period: f64,
-        set: f64,
+    /// Each sampled page the sweep writes, over `set` pages with a `period` in seconds (one
+    /// `(period, set)` a part, when there are [`SweepOrder::parts`]), at `now` in the
+    /// migration's clock: the never-sent ones still never-sent (`never_sent` of them, fewer
+    /// than at the read: the first ones in the order went out since, just now) going out evenly
+    /// over the next `sending` seconds; pages placed past `set` are not in the sweep, and are
+    /// left out. Sum what the forecast needs and multiply by [`SweepOrder::stride`].
+    pub fn pages<'a>(
+        &'a self,
+        shapes: &[(f64, f64)],
         now: Duration,
         never_sent: u64,
         sending: f64,
-    ) -> impl Iterator<Item = SweptPage> + '_ {
+    ) -> impl Iterator<Item = SweptPage> + 'a {
         let since = now.saturating_sub(self.taken).as_secs_f64();
         let left = ((never_sent as f64 / self.stride).ceil() as usize).min(self.never_sent.len());
         let gone = self.never_sent.len() - left;
         let n = left.max(1) as f64;
-        // In sampled pages: the sweep's length (at least the pages seen) and where it stands now.
-        let lap = (set / self.stride).max(self.seen as f64).max(1.0);
-        let speed = lap / period;
-        let head = self.head.at(speed) + since * speed;
+        // In sampled pages, per sweep: its length (at least the pages seen), its speed, where
+        // it stands now, and its period.
+        let heads: Vec<(Head, usize)> = if self.parts.is_empty() {
+            vec![(self.head, self.seen)]
+        } else {
+            self.parts.iter().map(|q| (q.head, q.seen)).collect()
+        };
+        let sweeps: Vec<(f64, f64, f64, f64)> = heads
+            .iter()
+            .zip(shapes)
+            .map(|(&(head, seen), &(period, set))| {
+                let lap = (set / self.stride).max(seen as f64).max(1.0);
+                let speed = lap / period;
+                (lap, speed, head.at(speed) + since * speed, period)
+            })
+            .collect();
         let never =
             self.never_sent
                 .iter()
@@ -405,16 +554,16 @@ impl SweepOrder {
         never
             .chain(clean)
             .chain(dirty)
-            .filter(move |&(_, _, x)| f64::from(x) < lap)
-            .map(move |(sent_in, dirty, x)| {
+            .filter_map(move |(sent_in, dirty, (x, r))| {
+                let &(lap, speed, head, period) = sweeps.get(usize::from(r))?;
                 // Pages ahead of the sweep, in its order; one just written is a lap ahead.
                 let ahead = lap - (head - f64::from(x)).rem_euclid(lap);
-                SweptPage {
+                (f64::from(x) < lap).then_some(SweptPage {
                     sent_in,
                     dirty,
                     next: ahead / speed,
                     period,
-                }
+                })
             })
     }
 }
@@ -433,9 +582,9 @@ mod tests {
         c.read(1.0, |p| p == 2);
         c.read(2.0, |p| p >= 2);
         let s = c.snapshot(2.5, Duration::ZERO, 0, |_| PageState::Clean);
-        assert_eq!((s.clean[2], s.clean[3]), (0.0, 1.0));
+        assert_eq!((s.clean[2].0, s.clean[3].0), (0.0, 1.0));
         // Not seen yet: after the others, from where the sweep stands (page 3) in page order.
-        assert_eq!((s.clean[0], s.clean[1], s.seen), (2.0, 3.0, 2));
+        assert_eq!((s.clean[0].0, s.clean[1].0, s.seen), (2.0, 3.0, 2));
         let h = s.head;
         assert_eq!((h.first, h.last, h.span, h.age), (1.0, 1.0, 1.0, 0.5));
         // Page 2 re-armed (sent) and written again: the sweep has come round to it; its place
@@ -443,7 +592,7 @@ mod tests {
         c.read(3.0, |p| p == 3);
         c.read(4.0, |p| p != 1);
         let s = c.snapshot(4.0, Duration::ZERO, 0, |_| PageState::Clean);
-        assert_eq!((s.clean[0], s.clean[2], s.clean[3]), (2.0, 0.0, 1.0));
+        assert_eq!((s.clean[0].0, s.clean[2].0, s.clean[3].0), (2.0, 0.0, 1.0));
     }
 
     /// A read that spans the end of the sweep's order and its start ends a lap on.
@@ -461,6 +610,56 @@ mod tests {
         assert_eq!((h.first, h.last, h.span), (7.0, 8.0, 0.5));
         // Ten places a second: it had passed place 8 and gone no further than 7 + 5.
         assert_eq!(h.at(10.0), 10.0);
+    }
+
+    /// Two sweeps at once, each in its half of the pages, the second twice as fast, are
+    /// followed apart: each half's pages in its own order, each sweep at its own speed. One
+    /// sweep over all the pages, which shows in one half at a time, is not.
+    #[test]
+    fn sweeps_in_two_shares_at_once_are_followed_apart() {
+        // 400 pages, two shares of 200; every page re-armed (sent) right after each read.
+        let mut c = WriteClock::with_shares(400, 2);
+        for k in 0..8u64 {
+            let (a, b) = (k * 20 % 200, 200 + k * 40 % 200);
+            c.read(k as f64 * 0.1, |p| {
+                (a..a + 20).contains(&p) || (b..b + 40).contains(&p)
+            });
+        }
+        let s = c.snapshot(0.75, Duration::ZERO, 0, |_| PageState::Clean);
+        assert_eq!(s.parts.len(), 2);
+        assert_eq!(
+            (s.clean[0], s.clean[200], s.clean[239]),
+            ((0.0, 0), (0.0, 1), (39.0, 1))
+        );
+        let (slow, fast) = (s.parts[0].speed, s.parts[1].speed);
+        assert!((fast / slow - 2.0).abs() < 0.1, "{slow} {fast}");
+        let mut c = WriteClock::with_shares(400, 2);
+        for k in 0..30u64 {
+            let a = k * 30 % 400;
+            c.read(k as f64 * 0.1, |p| (a..a + 30).contains(&p));
+        }
+        let s = c.snapshot(3.0, Duration::ZERO, 0, |_| PageState::Clean);
+        assert!(s.parts.is_empty(), "{s:?}");
+    }
+
+    /// A guest that writes at random in both shares at once is not taken for two sweeps.
+    #[test]
+    fn random_writes_in_two_shares_are_not_two_sweeps() {
+        let mut c = WriteClock::with_shares(4000, 2);
+        let mut x = 1u64;
+        for k in 0..16 {
+            // 100 pages a read, at random over all of them.
+            let mut pages = Vec::new();
+            for _ in 0..100 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                pages.push((x >> 33) % 4000);
+            }
+            c.read(f64::from(k) * 0.1, |p| pages.contains(&p));
+        }
+        let s = c.snapshot(1.6, Duration::ZERO, 0, |_| PageState::Clean);
+        assert!(s.parts.is_empty(), "{s:?}");
     }
 
     /// The sweep's run among a read's pages: the densest quarter lap, a lap on past the end.
@@ -523,10 +722,10 @@ mod tests {
         assert_eq!(s.stride, 4.0);
         assert_eq!(s.never_sent.len() as u64, SAMPLES / 2);
         assert_eq!(s.seen as u64, SAMPLES / 2);
-        assert!(s.dirty.iter().all(|&a| a >= (SAMPLES / 2) as f32));
+        assert!(s.dirty.iter().all(|&(a, _)| a >= (SAMPLES / 2) as f32));
         // From the cursor (sample SAMPLES / 2, the (SAMPLES / 4)-th seen), then from the start.
-        assert_eq!(s.never_sent[0], (SAMPLES / 4) as f32);
-        assert_eq!(s.never_sent[(SAMPLES / 4) as usize], 0.0);
+        assert_eq!(s.never_sent[0].0, (SAMPLES / 4) as f32);
+        assert_eq!(s.never_sent[(SAMPLES / 4) as usize].0, 0.0);
     }
 
     /// Ten pages a second, ten in the sweep, four seen (one page not in it): the sweep stood at
@@ -539,9 +738,9 @@ mod tests {
         let lw = SweepOrder {
             stride: 1.0,
             taken: Duration::from_millis(100),
-            never_sent: vec![0.0],
-            clean: vec![2.0, 3.0],
-            dirty: vec![1.0, f32::NAN],
+            never_sent: vec![(0.0, 0)],
+            clean: vec![(2.0, 0), (3.0, 0)],
+            dirty: vec![(1.0, 0), (f32::NAN, 0)],
             head: Head {
                 first: 3.0,
                 last: 3.0,
@@ -550,9 +749,10 @@ mod tests {
             },
             seen: 4,
             speed: 0.0,
+            parts: Vec::new(),
         };
         let pages: Vec<_> = lw
-            .pages(1.0, 10.0, Duration::from_millis(200), 1, 0.75)
+            .pages(&[(1.0, 10.0)], Duration::from_millis(200), 1, 0.75)
             .collect();
         assert_eq!(pages.len(), 4);
         let (never, clean) = (pages[0], pages[1]);

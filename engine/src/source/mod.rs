@@ -289,11 +289,12 @@ struct TouchedLog {
 }
 
 impl TouchedLog {
-    fn new(span: u64) -> Self {
+    /// The guest's `span` pages, for `vcpus` vCPUs (each may sweep its own share).
+    fn new(span: u64, vcpus: usize) -> Self {
         Self {
             pages: Bitmap::new(span),
             growth: TouchedGrowth::default(),
-            clock: WriteClock::new(span),
+            clock: WriteClock::with_shares(span, vcpus),
             origin: Instant::now(),
         }
     }
@@ -531,7 +532,7 @@ pub fn migrate(
             probe: Probe::default(),
             writes: None,
             sweep_order: None,
-            touched: TouchedLog::new(span),
+            touched: TouchedLog::new(span, vm.vcpu_count()),
             bound: None,
             controls: Controls::default(),
             max_throttle: 0.0,
