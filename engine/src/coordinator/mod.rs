@@ -1007,7 +1007,7 @@ fn sweep(p: &Progress) -> Option<(&SweepOrder, Vec<(f64, f64)>)> {
         vec![if covered {
             (m.drift / m.drift_page_rate(), 0.0, 1.0)
         } else {
-            (m.memory, lw.speed * lw.stride, 1.0)
+            (m.memory, lw.whole.speed * lw.stride, 1.0)
         }]
     } else {
         // One sweep a share of memory: each writes its share of the drift, as fast as the log
@@ -1043,7 +1043,7 @@ fn sweep(p: &Progress) -> Option<(&SweepOrder, Vec<(f64, f64)>)> {
     let periodic = shapes
         .iter()
         .all(|&(period, _)| period.is_finite() && period >= SWEEP_MIN_PERIOD);
-    (m.working_set() < 1.0 && periodic && lw.seen > 0).then_some((lw, shapes))
+    (m.working_set() < 1.0 && periodic && lw.whole.seen > 0).then_some((lw, shapes))
 }
 
 /// The end of a multiplexing policy's live phase over a sweeping guest, page by page

@@ -289,10 +289,8 @@ impl WriteClock {
             taken,
             ..SweepOrder::default()
         };
-        let (part, place) = self.part(secs);
-        out.head = part.head;
-        out.seen = part.seen;
-        out.speed = part.speed;
+        let (whole, place) = self.part(secs);
+        out.whole = whole;
         // Apart, each page stands in its share's order.
         let mut places: Vec<(f32, u16)> = place.into_iter().map(|x| (x, 0)).collect();
         if self.apart {
@@ -413,13 +411,8 @@ pub struct SweepOrder {
     pub clean: Vec<(f32, u16)>,
     /// The pages sent and written since.
     pub dirty: Vec<(f32, u16)>,
-    /// The pages the latest read that showed writes showed, in the sweep's order.
-    pub head: Head,
-    /// Sampled pages ever seen written: the first places.
-    pub seen: usize,
-    /// Sampled places per second the sweep moved on by lately, as the log showed it; 0 if
-    /// not measured.
-    pub speed: f64,
+    /// The sweep over all the pages, in the order they were first seen written.
+    pub whole: Part,
     /// When the vCPUs sweep their own shares of memory at once, each share's sweep, in page
     /// order (the places of its pages are in its own order); empty when one sweep is followed.
     /// Two sweeps at different speeds stand at two places in one order, and a read's densest
@@ -427,16 +420,18 @@ pub struct SweepOrder {
     pub parts: Vec<Part>,
 }
 
-/// One share's sweep ([`SweepOrder::parts`]).
+/// One sweep as the log showed it: over all the pages ([`SweepOrder::whole`]) or over a share
+/// of them ([`SweepOrder::parts`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Part {
-    /// Where its sweep stood, in its order.
+    /// Where it stood at the latest read that showed writes, in its order.
     pub head: Head,
-    /// Its sampled pages seen written.
+    /// Its sampled pages seen written: the first places of its order.
     pub seen: usize,
     /// Its sampled pages.
     pub samples: usize,
-    /// Places per second its sweep moved on by lately; 0 if not measured.
+    /// Sampled places per second it moved on by lately, as the log showed it; 0 if not
+    /// measured.
     pub speed: f64,
 }
 
@@ -473,11 +468,19 @@ impl fmt::Debug for SweepOrder {
             self.never_sent.len(),
             self.clean.len(),
             self.dirty.len(),
-            self.seen,
-            self.speed,
-            self.head,
+            self.whole.seen,
+            self.whole.speed,
+            self.whole.head,
             self.parts.len()
-        )
+        )?;
+        for q in &self.parts {
+            write!(
+                f,
+                " [seen {} of {}, speed {:.0}/s, head {:.0}..{:.0}]",
+                q.seen, q.samples, q.speed, q.head.first, q.head.last
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -507,6 +510,16 @@ impl SweptPage {
 }
 
 impl SweepOrder {
+    /// The sweeps followed: the shares' when there are [`SweepOrder::parts`], else the one
+    /// over all the pages. A page's part number indexes them.
+    pub fn sweeps(&self) -> &[Part] {
+        if self.parts.is_empty() {
+            std::slice::from_ref(&self.whole)
+        } else {
+            &self.parts
+        }
+    }
+
     /// Each sampled page the sweep writes, over `set` pages with a `period` in seconds (one
     /// `(period, set)` a part, when there are [`SweepOrder::parts`]), at `now` in the
     /// migration's clock: the never-sent ones still never-sent (`never_sent` of them, fewer
@@ -526,18 +539,14 @@ impl SweepOrder {
         let n = left.max(1) as f64;
         // In sampled pages, per sweep: its length (at least the pages seen), its speed, where
         // it stands now, and its period.
-        let heads: Vec<(Head, usize)> = if self.parts.is_empty() {
-            vec![(self.head, self.seen)]
-        } else {
-            self.parts.iter().map(|q| (q.head, q.seen)).collect()
-        };
-        let sweeps: Vec<(f64, f64, f64, f64)> = heads
+        let sweeps: Vec<(f64, f64, f64, f64)> = self
+            .sweeps()
             .iter()
             .zip(shapes)
-            .map(|(&(head, seen), &(period, set))| {
-                let lap = (set / self.stride).max(seen as f64).max(1.0);
+            .map(|(q, &(period, set))| {
+                let lap = (set / self.stride).max(q.seen as f64).max(1.0);
                 let speed = lap / period;
-                (lap, speed, head.at(speed) + since * speed, period)
+                (lap, speed, q.head.at(speed) + since * speed, period)
             })
             .collect();
         let never =
@@ -584,8 +593,8 @@ mod tests {
         let s = c.snapshot(2.5, Duration::ZERO, 0, |_| PageState::Clean);
         assert_eq!((s.clean[2].0, s.clean[3].0), (0.0, 1.0));
         // Not seen yet: after the others, from where the sweep stands (page 3) in page order.
-        assert_eq!((s.clean[0].0, s.clean[1].0, s.seen), (2.0, 3.0, 2));
-        let h = s.head;
+        assert_eq!((s.clean[0].0, s.clean[1].0, s.whole.seen), (2.0, 3.0, 2));
+        let h = s.whole.head;
         assert_eq!((h.first, h.last, h.span, h.age), (1.0, 1.0, 1.0, 0.5));
         // Page 2 re-armed (sent) and written again: the sweep has come round to it; its place
         // stays. Page 0 is new, after the others.
@@ -606,7 +615,7 @@ mod tests {
         c.read(8.5, |_| false);
         c.read(9.0, |q| q == 7 || q == 0);
         let s = c.snapshot(9.0, Duration::ZERO, 0, |_| PageState::Clean);
-        let h = s.head;
+        let h = s.whole.head;
         assert_eq!((h.first, h.last, h.span), (7.0, 8.0, 0.5));
         // Ten places a second: it had passed place 8 and gone no further than 7 + 5.
         assert_eq!(h.at(10.0), 10.0);
@@ -721,7 +730,7 @@ mod tests {
         });
         assert_eq!(s.stride, 4.0);
         assert_eq!(s.never_sent.len() as u64, SAMPLES / 2);
-        assert_eq!(s.seen as u64, SAMPLES / 2);
+        assert_eq!(s.whole.seen as u64, SAMPLES / 2);
         assert!(s.dirty.iter().all(|&(a, _)| a >= (SAMPLES / 2) as f32));
         // From the cursor (sample SAMPLES / 2, the (SAMPLES / 4)-th seen), then from the start.
         assert_eq!(s.never_sent[0].0, (SAMPLES / 4) as f32);
@@ -741,14 +750,17 @@ mod tests {
             never_sent: vec![(0.0, 0)],
             clean: vec![(2.0, 0), (3.0, 0)],
             dirty: vec![(1.0, 0), (f32::NAN, 0)],
-            head: Head {
-                first: 3.0,
-                last: 3.0,
-                span: 0.0,
-                age: 0.1,
+            whole: Part {
+                head: Head {
+                    first: 3.0,
+                    last: 3.0,
+                    span: 0.0,
+                    age: 0.1,
+                },
+                seen: 4,
+                samples: 5,
+                speed: 0.0,
             },
-            seen: 4,
-            speed: 0.0,
             parts: Vec::new(),
         };
         let pages: Vec<_> = lw

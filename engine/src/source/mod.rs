@@ -663,7 +663,9 @@ impl Migration<'_, '_, '_> {
                         .and_then(|m| m.touched)
                         .map(|t| (t.pages, t.rate as u64)),
                     p.writes.map_or(0.0, |m| m.drift),
-                    p.sweep_order.as_ref().map_or(0.0, |o| o.speed * o.stride),
+                    p.sweep_order
+                        .as_ref()
+                        .map_or(0.0, |o| o.whole.speed * o.stride),
                     f.remaining,
                     f.downtime
                 );
@@ -1272,6 +1274,7 @@ impl Migration<'_, '_, '_> {
             let order = t
                 .clock
                 .snapshot(t.secs(now), taken, self.cursor_never, state);
+            log::trace!("sweep order t={:.0}ms {order:?}", taken.as_secs_f64() * 1e3);
             self.sweep_order = Some(Arc::new(order));
         }
         Ok(())
