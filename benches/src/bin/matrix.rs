@@ -390,6 +390,70 @@ fn eta_error(v: &Value, mark: f64) -> f64 {
         })
 }
 
+/// The live phase's samples in the timeline: `(ms, bytes the lanes had carried)`, in time
+/// order.
+fn lane_bytes(v: &Value) -> Vec<(f64, f64)> {
+    v["timeline"].as_array().map_or_else(Vec::new, |samples| {
+        samples
+            .iter()
+            .filter(|s| s["phase"] == "live")
+            .filter_map(|s| {
+                let lanes = s["lane_bytes"].as_array()?;
+                Some((
+                    s["t_ms"].as_f64()?,
+                    lanes.iter().filter_map(Value::as_f64).sum(),
+                ))
+            })
+            .collect()
+    })
+}
+
+/// Bytes carried by `t_ms` among `samples` (linear in between); `None` outside them.
+fn bytes_at(samples: &[(f64, f64)], t_ms: f64) -> Option<f64> {
+    let k = samples.iter().position(|&(t, _)| t >= t_ms)?;
+    let (t1, b1) = samples[k];
+    if t1 == t_ms {
+        return Some(b1);
+    }
+    let (t0, b0) = samples[k.checked_sub(1)?];
+    Some(b0 + (b1 - b0) * (t_ms - t0) / (t1 - t0))
+}
+
+/// How the bandwidth changed after a progress mark: the lanes' rate from the mark to the last
+/// sample of the live phase (before the wait for the lanes to drain) over their rate in the
+/// second before it (the window the forecast's bandwidth is measured over; from the first
+/// sample, if the mark comes sooner), and the ETA's error had the forecast known that rate
+/// (the live part of its time left scaled by the ratio, the stop-and-copy as forecast).
+fn bandwidth_after(v: &Value, mark: f64) -> (f64, f64) {
+    let nan = (f64::NAN, f64::NAN);
+    let Some(r) = v["forecasts"]
+        .as_array()
+        .and_then(|f| f.iter().find(|r| r["at_fraction"].as_f64() == Some(mark)))
+    else {
+        return nan;
+    };
+    let samples = lane_bytes(v);
+    let Some(&(first, _)) = samples.first() else {
+        return nan;
+    };
+    let last = samples.last().map_or(f64::NAN, |s| s.0);
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let at = f("elapsed_ms");
+    let rate = |from: f64, to: f64| {
+        Some((bytes_at(&samples, to)? - bytes_at(&samples, from)?) / (to - from))
+    };
+    let (Some(before), Some(after)) = (rate((at - 1000.0).max(first), at), rate(at, last)) else {
+        return nan;
+    };
+    let ratio = after / before;
+    let down = f("downtime_ms");
+    let left = (f("total_ms") - at - down) / ratio + down;
+    (
+        ratio,
+        rel(left, v["total_ms"].as_f64().unwrap_or(f64::NAN) - at),
+    )
+}
+
 fn pct(x: f64) -> String {
     if x.is_finite() {
         format!("{:+.0}%", 100.0 * x)
@@ -487,6 +551,11 @@ fn main() {
                 row["wss"] = label.as_str().into();
                 row["matrix_policy"] = p.as_str().into();
                 row["matrix_run"] = run.into();
+                for (mark, key) in [(0.25, "25"), (0.5, "50")] {
+                    let (ratio, err) = bandwidth_after(&v, mark);
+                    row[format!("bandwidth_after_{key}")] = ratio.into();
+                    row[format!("eta_err_bandwidth_known_{key}")] = err.into();
+                }
                 writeln!(jsonl, "{}", strip_timeline(&row)).unwrap();
                 if a.reports {
                     let path = a.out.join(format!("report-{name}-{run}.json"));
@@ -645,6 +714,26 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
             within(&errs, 0.2),
             100.0 * median_abs(&errs)
         ));
+        // How much of the error is the bandwidth's: the lanes' rate after the mark against
+        // the one the forecast measured.
+        let (ratios, errs): (Vec<f64>, Vec<f64>) = done
+            .iter()
+            .map(|v| bandwidth_after(v, mark))
+            .filter(|(r, e)| r.is_finite() && e.is_finite())
+            .unzip();
+        let mut ratios = ratios;
+        ratios.sort_by(f64::total_cmp);
+        if let (Some(lo), Some(hi)) = (ratios.first(), ratios.last()) {
+            out.push(format!(
+                "  - had it known the bandwidth of the rest of the live phase ({lo:.2}–{hi:.2} × \
+                 the second before the mark's, median {:.2}): within 10% in {}/{} runs, median \
+                 error {:.0}%.",
+                ratios[ratios.len() / 2],
+                within(&errs, 0.1),
+                errs.len(),
+                100.0 * median_abs(&errs)
+            ));
+        }
     }
     let errs: Vec<f64> = done
         .iter()
@@ -701,4 +790,40 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report whose lanes carried 100 bytes/ms until 1000 ms, then 50: at the mark (900 ms)
+    /// the forecast measured 100; the rest of the live phase (to 2000 ms) had 100 × 0.1 + 50 ×
+    /// 1.0 bytes over 1.1 s.
+    #[test]
+    fn the_bandwidth_after_a_mark_is_the_lanes_rate_to_the_end_of_the_live_phase() {
+        let mut timeline: Vec<Value> = (0..=20)
+            .map(|k| {
+                let t = f64::from(k) * 100.0;
+                let bytes = 100.0 * t.min(1000.0) + 50.0 * (t - 1000.0).max(0.0);
+                json!({ "t_ms": t, "phase": "live", "lane_bytes": [bytes as u64] })
+            })
+            .collect();
+        // The stop-and-copy's samples are not the live phase's.
+        timeline.push(json!({ "t_ms": 2050.0, "phase": "stop-and-copy", "lane_bytes": [1] }));
+        let v = json!({
+            "total_ms": 2100.0,
+            "forecasts": [{ "at_fraction": 0.25, "elapsed_ms": 900.0, "total_ms": 1700.0,
+                            "downtime_ms": 100.0 }],
+            "timeline": timeline,
+        });
+        let (ratio, err) = bandwidth_after(&v, 0.25);
+        let after = (100.0 * 100.0 + 50.0 * 1000.0) / 1100.0;
+        assert!((ratio - after / 100.0).abs() < 1e-9, "{ratio}");
+        // 700 ms of live phase forecast at the old rate takes 700 / ratio at the new one.
+        let left = 700.0 / ratio + 100.0;
+        assert!((err - (left / 1200.0 - 1.0)).abs() < 1e-9, "{err}");
+        assert!(bandwidth_after(&v, 0.5).0.is_nan());
+        assert_eq!(bytes_at(&lane_bytes(&v), 50.0), Some(5000.0));
+        assert_eq!(bytes_at(&lane_bytes(&v), -1.0), None);
+    }
 }
