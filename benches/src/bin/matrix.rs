@@ -15,7 +15,10 @@
 //! `--on-limit abort`: a row they do not finish in time is "did not converge", and the VM
 //! stays on the source. Writes `matrix.jsonl` (the reports), `matrix.csv`, `matrix.md` (the
 //! table) and, with `--plots`, `timeline-hotcold-POLICY.{json,svg}` for the hotcold workload
-//! whose working set does not fit, to the output directory.
+//! whose working set does not fit, to the output directory. Each row also records how the
+//! lanes' rate after the ETA marks compared with the second before them, and the ETA's error
+//! had the forecast known it (`bandwidth_after_25`, `eta_err_bandwidth_known_25`, and `_50`;
+//! a line under each ETA line of the summary): what of a miss is the bandwidth's.
 //!
 //! Working sets per vCPU: `--fit SIZE` (8M) is sent in a few tens of milliseconds;
 //! `--nofit SIZE` (128M) is rewritten faster than the link sends it. For `hotcold`, what is
