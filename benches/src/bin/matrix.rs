@@ -719,12 +719,11 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
         ));
         // How much of the error is the bandwidth's: the lanes' rate after the mark against
         // the one the forecast measured.
-        let (ratios, errs): (Vec<f64>, Vec<f64>) = done
+        let (mut ratios, errs): (Vec<f64>, Vec<f64>) = done
             .iter()
             .map(|v| bandwidth_after(v, mark))
             .filter(|(r, e)| r.is_finite() && e.is_finite())
             .unzip();
-        let mut ratios = ratios;
         ratios.sort_by(f64::total_cmp);
         if let (Some(lo), Some(hi)) = (ratios.first(), ratios.last()) {
             out.push(format!(
