@@ -289,21 +289,21 @@ impl WriteClock {
             taken,
             ..SweepOrder::default()
         };
-        let (whole, place) = self.part(secs);
-        out.whole = whole;
-        // Apart, each page stands in its share's order.
-        let mut places: Vec<(f32, u16)> = place.into_iter().map(|x| (x, 0)).collect();
-        if self.apart {
-            let mut from = 0;
+        out.whole = self.part(secs);
+        // Apart, each page stands in its share's order (the shares, in page order, make up
+        // the sample).
+        let places: Vec<(f32, u16)> = if self.apart {
+            let mut places = Vec::with_capacity(self.place.len());
             for (r, c) in self.shares.iter().enumerate() {
-                let (part, place) = c.part(secs);
-                for (k, x) in place.into_iter().enumerate() {
-                    places[from + k] = (x, r as u16);
-                }
-                from += part.samples;
+                let part = c.part(secs);
+                places.extend(c.places(&part).into_iter().map(|x| (x, r as u16)));
                 out.parts.push(part);
             }
-        }
+            places
+        } else {
+            let place = self.places(&out.whole);
+            place.into_iter().map(|x| (x, 0)).collect()
+        };
         let first = cursor.min(self.pages).div_ceil(self.stride) as usize;
         for i in (first..places.len()).chain(0..first) {
             let page = i as u64 * self.stride;
@@ -317,10 +317,8 @@ impl WriteClock {
         out
     }
 
-    /// Where this clock's sweep stood at the latest read that showed writes, seen from `secs`,
-    /// and every sampled page's place in its order: the pages not seen written come after the
-    /// others, in page order from where the sweep stands (as a sweep in address order does).
-    fn part(&self, secs: f64) -> (Part, Vec<f32>) {
+    /// Where this clock's sweep stood at the latest read that showed writes, seen from `secs`.
+    fn part(&self, secs: f64) -> Part {
         let mut out = Part {
             seen: self.seen,
             samples: self.place.len(),
@@ -341,9 +339,16 @@ impl WriteClock {
                 age: (secs as f32 - latest).max(0.0),
             };
         }
+        out
+    }
+
+    /// Every sampled page's place in the order of this clock's sweep (`part`, from
+    /// [`WriteClock::part`]): the pages not seen written come after the others, in page order
+    /// from where the sweep stands (as a sweep in address order does).
+    fn places(&self, part: &Part) -> Vec<f32> {
         let mut place = self.place.clone();
         let n = place.len();
-        let head = (out.head.last.round() as usize % self.seen.max(1)) as f32;
+        let head = (part.head.last.round() as usize % self.seen.max(1)) as f32;
         let from = (0..n).find(|&i| place[i] == head).unwrap_or(0);
         let mut next = self.seen;
         for i in (from..n).chain(0..from) {
@@ -352,7 +357,7 @@ impl WriteClock {
                 next += 1;
             }
         }
-        (out, place)
+        place
     }
 }
 
