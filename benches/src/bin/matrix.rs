@@ -30,7 +30,8 @@
 //! `--workloads a,b,..`, `--policies a,b,..` (names as below), `--warmup SECS` (2),
 //! `--warm-passes N` (3; 0: the time only), `--out DIR`, `--ferry PATH` (default: `ferry`
 //! next to this binary, or `$FERRY`), `--plots`, `--extra "ARGS"` (more `ferry migrate`
-//! arguments), `--repeat N` (1: run every row N times, each round through all the policies
+//! arguments), `--listen-extra "ARGS"` (more `ferry listen` arguments, e.g.
+//! `--no-prealloc`), `--repeat N` (1: run every row N times, each round through all the policies
 //! before the next, so that the runs compared are close in time; the summary compares
 //! medians),
 //! `--reports` (also keep every row's whole report, timeline included, as
@@ -59,7 +60,8 @@ const BOUNDED: [&str; 4] = ["membound", "mplm", "timebound", "timebound+overcomm
 const PORT: u16 = 7900;
 const USAGE: &str = "usage: matrix [--mem SIZE] [--vcpus N] [--fit SIZE] [--nofit SIZE] \
 [--nofit-hot SIZE] [--workloads a,b,..] [--policies a,b,..] [--warmup SECS] \
-[--warm-passes N] [--out DIR] [--ferry PATH] [--plots] [--reports] [--extra \"ARGS\"] [--repeat N]
+[--warm-passes N] [--out DIR] [--ferry PATH] [--plots] [--reports] [--extra \"ARGS\"] \
+[--listen-extra \"ARGS\"] [--repeat N]
 (run inside `benches/testbed.sh exec`; see the top of benches/src/bin/matrix.rs)";
 
 struct Args {
@@ -77,6 +79,7 @@ struct Args {
     plots: bool,
     reports: bool,
     extra: Vec<String>,
+    listen_extra: Vec<String>,
     repeat: usize,
 }
 
@@ -105,6 +108,7 @@ fn parse_args() -> Args {
         plots: false,
         reports: false,
         extra: Vec::new(),
+        listen_extra: Vec::new(),
         repeat: 1,
     };
     let mut it = std::env::args().skip(1);
@@ -129,6 +133,7 @@ fn parse_args() -> Args {
             "--out" => a.out = v().into(),
             "--ferry" => a.ferry = v().into(),
             "--extra" => a.extra = v().split_whitespace().map(String::from).collect(),
+            "--listen-extra" => a.listen_extra = v().split_whitespace().map(String::from).collect(),
             "--repeat" => a.repeat = v().parse().expect("--repeat N"),
             _ => {
                 eprintln!("matrix: unknown option {k}\n{USAGE}");
@@ -289,6 +294,7 @@ fn migrate(
         .arg("--key")
         .arg(key)
         .args(["--json", "--exit-after", "1", "--serial", "/dev/null"])
+        .args(&a.listen_extra)
         .stdout(std::fs::File::create(&listen_out).expect("listen.json"))
         .stderr(Stdio::null());
     let mut dst = Started(listen.spawn().expect("starting ferry listen"));
