@@ -39,6 +39,10 @@ pub struct DestConfig {
     /// Cores the decode threads are pinned to, round robin (default: the cores this
     /// process may run on; empty: unpinned).
     pub cpus: Vec<usize>,
+    /// Allocate all of guest memory before the source sends a page (default: yes; see
+    /// [`GuestMemory::populate`]). Without, a page is allocated when it first arrives, and
+    /// zero pages never are.
+    pub prealloc: bool,
 }
 
 impl Default for DestConfig {
@@ -48,6 +52,7 @@ impl Default for DestConfig {
             idle_timeout: Duration::from_secs(60),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             cpus: crate::topo::current_affinity().unwrap_or_default(),
+            prealloc: true,
         }
     }
 }
@@ -88,6 +93,8 @@ pub struct DestReport {
     pub hash_ms: f64,
     /// CPU seconds this process spent receiving.
     pub cpu_s: f64,
+    /// Allocating guest memory before the first page ([`DestConfig::prealloc`]).
+    pub prealloc_ms: Option<f64>,
 }
 
 /// The states of the receiver (see the module diagram).
@@ -308,9 +315,17 @@ fn run(
                     d.vcpus,
                     serial.take().expect("Describe is accepted once"),
                 )?;
+                if cfg.prealloc {
+                    let t = Instant::now();
+                    vm.memory().populate(cfg.workers)?;
+                    report.prealloc_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+                }
                 let pages = Arc::new(PageVersions::new(vm.memory().page_span()));
                 rx.ack(&msg)?;
-                rx.reply_to(&msg, Tag::Ready as u16, &[])?;
+                let ready = proto::Ready {
+                    prealloc_ms: report.prealloc_ms,
+                };
+                rx.reply_to(&msg, Tag::Ready as u16, &proto::to_json(&ready))?;
                 State::Receiving {
                     vm: Arc::new(vm),
                     pages,
@@ -372,6 +387,7 @@ fn run(
                 })?;
                 *report = DestReport {
                     hash_ms: report.hash_ms,
+                    prealloc_ms: report.prealloc_ms,
                     ..counts
                 };
                 report.cpu_s = (cpu::process_time() - cpu0).as_secs_f64();

@@ -28,7 +28,17 @@ pub enum MemoryError {
     OutOfRange { gpa: u64, len: u64 },
     #[error("region layout is invalid: {0}")]
     Layout(String),
+    #[error("allocating {len} bytes of guest memory at gpa={gpa:#x}")]
+    Populate {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// [`GuestMemory::populate`] allocates memory in pieces of this many bytes, a piece a thread.
+const POPULATE_CHUNK: u64 = 64 << 20;
 
 /// One contiguous region of guest-physical memory.
 pub struct Region {
@@ -193,6 +203,65 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Allocates every page now, on up to `threads` threads, leaving its contents as they
+    /// are: a host short of memory fails here rather than midway through a migration, and the
+    /// first write to each page (a fault and a zeroing by the kernel) is not paid while pages
+    /// arrive. With `MADV_POPULATE_WRITE` (Linux 5.14), else by an atomic write of a word of each page
+    /// with its own value, which cannot lose a concurrent write.
+    pub fn populate(&self, threads: usize) -> Result<(), MemoryError> {
+        let pieces: Vec<(u64, u64)> = self
+            .regions
+            .iter()
+            .flat_map(|r| {
+                (0..r.len)
+                    .step_by(POPULATE_CHUNK as usize)
+                    .map(move |off| (r.gpa + off, POPULATE_CHUNK.min(r.len - off)))
+            })
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || -> Result<(), MemoryError> {
+            while let Some(&(gpa, len)) =
+                pieces.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            {
+                let p = self.host_ptr(gpa, len)?;
+                populate(p, len).map_err(|source| MemoryError::Populate { gpa, len, source })?;
+            }
+            Ok(())
+        };
+        std::thread::scope(|s| {
+            let helpers: Vec<_> = (1..threads.clamp(1, pieces.len().max(1)))
+                .map(|_| s.spawn(work))
+                .collect();
+            let mine = work();
+            helpers
+                .into_iter()
+                .map(|h| h.join().expect("populating memory does not panic"))
+                .fold(mine, Result::and)
+        })
+    }
+
+    /// Bytes of guest memory allocated in this process: all of it after
+    /// [`GuestMemory::populate`], else what was written so far. Counted in
+    /// `/proc/self/pagemap` as pages present and mapped only here, which, unlike
+    /// `mincore(2)`, leaves out pages only read (mapped to the kernel's shared zero page).
+    pub fn allocated_bytes(&self) -> std::io::Result<u64> {
+        const PRESENT: u64 = 1 << 63;
+        const EXCLUSIVE: u64 = 1 << 56;
+        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        let mut n = 0;
+        for r in &self.regions {
+            let mut entries = vec![0u8; r.pages() as usize * 8];
+            let at = r.host_addr() / PAGE_SIZE as u64 * 8;
+            std::os::unix::fs::FileExt::read_exact_at(&pagemap, &mut entries, at)?;
+            n += entries
+                .chunks_exact(8)
+                .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")))
+                .filter(|&e| e & (PRESENT | EXCLUSIVE) == PRESENT | EXCLUSIVE)
+                .count() as u64;
+        }
+        Ok(n * PAGE_SIZE as u64)
+    }
+
     /// Reads a little-endian u64 at `gpa`.
     pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
         let mut b = [0u8; 8];
@@ -224,6 +293,43 @@ impl Region {
     }
 }
 
+/// Allocates the `len` bytes of mapped guest memory at `p` (see [`GuestMemory::populate`]).
+fn populate(p: *mut u8, len: u64) -> std::io::Result<()> {
+    // SAFETY: `p..p+len` is mapped guest memory; MADV_POPULATE_WRITE only faults its pages in
+    // as a write would, without changing their contents.
+    if unsafe { libc::madvise(p.cast(), len as usize, libc::MADV_POPULATE_WRITE) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    // An older kernel.
+    touch(p, len);
+    Ok(())
+}
+
+/// A write fault on each page of the `len` bytes of mapped guest memory at `p` that leaves it
+/// as it is.
+fn touch(p: *mut u8, len: u64) {
+    for off in (0..len as usize).step_by(PAGE_SIZE) {
+        // SAFETY: the page is mapped and page aligned, so the word is in bounds and aligned;
+        // guest memory is only ever accessed by raw-pointer copies, never through a reference.
+        let word = unsafe { std::sync::atomic::AtomicU64::from_ptr(p.add(off).cast()) };
+        // A compare-exchange of the word with itself: a write the compiler keeps (an add of
+        // zero may become a load, which would map the shared zero page instead).
+        let mut v = word.load(std::sync::atomic::Ordering::Relaxed);
+        while let Err(now) = word.compare_exchange_weak(
+            v,
+            v,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        ) {
+            v = now;
+        }
+    }
+}
+
 // SAFETY: the mapping is accessed only through raw-pointer copies (and `frozen`, whose caller
 // guarantees no writer); moving or sharing the handle between threads is as safe as sharing
 // the mapping with vCPU threads.
@@ -234,6 +340,43 @@ unsafe impl Sync for GuestMemory {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resident(m: &GuestMemory) -> usize {
+        (m.allocated_bytes().unwrap() / PAGE_SIZE as u64) as usize
+    }
+
+    /// Every page is allocated, over several pieces and threads, and what was written stays.
+    #[test]
+    fn populate_allocates_every_page_and_keeps_contents() {
+        let m =
+            GuestMemory::new(&[(0, 3 << 20), (8 << 20, 2 * POPULATE_CHUNK + (1 << 20))]).unwrap();
+        let pages = (m.size() / PAGE_SIZE as u64) as usize;
+        m.write_u64(4096, 0xfeed).unwrap();
+        m.write_u64((8 << 20) + POPULATE_CHUNK + 8, 0xbeef).unwrap();
+        // Reading maps the shared zero page; only writing allocates.
+        let mut all = vec![0u8; 3 << 20];
+        m.read(0, &mut all).unwrap();
+        assert!(
+            resident(&m) < pages / 100,
+            "fresh memory, written in two pages and read in 768, is not allocated yet"
+        );
+        m.populate(3).unwrap();
+        assert_eq!(resident(&m), pages);
+        assert_eq!(m.read_u64(4096).unwrap(), 0xfeed);
+        assert_eq!(m.read_u64((8 << 20) + POPULATE_CHUNK + 8).unwrap(), 0xbeef);
+        assert_eq!(m.read_u64(8192).unwrap(), 0);
+    }
+
+    /// The fallback for kernels without `MADV_POPULATE_WRITE` allocates the pages too.
+    #[test]
+    fn touching_allocates_pages_and_keeps_contents() {
+        let m = GuestMemory::new(&[(0, 4 << 20)]).unwrap();
+        m.write_u64(PAGE_SIZE as u64 * 3, 7).unwrap();
+        let r = &m.regions()[0];
+        touch(r.host_addr() as *mut u8, r.len());
+        assert_eq!(resident(&m), r.pages() as usize);
+        assert_eq!(m.read_u64(PAGE_SIZE as u64 * 3).unwrap(), 7);
+    }
 
     #[test]
     fn bounds_are_checked() {

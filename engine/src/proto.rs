@@ -104,6 +104,14 @@ pub struct Digests {
     pub hash_ms: f64,
 }
 
+/// What the destination tells the source with `Ready` (an empty payload from an older one).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Ready {
+    /// How long the destination took to allocate guest memory, if it did before replying.
+    #[serde(default)]
+    pub prealloc_ms: Option<f64>,
+}
+
 /// What the destination tells the source with `Resumed`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DestFigures {

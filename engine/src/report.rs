@@ -266,6 +266,10 @@ pub struct ProbeFigures {
     /// How long the vCPUs stood still for that, before the live phase.
     #[serde(default)]
     pub pause_ms: f64,
+    /// How long the destination took to allocate guest memory before it was ready (`None`
+    /// if it allocates pages as they arrive: `ferry listen --no-prealloc`).
+    #[serde(default)]
+    pub dest_prealloc_ms: Option<f64>,
 }
 
 /// Per-lane figures.

@@ -31,6 +31,10 @@ pub struct DemoArgs {
     /// Print the report (with the destination's checks) as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// The destination allocates each page of guest memory when it arrives instead of all of
+    /// it up front (`ferry listen --no-prealloc`).
+    #[arg(long)]
+    no_prealloc: bool,
 }
 
 /// Kills the destination process if the demo ends early.
@@ -62,6 +66,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<i32> {
         ])
         .args(["--prefix", "[destination] ", "--exit-after"])
         .arg(a.after.as_secs_f64().to_string())
+        .args(a.no_prealloc.then_some("--no-prealloc"))
         .arg("--key")
         .arg(&key)
         .stdout(Stdio::piped())

@@ -38,6 +38,13 @@ pub struct ListenArgs {
     /// Machine-readable output: `{"listening": ADDR}` once bound, then one JSON result.
     #[arg(long)]
     json: bool,
+    /// Do not allocate all of guest memory before the first page arrives: allocate each page
+    /// when it does (zero pages never), as a sparse guest on a tight host may want. By
+    /// default the memory is allocated up front, so that a host short of it fails before
+    /// the source sends anything, and the first write to a page costs nothing while pages
+    /// arrive.
+    #[arg(long)]
+    no_prealloc: bool,
 }
 
 pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
@@ -60,7 +67,8 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
         Some(serial_sink(a.serial.as_deref(), a.json)?),
         a.prefix.clone(),
     );
-    let (mut vm, dest_report) = match net::receive(&listeners, &key, serial, &stop) {
+    let (mut vm, dest_report) = match net::receive(&listeners, &key, serial, !a.no_prealloc, &stop)
+    {
         Ok(v) => v,
         Err(e) => {
             if a.json {
@@ -78,6 +86,7 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
     vm.pause()?;
     let at_exit = guest::status(vm.memory())?;
     let audit = guest::audit(vm.memory())?;
+    let resident = vm.memory().allocated_bytes()?;
     vm.shutdown();
     let fails: u64 = at_exit.iter().map(|s| s.fails).sum();
     let progressed = at_exit
@@ -97,6 +106,7 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
                 "guest_at_resume": at_resume,
                 "guest_at_exit": at_exit,
                 "audit": audit,
+                "guest_resident_bytes": resident,
             })
         );
     } else {

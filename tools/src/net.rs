@@ -194,15 +194,21 @@ pub fn accept_session(
 }
 
 /// Waits for a migration on `listeners` (until `stop` is set) and returns the VM running
-/// here.
+/// here; with `prealloc`, its memory is allocated before the first page
+/// ([`DestConfig::prealloc`]).
 pub fn receive(
     listeners: &[Listener],
     key: &Key,
     serial: std::sync::Arc<Serial>,
+    prealloc: bool,
     stop: &AtomicBool,
 ) -> anyhow::Result<(Vm, DestReport)> {
     let rx = accept_session(listeners, key, stop)?;
-    let out = dest::receive(&std::sync::Arc::new(rx), serial, &DestConfig::default())
+    let cfg = DestConfig {
+        prealloc,
+        ..DestConfig::default()
+    };
+    let out = dest::receive(&std::sync::Arc::new(rx), serial, &cfg)
         .context("receiving the VM failed; nothing was resumed here")?;
     Ok(out)
 }

@@ -224,11 +224,13 @@ fn every_codec() {
     }
 }
 
-/// Two vCPUs, zero fill, sampled verification.
+/// Two vCPUs, zero fill, sampled verification, and a destination that allocates pages as
+/// they arrive: the zero pages it is never sent stay unallocated there.
 #[test]
 fn two_vcpus_zero_fill_sampled_verify() {
     require_kvm();
     let (v, out) = demo(&[
+        "--no-prealloc",
         "--vcpus",
         "2",
         "--fill",
@@ -251,6 +253,12 @@ fn two_vcpus_zero_fill_sampled_verify() {
         "{v:#}"
     );
     assert_eq!(v["destination"]["self_check_ok"], true);
+    assert!(v["probe"]["dest_prealloc_ms"].is_null(), "{v:#}");
+    let resident = v["destination"]["guest_resident_bytes"].as_u64().unwrap();
+    assert!(
+        resident < 48 << 20,
+        "{resident} bytes of the 128 MiB zero-filled guest allocated: {v:#}"
+    );
 }
 
 /// `--verify reread`: the destination hashes its memory at switchover instead of using the
@@ -345,6 +353,11 @@ fn vm_run_listen_migrate() {
     let result: Value = serde_json::from_str(&dest_out.next().unwrap().unwrap()).unwrap();
     assert_eq!(result["self_check_ok"], true, "{result:#}");
     assert_eq!(result["progressed"], true, "{result:#}");
+    // By default the destination allocated all of guest memory before the first page.
+    let prealloc = report["probe"]["dest_prealloc_ms"].as_f64();
+    assert!(prealloc.is_some_and(|ms| ms > 0.0), "{report:#}");
+    assert_eq!(result["receive"]["prealloc_ms"].as_f64(), prealloc);
+    assert_eq!(result["guest_resident_bytes"], 128u64 << 20, "{result:#}");
     assert!(dest.0.wait().unwrap().success());
     let log = std::fs::read_to_string(&serial).unwrap();
     assert!(

@@ -598,7 +598,12 @@ impl Migration<'_, '_, '_> {
                 policy: self.cfg.policy.to_string(),
             }),
         )?;
-        self.expect_reply(Tag::Ready)?;
+        let ready = self.expect_reply(Tag::Ready)?;
+        let ready: proto::Ready = if ready.is_empty() {
+            proto::Ready::default()
+        } else {
+            proto::from_json("Ready", &ready)?
+        };
         self.probe = self.probe()?;
         self.hash_time = self.hash_time();
         self.shared
@@ -903,6 +908,7 @@ impl Migration<'_, '_, '_> {
                 write_drift_pages_per_s: self.writes.map(|m| m.drift),
                 round_trip_ms: self.probe.round_trip.as_secs_f64() * 1e3,
                 pause_ms: self.probe.pause.as_secs_f64() * 1e3,
+                dest_prealloc_ms: ready.prealloc_ms,
             },
             final_pages,
             digest_ranges: ours.len(),
