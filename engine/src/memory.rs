@@ -203,11 +203,11 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Allocates every page now, on up to `threads` threads, leaving its contents as they
+    /// Allocates every page now, on up to `threads` threads, leaving the contents as they
     /// are: a host short of memory fails here rather than midway through a migration, and the
     /// first write to each page (a fault and a zeroing by the kernel) is not paid while pages
-    /// arrive. With `MADV_POPULATE_WRITE` (Linux 5.14), else by an atomic write of a word of each page
-    /// with its own value, which cannot lose a concurrent write.
+    /// arrive. With `MADV_POPULATE_WRITE` (Linux 5.14), else by an atomic write of a word of
+    /// each page with its own value, which cannot lose a concurrent write.
     pub fn populate(&self, threads: usize) -> Result<(), MemoryError> {
         let pieces: Vec<(u64, u64)> = self
             .regions
