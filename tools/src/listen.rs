@@ -86,7 +86,7 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
     vm.pause()?;
     let at_exit = guest::status(vm.memory())?;
     let audit = guest::audit(vm.memory())?;
-    let resident = vm.memory().allocated_bytes()?;
+    let allocated = vm.memory().allocated_bytes()?;
     vm.shutdown();
     let fails: u64 = at_exit.iter().map(|s| s.fails).sum();
     let progressed = at_exit
@@ -106,7 +106,7 @@ pub fn run(a: ListenArgs) -> anyhow::Result<i32> {
                 "guest_at_resume": at_resume,
                 "guest_at_exit": at_exit,
                 "audit": audit,
-                "guest_resident_bytes": resident,
+                "guest_allocated_bytes": allocated,
             })
         );
     } else {
