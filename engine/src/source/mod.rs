@@ -598,7 +598,10 @@ impl Migration<'_, '_, '_> {
                 policy: self.cfg.policy.to_string(),
             }),
         )?;
-        let ready = self.expect_reply(Tag::Ready)?;
+        let ready = self.recv_reply(
+            Tag::Ready,
+            ready_timeout(self.cfg.reply_timeout, mem.size()),
+        )?;
         let ready: proto::Ready = if ready.is_empty() {
             proto::Ready::default()
         } else {
@@ -1484,12 +1487,25 @@ impl Migration<'_, '_, '_> {
 
     /// Waits for the destination's reply `want`.
     fn expect_reply(&mut self, want: Tag) -> Result<Vec<u8>, MigrateError> {
-        let (tag, payload) = self.tx.recv_reply(self.cfg.reply_timeout)?;
+        self.recv_reply(want, self.cfg.reply_timeout)
+    }
+
+    /// The next reply of the destination, which must be `want`, waited for at most `timeout`.
+    fn recv_reply(&mut self, want: Tag, timeout: Duration) -> Result<Vec<u8>, MigrateError> {
+        let (tag, payload) = self.tx.recv_reply(timeout)?;
         if tag == want as u16 {
             return Ok(payload);
         }
         Err(unexpected_reply(tag, &payload))
     }
+}
+
+/// How long the source waits for `Ready`: the reply timeout, plus 2 s per GiB of guest memory
+/// for the destination to allocate it first ([`crate::dest::DestConfig::prealloc`]; 0.5–1.5 s
+/// per GiB on one thread here), so that a large guest on a host of few cores does not time
+/// out before a page is sent.
+fn ready_timeout(reply_timeout: Duration, memory_bytes: u64) -> Duration {
+    reply_timeout + Duration::from_secs_f64(2.0 * memory_bytes as f64 / (1u64 << 30) as f64)
 }
 
 fn unexpected_reply(tag: u16, payload: &[u8]) -> MigrateError {
@@ -1500,5 +1516,22 @@ fn unexpected_reply(tag: u16, payload: &[u8]) -> MigrateError {
             state: "here on the source",
         }),
         None => MigrateError::Proto(proto::ProtoError::UnknownTag(tag)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wait for `Ready` grows with the memory the destination allocates first.
+    #[test]
+    fn ready_waits_longer_for_more_memory() {
+        let reply = Duration::from_secs(60);
+        assert_eq!(ready_timeout(reply, 0), reply);
+        assert_eq!(
+            ready_timeout(reply, 64 << 30),
+            Duration::from_secs(60 + 128)
+        );
+        assert!(ready_timeout(reply, 1 << 40) > Duration::from_secs(2048));
     }
 }
