@@ -89,6 +89,10 @@ pub struct Report {
     /// [`SwitchoverFigures::commit_ms`]).
     pub downtime_ms: f64,
     pub eviction_ms: f64,
+    /// Before the live phase, not in `total_ms`: describing the VM to the destination, which
+    /// allocates its memory (`probe.dest_prealloc_ms`), and the probe.
+    #[serde(default)]
+    pub setup_ms: f64,
     /// The time promised before starting; `None` when the policy promises none.
     pub bound_ms: Option<f64>,
     pub within_bound: Option<bool>,
@@ -322,7 +326,7 @@ impl Report {
             .collect::<String>();
         format!(
             "migration {}: policy {}{}, {} MiB, {} vCPU(s)\n\
-             total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms); bound {}\n\
+             total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms) after {:.0} ms of setup; bound {}\n\
              wire {:.1} MiB at {:.1} MiB/s, compression {:.2}x, {} epochs, {} pages sent ({} in stop-and-copy)\n\
              pages: {} zero, {} duplicate, {} zstd, {} lz4, {} raw\n\
              memory {} at switchover (verify={}, {} ranges, {:.1} ms){}",
@@ -335,6 +339,7 @@ impl Report {
             self.live_ms,
             self.downtime_ms,
             self.eviction_ms,
+            self.setup_ms,
             bound,
             mib(self.wire_bytes),
             self.throughput_bytes_per_s / (1 << 20) as f64,

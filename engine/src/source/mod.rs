@@ -623,6 +623,7 @@ impl Migration<'_, '_, '_> {
 
         // Live phase.
         let mut policy = coordinator::make_policy(self.cfg.policy, &self.cfg.policy_cfg);
+        let setup = self.t0.elapsed();
         self.t0 = Instant::now();
         self.last_harvest = self.t0;
         if self.cfg.compress == CompressMode::Auto {
@@ -887,6 +888,7 @@ impl Migration<'_, '_, '_> {
             live_ms: paused_at.duration_since(self.t0).as_secs_f64() * 1e3,
             downtime_ms: resumed_at.duration_since(paused_at).as_secs_f64() * 1e3,
             eviction_ms: total,
+            setup_ms: setup.as_secs_f64() * 1e3,
             bound_ms: self.bound.map(|b| b.as_secs_f64() * 1e3),
             within_bound: self.bound.map(|b| total <= b.as_secs_f64() * 1e3),
             wire_bytes,
