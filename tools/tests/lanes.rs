@@ -106,6 +106,8 @@ impl Drop for Testbed {
 struct Outcome {
     report: Value,
     dest: Value,
+    /// The `--progress-json` events, in order.
+    progress: Vec<Value>,
 }
 
 /// Runs `vm run` in the source namespace, `listen` on both lane addresses in the
@@ -185,10 +187,14 @@ fn migrate_over_two_lanes(tb: &Testbed, cut: Option<&dyn Fn()>) -> Outcome {
     let mut report = Value::Null;
     let mut cut_done = false;
     let mut last = String::new();
+    let mut progress = Vec::new();
     for line in BufReader::new(mig.0.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
         last.clone_from(&line);
         let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v.get("progress").is_some() {
+            progress.push(v["progress"].clone());
+        }
         if v["progress"]["phase"] == "live" && !cut_done {
             if let Some(cut) = cut {
                 cut();
@@ -207,6 +213,7 @@ fn migrate_over_two_lanes(tb: &Testbed, cut: Option<&dyn Fn()>) -> Outcome {
     Outcome {
         report,
         dest: dest_v,
+        progress,
     }
 }
 
@@ -219,6 +226,13 @@ fn two_lanes_carry_the_vm_and_survive_a_cut_link() {
     assert_eq!(o.report["verified"], true, "{}", o.report);
     assert_eq!(o.dest["self_check_ok"], true, "{}", o.dest);
     assert_eq!(o.dest["progressed"], true, "{}", o.dest);
+    // The stream opens in setup, before the destination is ready and the bound known; the
+    // bound comes before the live phase.
+    assert_eq!(o.progress[0]["phase"], "setup", "{:?}", o.progress);
+    assert!(o.progress[0]["bound_ms"].is_null(), "{:?}", o.progress);
+    let live = o.progress.iter().position(|e| e["phase"] == "live");
+    let bound = o.progress.iter().position(|e| e["bound_ms"].is_f64());
+    assert!(bound.is_some() && bound <= live, "{:?}", o.progress);
     let lanes = o.report["lanes"].as_array().unwrap();
     assert_eq!(lanes.len(), 2, "{}", o.report);
     let bytes: Vec<f64> = lanes.iter().map(|l| l["bytes"].as_f64().unwrap()).collect();

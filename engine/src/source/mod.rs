@@ -598,6 +598,9 @@ impl Migration<'_, '_, '_> {
                 policy: self.cfg.policy.to_string(),
             }),
         )?;
+        // A first event, without a bound yet: the destination may take seconds to allocate a
+        // large guest's memory before it is ready.
+        progress(&self.event(Phase::Setup));
         let ready = self.recv_reply(
             Tag::Ready,
             ready_timeout(self.cfg.reply_timeout, mem.size()),
