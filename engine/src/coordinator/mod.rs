@@ -1043,7 +1043,8 @@ fn sweep(p: &Progress) -> Option<(&SweepOrder, Vec<(f64, f64)>)> {
     let periodic = shapes
         .iter()
         .all(|&(period, _)| period.is_finite() && period >= SWEEP_MIN_PERIOD);
-    (m.working_set() < 1.0 && periodic && lw.whole.seen > 0).then_some((lw, shapes))
+    (m.working_set() < 1.0 && periodic && lw.whole.seen > 0 && !lw.scattered)
+        .then_some((lw, shapes))
 }
 
 /// The end of a multiplexing policy's live phase over a sweeping guest, page by page

@@ -79,7 +79,18 @@ pub struct WriteClock {
     /// Whether the shares' sweeps are followed each on its own: most of those reads showed
     /// several at once. It stays so.
     apart: bool,
+    /// Of the last [`SCATTER_READS`] reads that showed at least [`SHARE_RUN_MIN`] pages written
+    /// again (seen before), whether each spread them over most of the order: a guest writing
+    /// at random within a set of pages does; a sweep, or one a vCPU, writes them in a few
+    /// runs of its order.
+    scatter: VecDeque<bool>,
 }
+
+/// Over how many reads, and in how many parts of the order, [`WriteClock`] tells a sweep from
+/// writes at random: the pages a read shows written again fall in more than half the parts
+/// in most of those reads (at least [`SCATTER_READS`] / 2 of them).
+const SCATTER_READS: usize = 8;
+const SCATTER_PARTS: usize = 16;
 
 /// The shares' sweeps are taken apart when at least half of this many reads in a row showed
 /// writes in two shares or more (a sweep over all of memory shows in one share at a time).
@@ -149,6 +160,7 @@ impl WriteClock {
             shares: Vec::new(),
             together: VecDeque::new(),
             apart: false,
+            scatter: VecDeque::new(),
         }
     }
 
@@ -186,16 +198,30 @@ impl WriteClock {
                 self.apart |= 2 * n >= APART_READS;
             }
         }
-        let (mut shown, mut new) = (Vec::new(), Vec::new());
+        let (mut shown, mut new, mut again) = (Vec::new(), Vec::new(), Vec::new());
         for (i, was) in self.was_set.iter_mut().enumerate() {
             let now = bits[i];
             if now && !*was {
                 if self.place[i].is_nan() {
                     new.push(i);
+                } else {
+                    again.push(self.place[i]);
                 }
                 shown.push(i);
             }
             *was = now;
+        }
+        if again.len() >= SHARE_RUN_MIN {
+            let mut parts = [false; SCATTER_PARTS];
+            for x in again {
+                let k = (x / self.seen as f32 * SCATTER_PARTS as f32) as usize;
+                parts[k.min(SCATTER_PARTS - 1)] = true;
+            }
+            let spread = 2 * parts.iter().filter(|&&b| b).count() > SCATTER_PARTS;
+            self.scatter.push_back(spread);
+            if self.scatter.len() > SCATTER_READS {
+                self.scatter.pop_front();
+            }
         }
         let before = std::mem::replace(&mut self.prev_read, at);
         let n = self.place.len();
@@ -290,6 +316,7 @@ impl WriteClock {
             ..SweepOrder::default()
         };
         out.whole = self.part(secs);
+        out.scattered = 2 * self.scatter.iter().filter(|&&b| b).count() >= SCATTER_READS;
         // Apart, each page stands in its share's order (the shares, in page order, make up
         // the sample).
         let places: Vec<(f32, u16)> = if self.apart {
@@ -423,6 +450,9 @@ pub struct SweepOrder {
     /// Two sweeps at different speeds stand at two places in one order, and a read's densest
     /// run is one or the other.
     pub parts: Vec<Part>,
+    /// The pages the reads show written again are spread over the order: the guest writes at
+    /// random, not in a sweep ([`WriteClock`]'s `scatter`).
+    pub scattered: bool,
 }
 
 /// One sweep as the log showed it: over all the pages ([`SweepOrder::whole`]) or over a share
@@ -468,7 +498,7 @@ impl fmt::Debug for SweepOrder {
         write!(
             f,
             "SweepOrder {{ stride: {}, samples: never_sent {}, clean {}, dirty {}, seen {}, \
-             speed {:.0}/s, {:?}, parts {} }}",
+             speed {:.0}/s, {:?}, parts {}, scattered {} }}",
             self.stride,
             self.never_sent.len(),
             self.clean.len(),
@@ -476,7 +506,8 @@ impl fmt::Debug for SweepOrder {
             self.whole.seen,
             self.whole.speed,
             self.whole.head,
-            self.parts.len()
+            self.parts.len(),
+            self.scattered
         )?;
         for q in &self.parts {
             write!(
@@ -676,6 +707,42 @@ mod tests {
         assert!(s.parts.is_empty(), "{s:?}");
     }
 
+    /// Writes at random within a set of pages are told from a sweep: once pages are written
+    /// again, they fall all over the order.
+    #[test]
+    fn random_writes_are_scattered_and_sweeps_are_not() {
+        let mut x = 1u64;
+        let mut c = WriteClock::with_shares(4000, 2);
+        let mut pages = Vec::new();
+        for k in 0..24 {
+            // 100 pages a read, at random over the first 2000, re-armed after 4 reads.
+            if k % 4 == 0 {
+                pages.clear();
+            }
+            for _ in 0..100 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                pages.push((x >> 33) % 2000);
+            }
+            c.read(f64::from(k) * 0.1, |p| pages.contains(&p));
+        }
+        let s = c.snapshot(2.4, Duration::ZERO, 0, |_| PageState::Clean);
+        assert!(s.scattered, "{s:?}");
+
+        // Two sweeps, one a share, 50 pages a read each, over their laps again and again.
+        let mut c = WriteClock::with_shares(4000, 2);
+        for k in 0..120u64 {
+            let at = |share: u64| share * 2000 + (k * 50) % 2000;
+            let (a, b) = (at(0), at(1));
+            c.read(k as f64 * 0.1, |p| {
+                (a..a + 50).contains(&p) || (b..b + 50).contains(&p)
+            });
+        }
+        let s = c.snapshot(12.0, Duration::ZERO, 0, |_| PageState::Clean);
+        assert!(!s.scattered, "{s:?}");
+    }
+
     /// The sweep's run among a read's pages: the densest quarter lap, a lap on past the end.
     #[test]
     fn a_few_pages_written_elsewhere_are_not_the_sweep() {
@@ -767,6 +834,7 @@ mod tests {
                 speed: 0.0,
             },
             parts: Vec::new(),
+            scattered: false,
         };
         let pages: Vec<_> = lw
             .pages(&[(1.0, 10.0)], Duration::from_millis(200), 1, 0.75)
