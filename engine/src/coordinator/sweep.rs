@@ -687,6 +687,14 @@ mod tests {
         assert!(s.parts.is_empty(), "{s:?}");
     }
 
+    /// A page below `pages` at random (a linear congruential generator over `x`).
+    fn random_page(x: &mut u64, pages: u64) -> u64 {
+        *x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*x >> 33) % pages
+    }
+
     /// A guest that writes at random in both shares at once is not taken for two sweeps.
     #[test]
     fn random_writes_in_two_shares_are_not_two_sweeps() {
@@ -694,13 +702,7 @@ mod tests {
         let mut x = 1u64;
         for k in 0..16 {
             // 100 pages a read, at random over all of them.
-            let mut pages = Vec::new();
-            for _ in 0..100 {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                pages.push((x >> 33) % 4000);
-            }
+            let pages: Vec<u64> = (0..100).map(|_| random_page(&mut x, 4000)).collect();
             c.read(f64::from(k) * 0.1, |p| pages.contains(&p));
         }
         let s = c.snapshot(1.6, Duration::ZERO, 0, |_| PageState::Clean);
@@ -719,12 +721,7 @@ mod tests {
             if k % 4 == 0 {
                 pages.clear();
             }
-            for _ in 0..100 {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                pages.push((x >> 33) % 2000);
-            }
+            pages.extend((0..100).map(|_| random_page(&mut x, 2000)));
             c.read(f64::from(k) * 0.1, |p| pages.contains(&p));
         }
         let s = c.snapshot(2.4, Duration::ZERO, 0, |_| PageState::Clean);
