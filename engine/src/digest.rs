@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::bitmap::{word_ones, Bitmap};
-use crate::memory::{GuestMemory, MemoryError, PAGE_SIZE};
+use crate::memory::{on_threads, GuestMemory, MemoryError, PAGE_SIZE};
 
 /// How much of guest memory is compared at switchover, and how.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -107,44 +107,13 @@ fn per_range(
     if mode == VerifyMode::Off {
         return Ok(Vec::new());
     }
-    let range_bytes = range_bytes.max(PAGE_SIZE as u64) / PAGE_SIZE as u64 * PAGE_SIZE as u64;
-    let mut ranges = Vec::new();
-    for r in mem.regions() {
-        let mut gpa = r.gpa();
-        while gpa < r.gpa() + r.len() {
-            let len = range_bytes.min(r.gpa() + r.len() - gpa);
-            ranges.push((gpa, len));
-            gpa += len;
-        }
-    }
+    let ranges = mem.ranges(range_bytes);
     let mut out = vec![0u64; ranges.len()];
     on_threads(&ranges, &mut out, threads, |&(gpa, len), o| {
         *o = range_sum(gpa, len)?;
         Ok(())
     })?;
     Ok(out)
-}
-
-/// Calls `f` on each item and its output, on `threads` threads, each taking one contiguous
-/// share of both.
-fn on_threads<T: Sync, O: Send>(
-    items: &[T],
-    outs: &mut [O],
-    threads: usize,
-    f: impl Fn(&T, &mut O) -> Result<(), MemoryError> + Sync,
-) -> Result<(), MemoryError> {
-    let per = items.len().div_ceil(threads.max(1)).max(1);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(per)
-            .zip(outs.chunks_mut(per))
-            .map(|(is, os)| s.spawn(move || is.iter().zip(os).try_for_each(|(i, o)| f(i, o))))
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().expect("digest thread panicked"))
-    })
 }
 
 /// Hashes guest memory: the digest of each range of `range_bytes` (cut at region ends), on

@@ -37,7 +37,7 @@ pub enum MemoryError {
     },
 }
 
-/// [`GuestMemory::populate`] allocates memory in pieces of this many bytes, a piece a thread.
+/// [`GuestMemory::populate`] allocates memory in pieces of this many bytes.
 const POPULATE_CHUNK: u64 = 64 << 20;
 
 /// One contiguous region of guest-physical memory.
@@ -209,35 +209,30 @@ impl GuestMemory {
     /// arrive. With `MADV_POPULATE_WRITE` (Linux 5.14), else by an atomic write of a word of
     /// each page with its own value, which cannot lose a concurrent write.
     pub fn populate(&self, threads: usize) -> Result<(), MemoryError> {
-        let pieces: Vec<(u64, u64)> = self
-            .regions
+        let pieces = self.ranges(POPULATE_CHUNK);
+        on_threads(
+            &pieces,
+            &mut vec![(); pieces.len()],
+            threads,
+            |&(gpa, len), ()| {
+                let p = self.host_ptr(gpa, len)?;
+                populate(p, len).map_err(|source| MemoryError::Populate { gpa, len, source })
+            },
+        )
+    }
+
+    /// Guest memory as `(gpa, len)` ranges of `bytes` (whole pages, at least one), each cut at
+    /// its region's end.
+    pub fn ranges(&self, bytes: u64) -> Vec<(u64, u64)> {
+        let bytes = bytes.max(PAGE_SIZE as u64) / PAGE_SIZE as u64 * PAGE_SIZE as u64;
+        self.regions
             .iter()
             .flat_map(|r| {
                 (0..r.len)
-                    .step_by(POPULATE_CHUNK as usize)
-                    .map(move |off| (r.gpa + off, POPULATE_CHUNK.min(r.len - off)))
+                    .step_by(bytes as usize)
+                    .map(move |off| (r.gpa + off, bytes.min(r.len - off)))
             })
-            .collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let work = || -> Result<(), MemoryError> {
-            while let Some(&(gpa, len)) =
-                pieces.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-            {
-                let p = self.host_ptr(gpa, len)?;
-                populate(p, len).map_err(|source| MemoryError::Populate { gpa, len, source })?;
-            }
-            Ok(())
-        };
-        std::thread::scope(|s| {
-            let helpers: Vec<_> = (1..threads.clamp(1, pieces.len().max(1)))
-                .map(|_| s.spawn(work))
-                .collect();
-            let mine = work();
-            helpers
-                .into_iter()
-                .map(|h| h.join().expect("populating memory does not panic"))
-                .fold(mine, Result::and)
-        })
+            .collect()
     }
 
     /// Bytes of guest memory allocated in this process: all of it after
@@ -291,6 +286,28 @@ impl Region {
             map: map.into(),
         })
     }
+}
+
+/// Calls `f` on each item and its output, on `threads` threads, each taking one contiguous
+/// share of both.
+pub(crate) fn on_threads<T: Sync, O: Send>(
+    items: &[T],
+    outs: &mut [O],
+    threads: usize,
+    f: impl Fn(&T, &mut O) -> Result<(), MemoryError> + Sync,
+) -> Result<(), MemoryError> {
+    let per = items.len().div_ceil(threads.max(1)).max(1);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .zip(outs.chunks_mut(per))
+            .map(|(is, os)| s.spawn(move || is.iter().zip(os).try_for_each(|(i, o)| f(i, o))))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a thread over guest memory panicked"))
+    })
 }
 
 /// Allocates the `len` bytes of mapped guest memory at `p` (see [`GuestMemory::populate`]).

@@ -112,6 +112,16 @@ pub struct Ready {
     pub prealloc_ms: Option<f64>,
 }
 
+impl Ready {
+    /// The payload of a `Ready`: JSON, or empty from a destination that sends no figures.
+    pub fn decode(b: &[u8]) -> Result<Self, ProtoError> {
+        if b.is_empty() {
+            return Ok(Self::default());
+        }
+        from_json("Ready", b)
+    }
+}
+
 /// What the destination tells the source with `Resumed`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DestFigures {

@@ -80,7 +80,8 @@ pub const WORST_WIRE_BYTES_PER_PAGE: u64 =
 /// How often the executor asks the policy for a forecast (reading the dirty log for it).
 pub const FORECAST_EVERY: Duration = Duration::from_millis(100);
 
-const GIB: f64 = (1u64 << 30) as f64;
+/// Bytes in a GiB.
+pub(crate) const GIB: f64 = (1u64 << 30) as f64;
 
 /// What the executor measured, passed to [`Policy::decide`] before every decision.
 #[derive(Debug, Clone, Default, PartialEq)]

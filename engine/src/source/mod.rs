@@ -605,11 +605,7 @@ impl Migration<'_, '_, '_> {
             Tag::Ready,
             ready_timeout(self.cfg.reply_timeout, mem.size()),
         )?;
-        let ready: proto::Ready = if ready.is_empty() {
-            proto::Ready::default()
-        } else {
-            proto::from_json("Ready", &ready)?
-        };
+        let ready = proto::Ready::decode(&ready)?;
         self.probe = self.probe()?;
         self.hash_time = self.hash_time();
         self.shared
@@ -1511,7 +1507,7 @@ impl Migration<'_, '_, '_> {
 /// per GiB on one thread here), so that a large guest on a host of few cores does not time
 /// out before a page is sent.
 fn ready_timeout(reply_timeout: Duration, memory_bytes: u64) -> Duration {
-    reply_timeout + Duration::from_secs_f64(2.0 * memory_bytes as f64 / (1u64 << 30) as f64)
+    reply_timeout + Duration::from_secs_f64(2.0 * memory_bytes as f64 / coordinator::GIB)
 }
 
 fn unexpected_reply(tag: u16, payload: &[u8]) -> MigrateError {
