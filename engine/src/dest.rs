@@ -222,6 +222,15 @@ impl Appliers {
         }
     }
 
+    /// Closes the queue and waits for the decode threads to finish what they hold.
+    fn stop(&mut self) {
+        self.queue.take();
+        for t in self.threads.drain(..) {
+            // A decode thread that panicked has nothing left to clean up.
+            let _ = t.join();
+        }
+    }
+
     fn check(&self) -> Result<(), ReceiveError> {
         match self.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(e) => Err(e),
@@ -232,11 +241,7 @@ impl Appliers {
 
 impl Drop for Appliers {
     fn drop(&mut self) {
-        self.queue.take();
-        for t in self.threads.drain(..) {
-            // A decode thread that panicked has nothing left to clean up.
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
@@ -285,7 +290,7 @@ fn run(
 ) -> Result<Vm, ReceiveError> {
     let mut state = State::AwaitDescribe;
     let mut serial = Some(serial);
-    let appliers = Appliers::start(rx, cfg.workers, &cfg.cpus);
+    let mut appliers = Appliers::start(rx, cfg.workers, &cfg.cpus);
     let cpu0 = cpu::process_time();
     let mut idle = Duration::ZERO;
     loop {
@@ -310,7 +315,7 @@ fn run(
             }
             (State::AwaitDescribe, Tag::Describe) => {
                 let d: Describe = proto::from_json("Describe", &msg.payload)?;
-                let vm = Vm::new(
+                let mut vm = Vm::new(
                     &d.layout,
                     d.vcpus,
                     serial.take().expect("Describe is accepted once"),
@@ -320,6 +325,9 @@ fn run(
                     vm.memory().populate(cfg.workers)?;
                     report.prealloc_ms = Some(t.elapsed().as_secs_f64() * 1e3);
                 }
+                // The vCPU threads are created now, parked (what can fail, before a page is
+                // sent), not in the downtime; they run only once the Commit is answered.
+                vm.start_paused()?;
                 let pages = Arc::new(PageVersions::new(vm.memory().page_span()));
                 rx.ack(&msg)?;
                 let ready = proto::Ready {
@@ -368,20 +376,22 @@ fn run(
                         hash_ms: report.hash_ms,
                     }),
                 )?;
+                // Every batch is applied and acknowledged (the source's barrier before
+                // Switchover): the decode threads are let go while the source compares the
+                // digests, rather than after its Commit, in the downtime.
+                appliers.stop();
                 State::AwaitCommit { vm }
             }
             (State::AwaitCommit { vm }, Tag::Commit) => {
                 let arrived = Instant::now();
                 rx.ack(&msg)?;
-                // The decode threads hold no VM reference once every batch is acknowledged,
-                // which the source's barrier before Switchover guarantees.
+                // The decode threads, stopped at Switchover, hold no VM reference.
                 let counts = appliers
                     .counts
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
-                drop(appliers);
-                let mut vm = Arc::try_unwrap(vm).map_err(|_| ProtoError::Unexpected {
+                let vm = Arc::try_unwrap(vm).map_err(|_| ProtoError::Unexpected {
                     tag,
                     state: "while page batches are still being applied",
                 })?;
@@ -391,11 +401,10 @@ fn run(
                     ..counts
                 };
                 report.cpu_s = (cpu::process_time() - cpu0).as_secs_f64();
-                // The vCPU threads are created first (what can fail) but run only once the
-                // reply is out: running, busy vCPUs would compete with the reply for the
-                // cores, in the downtime (a scheduler tick, 4 ms, on a 2-core host). If the
-                // reply cannot be written, the VM never runs here and the source rolls back.
-                vm.start_paused()?;
+                // The vCPUs run only once the reply is out: running, busy vCPUs would compete
+                // with the reply for the cores, in the downtime (a scheduler tick, 4 ms, on a
+                // 2-core host). If the reply cannot be written, the VM never runs here and the
+                // source rolls back.
                 rx.reply_to(
                     &msg,
                     Tag::Resumed as u16,
