@@ -95,6 +95,11 @@ pub fn page_term(p: u64, page: &[u8]) -> u64 {
     }
 }
 
+/// Work worth a thread of its own at switchover, where starting one costs tens of
+/// microseconds: summing the terms of a GiB of guest memory, or hashing 128 pages.
+const TERMS_PER_THREAD: usize = 1 << 18;
+const HASH_PAGES_PER_THREAD: usize = 128;
+
 /// Sums `range_sum(gpa, len)` over ranges of `range_bytes` (each cut at region ends), on
 /// `threads` threads; nothing with `Off`.
 fn per_range(
@@ -164,6 +169,7 @@ impl PageTerms {
         salt: u64,
         threads: usize,
     ) -> Vec<u64> {
+        let threads = threads.min(self.0.len().div_ceil(TERMS_PER_THREAD));
         let sums = per_range(mem, mode, range_bytes, threads, |gpa, len| {
             let first = gpa / PAGE_SIZE as u64;
             Ok((first..first + len / PAGE_SIZE as u64)
@@ -268,6 +274,7 @@ impl LiveTerms {
             .enumerate()
             .flat_map(|(wi, s)| word_ones(wi, s.swap(0, Ordering::AcqRel)))
             .collect();
+        let threads = threads.min(pages.len().div_ceil(HASH_PAGES_PER_THREAD));
         on_threads(&pages, &mut vec![(); pages.len()], threads, |&p, ()| {
             // SAFETY: the caller guarantees that nothing writes guest memory.
             let page = unsafe { mem.frozen(p * PAGE_SIZE as u64, PAGE_SIZE as u64)? };

@@ -289,7 +289,7 @@ impl Region {
 }
 
 /// Calls `f` on each item and its output, on `threads` threads, each taking one contiguous
-/// share of both.
+/// share of both; on the calling thread when one would do.
 pub(crate) fn on_threads<T: Sync, O: Send>(
     items: &[T],
     outs: &mut [O],
@@ -297,6 +297,9 @@ pub(crate) fn on_threads<T: Sync, O: Send>(
     f: impl Fn(&T, &mut O) -> Result<(), MemoryError> + Sync,
 ) -> Result<(), MemoryError> {
     let per = items.len().div_ceil(threads.max(1)).max(1);
+    if per >= items.len() {
+        return items.iter().zip(outs).try_for_each(|(i, o)| f(i, o));
+    }
     let f = &f;
     std::thread::scope(|s| {
         let handles: Vec<_> = items
