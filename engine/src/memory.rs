@@ -365,6 +365,36 @@ mod tests {
         (m.allocated_bytes().unwrap() / PAGE_SIZE as u64) as usize
     }
 
+    /// Work for one thread runs on the calling one (no thread is started in the downtime for
+    /// a few pages); more is split over as many threads as asked, each item done once.
+    #[test]
+    fn on_threads_starts_threads_only_for_shares_of_their_own() {
+        let here = std::thread::current().id();
+        let run = |n: usize, threads: usize| {
+            let items: Vec<usize> = (0..n).collect();
+            let mut outs = vec![None; n];
+            on_threads(&items, &mut outs, threads, |&i, o| {
+                *o = Some((i, std::thread::current().id()));
+                Ok(())
+            })
+            .unwrap();
+            outs.into_iter().map(Option::unwrap).collect::<Vec<_>>()
+        };
+        for (n, threads) in [(5, 1), (1, 4), (0, 2)] {
+            let outs = run(n, threads);
+            assert_eq!(outs.len(), n);
+            assert!(outs
+                .iter()
+                .enumerate()
+                .all(|(k, &(i, t))| i == k && t == here));
+        }
+        let outs = run(6, 3);
+        assert!(outs.iter().enumerate().all(|(k, &(i, _))| i == k));
+        let ids: std::collections::HashSet<_> = outs.iter().map(|&(_, t)| t).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(!ids.contains(&here));
+    }
+
     /// Every page is allocated, over several pieces and threads, and what was written stays.
     #[test]
     fn populate_allocates_every_page_and_keeps_contents() {

@@ -200,7 +200,7 @@ pub struct SwitchoverFigures {
     /// The last dirty-log harvest, and listing the pages left.
     pub harvest_ms: f64,
     /// The stop-and-copy pages, until the destination acknowledged them all, while the
-    /// source hashed its memory (`hash_ms`); the longer of the two.
+    /// source hashed its memory (`hash_ms`) and saved the VM state; the longer of the two.
     pub final_pages_ms: f64,
     /// The source's digests (overlapping `final_pages_ms`).
     pub hash_ms: f64,
@@ -212,7 +212,7 @@ pub struct SwitchoverFigures {
     /// once).
     #[serde(default)]
     pub live_hash_pages: u64,
-    /// Saving the VM state, sending it, and the destination's restore and digests.
+    /// Sending the VM state, the destination's restore and digests, and comparing them.
     pub state_ms: f64,
     /// Commit, until the destination resumed the VM: the Commit's way there (half the
     /// probe's round trip) and the destination's own time until it ran the vCPUs.

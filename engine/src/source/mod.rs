@@ -1009,10 +1009,11 @@ impl Migration<'_, '_, '_> {
     fn with_switchover(&self, d: Duration, pages: Duration) -> Duration {
         // The barrier after the last pages and the VM state, a round trip each; the Commit's
         // way there. Beyond those, the steps' own work, as the reports' `switchover` figures
-        // show it on an idle 512 MiB guest on the testbed: pausing and the last harvest
-        // (~0.3 ms), the last batch through a worker and a decode thread (~0.5 ms), restoring
-        // the state and summing the destination's digests (~0.5 ms), resuming (~0.1 ms).
-        const STEPS: Duration = Duration::from_micros(1400);
+        // show it on an idle 512 MiB guest on the testbed (medians of three runs of the
+        // matrix): pausing and the last harvest (~0.3 ms), the last batch through a worker
+        // and a decode thread (~0.4 ms), restoring the state and summing the destination's
+        // digests (~0.5 ms), resuming (~0.05 ms). Runs differ by ±0.2 ms.
+        const STEPS: Duration = Duration::from_micros(1200);
         let fixed = STEPS.saturating_add(self.probe.round_trip.mul_f64(2.5));
         let hash = self.hash_time;
         let theirs = match self.cfg.verify {
@@ -1241,7 +1242,7 @@ impl Migration<'_, '_, '_> {
         Ok(())
     }
 
-    /// Takes the dirty log into the groups, for a new epoch: [`Source::harvest`] without the
+    /// Takes the dirty log into the groups, for a new epoch: [`Migration::harvest`] without the
     /// write clock, which only the forecasts read. At the pause the forecasts are over, and
     /// the clock's read of the log (0.2–0.3 ms for 512 MiB here) would be downtime.
     fn take_log(&mut self) -> Result<(), MigrateError> {
