@@ -17,7 +17,8 @@ pub enum Phase {
     Live,
     /// The VM is paused; the last dirty pages go.
     StopAndCopy,
-    /// Digests are compared and the destination resumes.
+    /// Digests are compared and the destination resumes (in the timeline only: no progress
+    /// event is sent in the downtime).
     Switchover,
     /// The VM runs on the destination.
     Done,

@@ -233,6 +233,25 @@ fn two_lanes_carry_the_vm_and_survive_a_cut_link() {
     let live = o.progress.iter().position(|e| e["phase"] == "live");
     let bound = o.progress.iter().position(|e| e["bound_ms"].is_f64());
     assert!(bound.is_some() && bound <= live, "{:?}", o.progress);
+    // It closes with the stop-and-copy, sent before the pause, and done: nothing is sent
+    // during the downtime. The report's timeline still has the switchover phase.
+    let phases: Vec<&str> = o
+        .progress
+        .iter()
+        .filter_map(|e| e["phase"].as_str())
+        .collect();
+    let last_live = phases.iter().rposition(|&p| p == "live").unwrap();
+    assert_eq!(
+        phases[last_live + 1..],
+        ["stop-and-copy", "done"],
+        "{phases:?}"
+    );
+    let timeline = o.report["timeline"].as_array().unwrap();
+    assert!(
+        timeline.iter().any(|s| s["phase"] == "switchover"),
+        "{}",
+        o.report
+    );
     let lanes = o.report["lanes"].as_array().unwrap();
     assert_eq!(lanes.len(), 2, "{}", o.report);
     let bytes: Vec<f64> = lanes.iter().map(|l| l["bytes"].as_f64().unwrap()).collect();

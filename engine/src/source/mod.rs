@@ -744,7 +744,10 @@ impl Migration<'_, '_, '_> {
             self.set_codec(codec);
         }
 
-        // Stop-and-copy, spread over every worker and lane.
+        // Stop-and-copy, spread over every worker and lane. Its event goes out before the
+        // pause, and none in the downtime: each wakes the stream's reader (`ferry migrate`, a
+        // scheduler hook), which on a 2-core host takes a core from the switchover.
+        progress(&self.event(Phase::StopAndCopy));
         let paused_at = Instant::now();
         self.vm.pause()?;
         let mut guard = PauseGuard {
@@ -768,7 +771,6 @@ impl Migration<'_, '_, '_> {
             ..SwitchoverFigures::default()
         };
         self.sample(Phase::StopAndCopy, 0.0);
-        progress(&self.event(Phase::StopAndCopy));
         self.take_log()?;
         let mut rest: Vec<u64> = self.never_sent.iter_ones().collect();
         rest.extend(self.dirty.iter_ones());
@@ -826,7 +828,6 @@ impl Migration<'_, '_, '_> {
 
         // Switchover: state, digests compared, commit.
         self.sample(Phase::Switchover, 0.0);
-        progress(&self.event(Phase::Switchover));
         self.tx.send(
             Tag::Switchover as u16,
             proto::encode_switchover(
@@ -1009,11 +1010,12 @@ impl Migration<'_, '_, '_> {
     fn with_switchover(&self, d: Duration, pages: Duration) -> Duration {
         // The barrier after the last pages and the VM state, a round trip each; the Commit's
         // way there. Beyond those, the steps' own work, as the reports' `switchover` figures
-        // show it on an idle 512 MiB guest on the testbed (medians of three runs of the
-        // matrix): pausing and the last harvest (~0.3 ms), the last batch through a worker
-        // and a decode thread (~0.4 ms), restoring the state and summing the destination's
-        // digests (~0.5 ms), resuming (~0.05 ms). Runs differ by ±0.2 ms.
-        const STEPS: Duration = Duration::from_micros(1200);
+        // show it on an idle 512 MiB guest on the testbed (medians of two runs of idle and
+        // `seq` rows): pausing and the last harvest (~0.15 ms), the last batch through a
+        // worker and a decode thread (~0.5 ms), restoring the state and summing the
+        // destination's digests (~0.35 ms), resuming (~0.05 ms); one row in ten takes
+        // 0.3 ms more or less.
+        const STEPS: Duration = Duration::from_micros(900);
         let fixed = STEPS.saturating_add(self.probe.round_trip.mul_f64(2.5));
         let hash = self.hash_time;
         let theirs = match self.cfg.verify {
