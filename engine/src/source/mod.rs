@@ -792,7 +792,7 @@ impl Migration<'_, '_, '_> {
             self.cfg.digest_threads,
         );
         steps.harvest_ms = lap();
-        let (((ours, hash_pages), ours_ms), state) =
+        let (ours, hash_pages, ours_ms, state) =
             std::thread::scope(|s| -> Result<_, MigrateError> {
                 let live_terms = self.shared.live_terms;
                 let hasher = s.spawn(move || {
@@ -820,7 +820,8 @@ impl Migration<'_, '_, '_> {
                     Ok::<_, MigrateError>(state)
                 })();
                 let (digests, ms) = hasher.join().expect("hashing does not panic");
-                Ok(((digests?, ms), sent?))
+                let (digests, pages) = digests?;
+                Ok((digests, pages, ms, sent?))
             })?;
 
         (steps.final_pages_ms, steps.hash_ms) = (lap(), ours_ms);
