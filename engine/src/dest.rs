@@ -78,6 +78,8 @@ pub enum ReceiveError {
     Memory(#[from] MemoryError),
     #[error("malformed VM state")]
     State(#[source] bincode::Error),
+    #[error("starting the decode threads")]
+    Spawn(#[source] std::io::Error),
 }
 
 /// How often the receiving loop looks at the decode threads' errors while waiting.
@@ -170,8 +172,9 @@ struct Appliers {
 }
 
 impl Appliers {
-    /// Starts `n` decode threads, thread `i` pinned to `cpus[i % cpus.len()]` if any.
-    fn start(rx: &Arc<SessionReceiver>, n: usize, cpus: &[usize]) -> Self {
+    /// Starts `n` decode threads, thread `i` pinned to `cpus[i % cpus.len()]` if any. If one
+    /// cannot be started, those that were end as the queue closes.
+    fn start(rx: &Arc<SessionReceiver>, n: usize, cpus: &[usize]) -> std::io::Result<Self> {
         let (tx, queue) = crossbeam_channel::bounded::<Job>(2 * n);
         let error = Arc::new(Mutex::new(None));
         let counts = Arc::new(Mutex::new(DestReport::default()));
@@ -211,15 +214,14 @@ impl Appliers {
                             }
                         }
                     })
-                    .expect("spawning a decode thread")
             })
-            .collect();
-        Self {
+            .collect::<std::io::Result<_>>()?;
+        Ok(Self {
             queue: Some(tx),
             threads,
             error,
             counts,
-        }
+        })
     }
 
     /// Closes the queue and waits for the decode threads to finish what they hold.
@@ -290,7 +292,7 @@ fn run(
 ) -> Result<Vm, ReceiveError> {
     let mut state = State::AwaitDescribe;
     let mut serial = Some(serial);
-    let mut appliers = Appliers::start(rx, cfg.workers, &cfg.cpus);
+    let mut appliers = Appliers::start(rx, cfg.workers, &cfg.cpus).map_err(ReceiveError::Spawn)?;
     let cpu0 = cpu::process_time();
     let mut idle = Duration::ZERO;
     loop {

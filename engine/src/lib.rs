@@ -19,5 +19,6 @@ pub mod memory;
 pub mod proto;
 pub mod report;
 pub mod source;
+mod threads;
 pub mod topo;
 pub mod vm;

@@ -305,7 +305,9 @@ pub(crate) fn on_threads<T: Sync, O: Send>(
         let handles: Vec<_> = items
             .chunks(per)
             .zip(outs.chunks_mut(per))
-            .map(|(is, os)| s.spawn(move || is.iter().zip(os).try_for_each(|(i, o)| f(i, o))))
+            .map(|(is, os)| {
+                crate::threads::spawn(s, move || is.iter().zip(os).try_for_each(|(i, o)| f(i, o)))
+            })
             .collect();
         handles
             .into_iter()

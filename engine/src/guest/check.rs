@@ -106,7 +106,7 @@ pub fn audit(mem: &GuestMemory) -> Result<AuditResult, GuestError> {
             .map(|t| {
                 let (first, end) = ((t * per).min(pages), ((t + 1) * per).min(pages));
                 let layout = &layout;
-                s.spawn(move || audit_range(mem, layout, first, end))
+                crate::threads::spawn(s, move || audit_range(mem, layout, first, end))
             })
             .collect();
         handles

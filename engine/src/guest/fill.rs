@@ -172,7 +172,7 @@ pub(crate) fn fill(mem: &GuestMemory, layout: &GuestLayout, fill: Fill) -> Resul
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (first, end) = ((t * per).min(pages), ((t + 1) * per).min(pages));
-                s.spawn(move || fill_range(first, end))
+                crate::threads::spawn(s, move || fill_range(first, end))
             })
             .collect();
         handles

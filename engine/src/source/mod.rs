@@ -200,6 +200,8 @@ pub enum MigrateError {
     Encode(#[from] EncodeError),
     #[error("range workers failed: {0}")]
     Workers(String),
+    #[error("starting the worker threads")]
+    Spawn(#[source] std::io::Error),
     #[error("the policy aborted the migration: {0}")]
     Policy(String),
     #[error("guest memory differs at switchover in {ranges} of {total} digest ranges (first at gpa {first_gpa:#x})")]
@@ -504,7 +506,8 @@ pub fn migrate(
     };
     let n_workers = cpus.len();
     let mut result = std::thread::scope(|scope| {
-        let dispatch = workers::start(scope, &shared, &cpus, &queues);
+        let dispatch =
+            workers::start(scope, &shared, &cpus, &queues).map_err(MigrateError::Spawn)?;
         let mut m = Migration {
             vm,
             tx,
@@ -795,7 +798,7 @@ impl Migration<'_, '_, '_> {
         let (ours, hash_pages, ours_ms, state) =
             std::thread::scope(|s| -> Result<_, MigrateError> {
                 let live_terms = self.shared.live_terms;
-                let hasher = s.spawn(move || {
+                let hasher = crate::threads::spawn(s, move || {
                     let t = Instant::now();
                     // SAFETY: the vCPUs are paused until the destination resumes or this source
                     // rolls back, and the workers only read guest memory.
@@ -1330,7 +1333,9 @@ impl Migration<'_, '_, '_> {
                             codec,
                             ..encoder.clone()
                         };
-                        s.spawn(move || encode_sample(mem, cfg, k * step, par as u64 * step))
+                        crate::threads::spawn(s, move || {
+                            encode_sample(mem, cfg, k * step, par as u64 * step)
+                        })
                     })
                     .collect();
                 workers
@@ -1386,7 +1391,7 @@ impl Migration<'_, '_, '_> {
         let guest0 = self.vm.vcpu_cpu_time();
         let touched = &mut self.touched;
         let (writes, sent, lane_secs) = std::thread::scope(|s| {
-            let writes = s.spawn(|| measure_writes(tracker, mem, window, touched));
+            let writes = crate::threads::spawn(s, || measure_writes(tracker, mem, window, touched));
             let t = Instant::now();
             let mut sent = 0u64;
             let chunk = vec![0xa5u8; 1 << 20];

@@ -169,13 +169,14 @@ impl<'a, 's> Dispatch<'a, 's> {
 
 /// Starts `cpus.len()` workers in `scope`, worker `i` pinned to `cpus[i]` (if given) and
 /// serving the queue of `nodes[i]` first. Returns the coordinator's dispatch handle; the
-/// workers end when it is dropped.
+/// workers end when it is dropped. A worker that cannot be started fails the migration
+/// before anything is sent (those started end as their queues close).
 pub(super) fn start<'scope, 'env, 'a>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     shared: &'env Shared<'a>,
     cpus: &[Option<usize>],
     nodes: &[usize],
-) -> Dispatch<'a, 'env>
+) -> std::io::Result<Dispatch<'a, 'env>>
 where
     'a: 'env,
 {
@@ -201,13 +202,12 @@ where
                     let _ = core_affinity::set_for_current(core_affinity::CoreId { id: c });
                 }
                 run(shared, &order);
-            })
-            .expect("spawning a worker thread");
+            })?;
     }
-    Dispatch {
+    Ok(Dispatch {
         shared,
         queues: txs,
-    }
+    })
 }
 
 fn next(order: &[Receiver<Work>]) -> Option<Work> {
