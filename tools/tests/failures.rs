@@ -14,6 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -55,13 +56,42 @@ impl Proc {
     /// Starts `ferry ARGS` with stderr to a file in `dir` and stdout piped if `pipe_stdout`,
     /// else to a file as well.
     fn spawn(dir: &Path, name: &str, args: &[&str], pipe_stdout: bool) -> Proc {
+        Self::spawn_limited(dir, name, args, pipe_stdout, None)
+    }
+
+    /// [`Proc::spawn`], the process's address space limited to `address_space` bytes
+    /// (`RLIMIT_AS`) if given.
+    fn spawn_limited(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        pipe_stdout: bool,
+        address_space: Option<u64>,
+    ) -> Proc {
         let stderr = dir.join(format!("{name}.stderr"));
         let stdout = if pipe_stdout {
             Stdio::piped()
         } else {
             Stdio::from(File::create(dir.join(format!("{name}.stdout"))).expect("stdout file"))
         };
-        let child = Command::new(FERRY)
+        let mut cmd = Command::new(FERRY);
+        if let Some(bytes) = address_space {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -293,8 +323,13 @@ struct Dest {
 
 impl Dest {
     fn start(env: &Env, key: &str) -> Dest {
+        Self::start_limited(env, key, None)
+    }
+
+    /// `ferry listen`, its address space limited to `address_space` bytes if given.
+    fn start_limited(env: &Env, key: &str, address_space: Option<u64>) -> Dest {
         let serial = env.path("dest-serial.txt");
-        let mut proc = Proc::spawn(
+        let mut proc = Proc::spawn_limited(
             env.dir.path(),
             "listen",
             &[
@@ -308,6 +343,7 @@ impl Dest {
                 serial.to_str().expect("utf-8 path"),
             ],
             true,
+            address_space,
         );
         let lines = Lines::new(proc.child.stdout.take().expect("piped stdout"));
         let first = lines.next(STEP).unwrap_or_else(|| {
@@ -686,6 +722,45 @@ fn destination_killed_mid_migration_leaves_the_vm_running() {
         before,
         "vCPU affinity after the failure"
     );
+}
+
+/// A destination that cannot map the guest's memory (its address space limited to half of it,
+/// as a host short of memory would refuse it) fails at Describe, before any page is sent, and
+/// says why; the source rolls back.
+#[test]
+fn destination_without_memory_for_the_guest_leaves_the_vm_running() {
+    require_kvm();
+    let env = Env::new();
+    let mut vm = SourceVm::start(&env, &["--mem", "256M", "--workload", "random"]);
+    let dest = Dest::start_limited(&env, env.key(), Some(128 << 20));
+    let (st, err) = migrate(&env, &vm, &dest.addr(), env.key(), &[]);
+    assert!(!st.success(), "migrate succeeded: {err}");
+    assert_mentions(
+        &err,
+        &[
+            "the destination failed",
+            "mapping",
+            "cannot allocate memory",
+        ],
+        "migrate's error",
+    );
+    assert_mentions(&err, &["keeps running on the source"], "migrate's error");
+    let (res, listen_err) = dest.expect_failure();
+    assert_mentions(
+        &listen_err,
+        &["mapping", "cannot allocate memory"],
+        "listen's error",
+    );
+    assert!(
+        !listen_err.contains("panicked"),
+        "ferry listen panicked: {listen_err}"
+    );
+    assert_mentions(
+        res["error"].as_str().unwrap(),
+        &["nothing was resumed"],
+        "listen's JSON",
+    );
+    vm.assert_keeps_running("a destination without memory for the guest");
 }
 
 /// Runs a migration with `--inject-fault FAULT` against a real destination; returns the
