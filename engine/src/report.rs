@@ -44,8 +44,10 @@ pub struct ProgressEvent {
     pub elapsed_ms: f64,
     /// Fraction of the work done, from the policy's own model (0..=1).
     pub fraction: f64,
-    /// Expected remaining time, from the policy's model.
-    pub eta_ms: f64,
+    /// Expected remaining time, from the policy's model: from the setup's last event (the
+    /// probe done) on; `None` (JSON `null`) while unknown (the first setup event, a forecast
+    /// without a measured bandwidth). At the stop-and-copy, the forecast downtime; 0 when done.
+    pub eta_ms: Option<f64>,
     pub wire_bytes: u64,
     pub pages_sent: u64,
     pub never_sent_pages: u64,
@@ -119,8 +121,9 @@ pub struct Report {
     pub cpu: CpuFigures,
     /// The `--max-bandwidth` cap, if any.
     pub max_bandwidth_bytes_per_s: Option<f64>,
-    /// Forecasts the policy made when progress first reached 10%, 25% and 50%, to compare with
-    /// `total_ms` and `downtime_ms`.
+    /// Forecasts the policy made before the first page (`at_fraction` 0, the one the setup's
+    /// last progress event carries) and when progress first reached 10%, 25% and 50%, to
+    /// compare with `total_ms` and `downtime_ms`.
     #[serde(default)]
     pub forecasts: Vec<ForecastRecord>,
     /// The downtime forecast at the switchover decision (pages left at the policy's measured

@@ -50,10 +50,11 @@ impl Console {
         let Some(b) = bar.as_ref() else { return };
         b.set_prefix(ev.phase.name());
         b.set_position((ev.fraction.clamp(0.0, 1.0) * 1000.0) as u64);
-        let eta = if ev.phase == Phase::Live && ev.eta_ms.is_finite() && ev.eta_ms < 1e9 {
-            format!(", ETA {:.1} s", ev.eta_ms / 1e3)
-        } else {
-            String::new()
+        let eta = match ev.eta_ms {
+            Some(ms) if matches!(ev.phase, Phase::Setup | Phase::Live) && ms < 1e9 => {
+                format!(", ETA {:.1} s", ms / 1e3)
+            }
+            _ => String::new(),
         };
         let bound = ev
             .bound_ms

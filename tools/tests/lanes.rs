@@ -230,9 +230,21 @@ fn two_lanes_carry_the_vm_and_survive_a_cut_link() {
     // bound comes before the live phase.
     assert_eq!(o.progress[0]["phase"], "setup", "{:?}", o.progress);
     assert!(o.progress[0]["bound_ms"].is_null(), "{:?}", o.progress);
+    assert!(o.progress[0]["eta_ms"].is_null(), "{:?}", o.progress);
     let live = o.progress.iter().position(|e| e["phase"] == "live");
     let bound = o.progress.iter().position(|e| e["bound_ms"].is_f64());
     assert!(bound.is_some() && bound <= live, "{:?}", o.progress);
+    // The setup's last event forecasts the whole migration before the first page, as the
+    // report's forecast at 0 does.
+    let ready = &o.progress[live.unwrap() - 1];
+    assert_eq!(ready["phase"], "setup", "{:?}", o.progress);
+    let eta = ready["eta_ms"].as_f64().unwrap_or(f64::NAN);
+    let at_start = o.report["forecasts"][0].clone();
+    assert_eq!(at_start["at_fraction"], 0.0, "{}", o.report);
+    assert!(
+        eta > 0.0 && (eta - at_start["total_ms"].as_f64().unwrap()).abs() < 1.0,
+        "{ready} against {at_start}"
+    );
     // It closes with the stop-and-copy, sent before the pause, and done: nothing is sent
     // during the downtime. The report's timeline still has the switchover phase.
     let phases: Vec<&str> = o
@@ -246,6 +258,9 @@ fn two_lanes_carry_the_vm_and_survive_a_cut_link() {
         ["stop-and-copy", "done"],
         "{phases:?}"
     );
+    let last = &o.progress[o.progress.len() - 2..];
+    assert!(last[0]["eta_ms"].as_f64() > Some(0.0), "{last:?}");
+    assert_eq!(last[1]["eta_ms"].as_f64(), Some(0.0), "{last:?}");
     let timeline = o.report["timeline"].as_array().unwrap();
     assert!(
         timeline.iter().any(|s| s["phase"] == "switchover"),

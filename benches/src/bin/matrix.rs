@@ -709,20 +709,28 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
         a.sort_by(f64::total_cmp);
         a.get(a.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    for mark in [0.25, 0.5] {
+    for mark in [0.0, 0.25, 0.5] {
         let errs: Vec<f64> = done
             .iter()
             .map(|v| eta_error(v, mark))
             .filter(|e| e.is_finite())
             .collect();
+        let at = if mark == 0.0 {
+            "before the first page".to_string()
+        } else {
+            format!("at {:.0}%", mark * 100.0)
+        };
         out.push(format!(
-            "- ETA at {:.0}%: within 10% in {}/{} runs, within 20% in {}, median error {:.0}%.",
-            mark * 100.0,
+            "- ETA {at}: within 10% in {}/{} runs, within 20% in {}, median error {:.0}%.",
             within(&errs, 0.1),
             errs.len(),
             within(&errs, 0.2),
             100.0 * median_abs(&errs)
         ));
+        if mark == 0.0 {
+            // No lane rate was measured before it.
+            continue;
+        }
         // How much of the error is the bandwidth's: the lanes' rate after the mark against
         // the one the forecast measured.
         let (mut ratios, errs): (Vec<f64>, Vec<f64>) = done

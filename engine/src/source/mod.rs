@@ -411,7 +411,7 @@ impl CodecSample {
 }
 
 /// Progress marks at which the report keeps the policy's forecast.
-const FORECAST_MARKS: [f64; 3] = [0.10, 0.25, 0.50];
+const FORECAST_MARKS: [f64; 4] = [0.0, 0.10, 0.25, 0.50];
 
 /// One migration of a running VM to the destination behind `tx`: the coordinator's state.
 struct Migration<'a, 'd, 's> {
@@ -601,8 +601,8 @@ impl Migration<'_, '_, '_> {
                 policy: self.cfg.policy.to_string(),
             }),
         )?;
-        // A first event, without a bound yet: the destination may take seconds to allocate a
-        // large guest's memory before it is ready.
+        // A first event, without a bound or an ETA yet: the destination may take seconds to
+        // allocate a large guest's memory before it is ready.
         progress(&self.event(Phase::Setup));
         let ready = self.recv_reply(
             Tag::Ready,
@@ -621,13 +621,19 @@ impl Migration<'_, '_, '_> {
             self.probe.bpp,
             &self.cfg.policy_cfg,
         );
-        progress(&self.event(Phase::Setup));
 
-        // Live phase.
+        // Live phase. The setup's last event has the bound and the policy's forecast from the
+        // first page on: a scheduler's hook knows when the node will be empty before a page
+        // is sent.
         let mut policy = coordinator::make_policy(self.cfg.policy, &self.cfg.policy_cfg);
+        let mut ready_event = self.event(Phase::Setup);
         let setup = self.t0.elapsed();
         self.t0 = Instant::now();
         self.last_harvest = self.t0;
+        let f = policy.forecast(&self.progress());
+        self.note_forecast(&f);
+        ready_event.eta_ms = f.is_known().then(|| self.time_left(&f).as_secs_f64() * 1e3);
+        progress(&ready_event);
         if self.cfg.compress == CompressMode::Auto {
             self.tuner = Some(tune::Tuner::new(
                 self.probe.codec,
@@ -687,8 +693,9 @@ impl Migration<'_, '_, '_> {
                 self.note_forecast(&f);
                 let mut ev = self.event(Phase::Live);
                 ev.fraction = f.fraction_done;
-                ev.eta_ms = self.time_left(&f).as_secs_f64() * 1e3;
-                self.sample(Phase::Live, ev.eta_ms);
+                let eta_ms = self.time_left(&f).as_secs_f64() * 1e3;
+                ev.eta_ms = f.is_known().then_some(eta_ms);
+                self.sample(Phase::Live, eta_ms);
                 progress(&ev);
             }
             let decision = policy.decide(&self.progress());
@@ -750,7 +757,9 @@ impl Migration<'_, '_, '_> {
         // Stop-and-copy, spread over every worker and lane. Its event goes out before the
         // pause, and none in the downtime: each wakes the stream's reader (`ferry migrate`, a
         // scheduler hook), which on a 2-core host takes a core from the switchover.
-        progress(&self.event(Phase::StopAndCopy));
+        let mut ev = self.event(Phase::StopAndCopy);
+        ev.eta_ms = downtime_forecast.map(|d| d.as_secs_f64() * 1e3);
+        progress(&ev);
         let paused_at = Instant::now();
         self.vm.pause()?;
         let mut guard = PauseGuard {
@@ -949,6 +958,7 @@ impl Migration<'_, '_, '_> {
         }
         let mut ev = self.event(Phase::Done);
         ev.fraction = 1.0;
+        ev.eta_ms = Some(0.0);
         progress(&ev);
         Ok(report)
     }
@@ -1191,7 +1201,7 @@ impl Migration<'_, '_, '_> {
             phase,
             elapsed_ms: p.elapsed.as_secs_f64() * 1e3,
             fraction: 0.0,
-            eta_ms: 0.0,
+            eta_ms: None,
             wire_bytes: p.bytes_sent,
             pages_sent: self.pages_sent,
             never_sent_pages: p.never_sent,
