@@ -278,6 +278,12 @@ pub struct ProbeFigures {
     /// if it allocates pages as they arrive: `ferry listen --no-prealloc`).
     #[serde(default)]
     pub dest_prealloc_ms: Option<f64>,
+    /// How fast the vCPUs were expected to run once pages flow, against during the write
+    /// probe: the share of their CPU time they kept while every worker encoded, for the share
+    /// of the time the workers would be busy. The forecasts take it until the vCPUs' CPU time
+    /// is measured in the live phase (the first from before the first page).
+    #[serde(default)]
+    pub busy_guest_speed: Option<f64>,
 }
 
 /// Per-lane figures.

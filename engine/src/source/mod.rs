@@ -279,6 +279,10 @@ struct Probe {
     round_trip: Duration,
     /// How long the vCPUs stood still while the round trips were timed.
     pause: Duration,
+    /// How fast the vCPUs run against the write probe once the workers send at `rate`: the
+    /// share of their CPU time they kept while every worker encoded (the codec probe), for
+    /// the share of the time the workers will be busy (set with `probe_guest_cpu`).
+    busy_guest_speed: f64,
 }
 
 /// Every page the dirty log has shown written since the write probe began, and how fast that
@@ -930,6 +934,7 @@ impl Migration<'_, '_, '_> {
                 round_trip_ms: self.probe.round_trip.as_secs_f64() * 1e3,
                 pause_ms: self.probe.pause.as_secs_f64() * 1e3,
                 dest_prealloc_ms: ready.prealloc_ms,
+                busy_guest_speed: Some(self.probe.busy_guest_speed),
             },
             final_pages,
             digest_ranges: ours.len(),
@@ -1185,12 +1190,16 @@ impl Migration<'_, '_, '_> {
 
     /// How fast the vCPUs run now (over the last second) against during the probe, throttle
     /// aside (policies apply their own): a guest starved of CPU by the migration writes less
-    /// than the probe saw, and over-commit slows it too. 1 until measured.
+    /// than the probe saw, and over-commit slows it too. Until measured, as the probe expects
+    /// it to run next to the busy workers ([`Probe::busy_guest_speed`]).
     fn guest_speed(&self) -> f64 {
         let now = self.guest_cpu.rate();
         let free = 1.0 - self.controls.throttle;
-        if now <= 0.0 || self.probe_guest_cpu <= 0.0 || free <= 0.0 {
+        if self.probe_guest_cpu <= 0.0 || free <= 0.0 {
             return 1.0;
+        }
+        if now <= 0.0 {
+            return self.probe.busy_guest_speed;
         }
         (now / (self.probe_guest_cpu * free)).clamp(0.05, 4.0)
     }
@@ -1366,6 +1375,7 @@ impl Migration<'_, '_, '_> {
         // rows, a hiccup during LZ4's single timing read it 4–6 times slower than in the rows
         // around it, raw was chosen at 1 Gbit/s and the migration took 3.5 times as long.
         let mut codecs = [CodecSample::default(); 3];
+        let (guest0, t0) = (self.vm.vcpu_cpu_time(), Instant::now());
         for round in 0..CODEC_PROBE_ROUNDS {
             for (c, out) in Codec::ALL.into_iter().zip(&mut codecs) {
                 let s = sample(c)?;
@@ -1374,6 +1384,8 @@ impl Migration<'_, '_, '_> {
                 }
             }
         }
+        let busy_guest_cpu = self.vm.vcpu_cpu_time().saturating_sub(guest0).as_nanos() as f64
+            / t0.elapsed().as_secs_f64().max(1e-6);
         // The source's digests at switchover read all of its paused memory, at memory speed
         // rather than cache speed: time the same on the last 32 MiB of memory, away from the
         // working sets, which the guest keeps in the cache (they start at the beginning of
@@ -1479,6 +1491,14 @@ impl Migration<'_, '_, '_> {
             }
         };
         let chosen = CodecSample::of(&codecs, codec);
+        // The workers are busy for the share of the time the lanes leave them; meanwhile the
+        // vCPUs run as they did in the codec probe.
+        let busy = (pages(chosen) * chosen.secs / par).clamp(0.0, 1.0);
+        let kept = if self.probe_guest_cpu > 0.0 {
+            (busy_guest_cpu / self.probe_guest_cpu).clamp(0.05, 1.0)
+        } else {
+            1.0
+        };
         Ok(Probe {
             lane_rate,
             codecs,
@@ -1489,6 +1509,7 @@ impl Migration<'_, '_, '_> {
             secs_hash,
             round_trip,
             pause,
+            busy_guest_speed: 1.0 - busy * (1.0 - kept),
         })
     }
 
