@@ -1375,7 +1375,8 @@ impl Migration<'_, '_, '_> {
         // rows, a hiccup during LZ4's single timing read it 4–6 times slower than in the rows
         // around it, raw was chosen at 1 Gbit/s and the migration took 3.5 times as long.
         let mut codecs = [CodecSample::default(); 3];
-        let (guest0, t0) = (self.vm.vcpu_cpu_time(), Instant::now());
+        // Meanwhile, the vCPUs' CPU time next to busy workers.
+        let (codec_guest0, codec_t0) = (self.vm.vcpu_cpu_time(), Instant::now());
         for round in 0..CODEC_PROBE_ROUNDS {
             for (c, out) in Codec::ALL.into_iter().zip(&mut codecs) {
                 let s = sample(c)?;
@@ -1384,8 +1385,12 @@ impl Migration<'_, '_, '_> {
                 }
             }
         }
-        let busy_guest_cpu = self.vm.vcpu_cpu_time().saturating_sub(guest0).as_nanos() as f64
-            / t0.elapsed().as_secs_f64().max(1e-6);
+        let busy_guest_cpu = self
+            .vm
+            .vcpu_cpu_time()
+            .saturating_sub(codec_guest0)
+            .as_nanos() as f64
+            / codec_t0.elapsed().as_secs_f64().max(1e-6);
         // The source's digests at switchover read all of its paused memory, at memory speed
         // rather than cache speed: time the same on the last 32 MiB of memory, away from the
         // working sets, which the guest keeps in the cache (they start at the beginning of
