@@ -1001,14 +1001,16 @@ fn sweep(p: &Progress) -> Option<(&SweepOrder, Vec<(f64, f64)>)> {
     let lw = p.sweep_order.as_deref()?;
     let touched = m.touched?;
     // Until the sweep has covered its pages once, the touched pages understate them: it is
-    // taken over all of memory, as the probe's model has it, at the speed the log shows.
+    // taken over all of memory (or its share), as the probe's model has it, at the speed the
+    // log shows; over what it covers once it has gone back to its start.
     let covered = touched.rate < SWEEP_COVERED * m.drift;
     // Per sweep: the pages it covers, its speed as the log shows it, its share of the drift.
     let sweeps: Vec<(f64, f64, f64)> = if lw.parts.is_empty() {
         vec![if covered {
             (m.drift / m.drift_page_rate(), 0.0, 1.0)
         } else {
-            (m.memory, lw.whole.speed * lw.stride, 1.0)
+            let set = lw.whole.extent.map_or(m.memory, |e| e as f64 * lw.stride);
+            (set, lw.whole.speed * lw.stride, 1.0)
         }]
     } else {
         // One sweep a share of memory: each writes its share of the drift, as fast as the log
@@ -1027,7 +1029,8 @@ fn sweep(p: &Progress) -> Option<(&SweepOrder, Vec<(f64, f64)>)> {
                 if covered {
                     (q.seen as f64 * lw.stride, 0.0, share)
                 } else {
-                    (q.samples as f64 * lw.stride, q.speed * lw.stride, share)
+                    let set = q.extent.unwrap_or(q.samples) as f64 * lw.stride;
+                    (set, q.speed * lw.stride, share)
                 }
             })
             .collect()

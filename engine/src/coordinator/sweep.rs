@@ -316,13 +316,18 @@ impl WriteClock {
             ..SweepOrder::default()
         };
         out.whole = self.part(secs);
+        // Several sweeps in one order would read as one that went round.
+        if self.shares.is_empty() {
+            out.whole.extent = self.extent();
+        }
         out.scattered = 2 * self.scatter.iter().filter(|&&b| b).count() >= SCATTER_READS;
         // Apart, each page stands in its share's order (the shares, in page order, make up
         // the sample).
         let places: Vec<(f32, u16)> = if self.apart {
             let mut places = Vec::with_capacity(self.place.len());
             for (r, c) in self.shares.iter().enumerate() {
-                let part = c.part(secs);
+                let mut part = c.part(secs);
+                part.extent = c.extent();
                 places.extend(c.places(&part).into_iter().map(|x| (x, r as u16)));
                 out.parts.push(part);
             }
@@ -367,6 +372,40 @@ impl WriteClock {
             };
         }
         out
+    }
+
+    /// The sampled pages a sweep in address order covers, once it has gone round before
+    /// covering them all: the pages it wrote since the probe are then two runs in page order,
+    /// from where it stood to the end of what it covers and from the start of that on, with
+    /// the pages it has not come to yet between them, and it stands in a run below the last.
+    /// From the first run's start to the last one's end; `None` until then. Runs shorter than
+    /// [`SHARE_RUN_MIN`] samples are the few pages a guest rewrites all the time; a page sent
+    /// between its write and the next read leaves a hole in a run, and the sweep stands at
+    /// the top of the last run then.
+    fn extent(&self) -> Option<usize> {
+        if self.seen == 0 || !self.latest.1.is_finite() {
+            return None;
+        }
+        let head = (self.run.1.round() as usize % self.seen) as f32;
+        let at = self.place.iter().position(|&x| x == head)?;
+        let mut runs = Vec::new();
+        let mut start = None;
+        for (i, x) in self.place.iter().chain([&f32::NAN]).enumerate() {
+            match (x.is_nan(), start) {
+                (false, None) => start = Some(i),
+                (true, Some(s)) => {
+                    if i - s >= SHARE_RUN_MIN {
+                        runs.push((s, i));
+                    }
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        let (&(first, _), &(last, end)) = (runs.first()?, runs.last()?);
+        // The sweep stands at the top of a run below the last: it goes on into the gap.
+        let (_, top) = runs.iter().find(|&&(s, e)| (s..e).contains(&at))?;
+        (at < last && top - at <= (end - first) / 16).then_some(end - first)
     }
 
     /// Every sampled page's place in the order of this clock's sweep (`part`, from
@@ -468,6 +507,10 @@ pub struct Part {
     /// Sampled places per second it moved on by lately, as the log showed it; 0 if not
     /// measured.
     pub speed: f64,
+    /// Once the sweep has reached the end of the pages it covers and gone back to their start
+    /// (its first lap since the probe not over yet): the sampled pages from the first it
+    /// wrote to the last, in page order ([`WriteClock::extent`]).
+    pub extent: Option<usize>,
 }
 
 /// The pages a read of the log showed written, as places in the sweep's order: where the
@@ -638,6 +681,23 @@ mod tests {
         c.read(4.0, |p| p != 1);
         let s = c.snapshot(4.0, Duration::ZERO, 0, |_| PageState::Clean);
         assert_eq!((s.clean[0].0, s.clean[2].0, s.clean[3].0), (2.0, 0.0, 1.0));
+    }
+
+    /// A sweep over pages 100..300 of 400, seen from page 200 on: one run until it goes back
+    /// to page 100, two after, and what it covers is known before it has come round; a hole
+    /// (pages sent between their write and the read) does not count as a way round.
+    #[test]
+    fn a_sweep_that_went_back_to_its_start_shows_what_it_covers() {
+        let mut c = WriteClock::new(400);
+        c.read(0.0, |_| false);
+        let extent = |c: &WriteClock| c.snapshot(9.0, Duration::ZERO, 0, |_| PageState::Clean);
+        c.read(1.0, |p| (200..250).contains(&p));
+        c.read(2.0, |p| (250..300).contains(&p) && !(270..273).contains(&p));
+        assert_eq!(extent(&c).whole.extent, None, "one run, with a hole");
+        c.read(3.0, |p| (100..140).contains(&p));
+        assert_eq!(extent(&c).whole.extent, Some(200));
+        c.read(4.0, |p| (140..180).contains(&p));
+        assert_eq!(extent(&c).whole.extent, Some(200));
     }
 
     /// A read that spans the end of the sweep's order and its start ends a lap on.
@@ -829,6 +889,7 @@ mod tests {
                 seen: 4,
                 samples: 5,
                 speed: 0.0,
+                extent: None,
             },
             parts: Vec::new(),
             scattered: false,
