@@ -386,8 +386,7 @@ impl WriteClock {
         if self.seen == 0 || !self.latest.1.is_finite() {
             return None;
         }
-        let head = (self.run.1.round() as usize % self.seen) as f32;
-        let at = self.place.iter().position(|&x| x == head)?;
+        let at = self.page_at(self.run.1)?;
         let mut runs = Vec::new();
         let mut start = None;
         for (i, x) in self.place.iter().chain([&f32::NAN]).enumerate() {
@@ -408,14 +407,19 @@ impl WriteClock {
         (at < last && top - at <= (end - first) / 16).then_some(end - first)
     }
 
+    /// The sampled page at place `at` of the order (a lap on wraps), if one was seen there.
+    fn page_at(&self, at: f32) -> Option<usize> {
+        let at = (at.round() as usize % self.seen.max(1)) as f32;
+        self.place.iter().position(|&x| x == at)
+    }
+
     /// Every sampled page's place in the order of this clock's sweep (`part`, from
     /// [`WriteClock::part`]): the pages not seen written come after the others, in page order
     /// from where the sweep stands (as a sweep in address order does).
     fn places(&self, part: &Part) -> Vec<f32> {
         let mut place = self.place.clone();
         let n = place.len();
-        let head = (part.head.last.round() as usize % self.seen.max(1)) as f32;
-        let from = (0..n).find(|&i| place[i] == head).unwrap_or(0);
+        let from = self.page_at(part.head.last).unwrap_or(0);
         let mut next = self.seen;
         for i in (from..n).chain(0..from) {
             if place[i].is_nan() {
