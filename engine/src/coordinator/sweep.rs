@@ -64,9 +64,8 @@ pub struct WriteClock {
     heads: VecDeque<(f32, f32)>,
     /// When the guest's speed last changed ([`WriteClock::speed_changes`]).
     speed_from: f32,
-    /// Sampled pages the latest read that showed writes showed, and the share they are of the
-    /// pages between the first and the last of them in page order (round the end, across the
-    /// widest gap): a sweep's are close together, random writes' spread over all.
+    /// Sampled pages the latest read that showed writes showed, and how close together they
+    /// lie ([`density`]).
     shown: usize,
     dense: f32,
     /// A clock over each share of the sample (a vCPU's share of memory, in page order), each
@@ -101,6 +100,9 @@ const APART_READS: usize = 8;
 /// they span (a guest writing at random spreads them over the share).
 const SHARE_RUN_MIN: usize = 16;
 const SHARE_RUN_DENSE: f32 = 0.25;
+
+/// The share of a read's pages in a share that its density is taken over ([`density`]).
+const DENSE_SHARE: f32 = 0.75;
 
 /// Over how long [`WriteClock`] measures the sweep's speed, and in how many steps from one
 /// read to the next at least.
@@ -241,11 +243,7 @@ impl WriteClock {
         let in_a_row = self.latest.1 == before;
         self.latest = (before, at);
         self.shown = shown.len();
-        let widest = (0..shown.len())
-            .map(|k| shown.get(k + 1).map_or(shown[0] + n, |&i| i) - shown[k])
-            .max()
-            .unwrap_or(n);
-        self.dense = shown.len() as f32 / (n + 1 - widest) as f32;
+        self.dense = density(&shown, n);
         let mut places: Vec<f32> = shown.into_iter().map(|i| self.place[i]).collect();
         let lap = self.seen as f32;
         self.run = sweep_run(&mut places, lap);
@@ -429,6 +427,29 @@ impl WriteClock {
         }
         place
     }
+}
+
+/// How close together the `shown` pages (ascending, below `n`, not empty) lie: the share of
+/// the pages they span that the closest [`DENSE_SHARE`] of them are, round the end. A
+/// sweep's are close together, random writes' spread over all. The rest are left out: the
+/// pages a guest rewrites all the time (on the testbed, the ledger at the start of the first
+/// vCPU's share) would otherwise stretch a sweep's span from its run to theirs.
+fn density(shown: &[usize], n: usize) -> f32 {
+    let len = shown.len();
+    let m = (len as f32 * DENSE_SHARE).ceil().max(1.0) as usize;
+    let span = (0..len)
+        .map(|k| {
+            let e = k + m - 1;
+            let last = if e < len {
+                shown[e]
+            } else {
+                shown[e - len] + n
+            };
+            last - shown[k] + 1
+        })
+        .min()
+        .unwrap_or(n);
+    m as f32 / span as f32
 }
 
 /// The first and last of the `places` a read showed written that belong to the sweep's run
@@ -749,6 +770,24 @@ mod tests {
         }
         let s = c.snapshot(3.0, Duration::ZERO, 0, |_| PageState::Clean);
         assert!(s.parts.is_empty(), "{s:?}");
+    }
+
+    /// The testbed's guest counts each write in a ledger at the start of memory (in the first
+    /// share), an entry a page: as each vCPU's sweep moves on, a read shows a new ledger page
+    /// for it there, far from the first share's sweep. The sweeps are still followed apart.
+    #[test]
+    fn a_ledger_written_with_the_sweeps_leaves_them_apart() {
+        // 4000 pages, two shares of 2000; the first share's sweep from page 1000 on, 50
+        // pages a read, the second's from 3000; the ledger pages 10 + k and 30 + k at read k.
+        let mut c = WriteClock::with_shares(4000, 2);
+        for k in 0..8u64 {
+            let (a, b) = (1000 + k * 50, 3000 + k * 50);
+            c.read(k as f64 * 0.1, |p| {
+                p == 10 + k || p == 30 + k || (a..a + 50).contains(&p) || (b..b + 50).contains(&p)
+            });
+        }
+        let s = c.snapshot(0.8, Duration::ZERO, 0, |_| PageState::Clean);
+        assert_eq!(s.parts.len(), 2, "{s:?}");
     }
 
     /// A page below `pages` at random (a linear congruential generator over `x`).

@@ -674,7 +674,7 @@ impl Migration<'_, '_, '_> {
                 log::debug!(
                     "forecast t={:.0}ms never_sent={} dirty={} hot={} unharvested={} B/s={:.0} \
                      B/page={:.0} guest_speed={:.2} touched={:?} drift={:.0} sweep={:.0} \
-                     scattered={} left={:?} downtime={:?}",
+                     scattered={} left={:?} downtime={:?} order={:?}",
                     p.elapsed.as_secs_f64() * 1e3,
                     p.never_sent,
                     p.dirty,
@@ -692,7 +692,8 @@ impl Migration<'_, '_, '_> {
                         .map_or(0.0, |o| o.whole.speed * o.stride),
                     p.sweep_order.as_ref().is_some_and(|o| o.scattered),
                     f.remaining,
-                    f.downtime
+                    f.downtime,
+                    p.sweep_order
                 );
                 self.note_forecast(&f);
                 let mut ev = self.event(Phase::Live);
