@@ -50,8 +50,9 @@ pub struct WriteClock {
     pages: u64,
     /// Per sampled page: its place in the order of first writes; NaN if never seen written.
     place: Vec<f32>,
-    /// Sampled pages seen written.
+    /// Sampled pages seen written, and when that last grew.
     seen: usize,
+    grew: f32,
     /// Per sampled page: its bit in the previous read.
     was_set: Vec<bool>,
     /// The previous read, and the last one that showed writes with the read before it.
@@ -100,6 +101,10 @@ const APART_READS: usize = 8;
 /// they span (a guest writing at random spreads them over the share).
 const SHARE_RUN_MIN: usize = 16;
 const SHARE_RUN_DENSE: f32 = 0.25;
+
+/// A sweep whose reads have shown no page it had not seen for this long has come round
+/// ([`WriteClock::covered`]): three reads of the log in the live phase.
+const COVERED_AFTER: f32 = 0.3;
 
 /// The share of a read's pages in a share that its density is taken over ([`density`]).
 const DENSE_SHARE: f32 = 0.75;
@@ -151,6 +156,7 @@ impl WriteClock {
             pages,
             place: vec![f32::NAN; n],
             seen: 0,
+            grew: f32::NAN,
             was_set: vec![false; n],
             prev_read: f32::NAN,
             latest: (f32::NAN, f32::NAN),
@@ -231,6 +237,9 @@ impl WriteClock {
         if let Some(widest) = (0..new.len()).max_by_key(|&k| gap(k)) {
             let len = new.len();
             new.rotate_left((widest + 1) % len);
+        }
+        if !new.is_empty() {
+            self.grew = at;
         }
         for i in new {
             self.place[i] = self.seen as f32;
@@ -315,9 +324,9 @@ impl WriteClock {
         };
         out.whole = self.part(secs);
         // Several sweeps in one order would read as one that went round.
-        if self.shares.is_empty() {
-            out.whole.extent = self.extent();
-        }
+        out.whole.extent = self
+            .covered(secs)
+            .or_else(|| self.extent().filter(|_| self.shares.is_empty()));
         out.scattered = 2 * self.scatter.iter().filter(|&&b| b).count() >= SCATTER_READS;
         // Apart, each page stands in its share's order (the shares, in page order, make up
         // the sample).
@@ -325,7 +334,7 @@ impl WriteClock {
             let mut places = Vec::with_capacity(self.place.len());
             for (r, c) in self.shares.iter().enumerate() {
                 let mut part = c.part(secs);
-                part.extent = c.extent();
+                part.extent = c.covered(secs).or_else(|| c.extent());
                 places.extend(c.places(&part).into_iter().map(|x| (x, r as u16)));
                 out.parts.push(part);
             }
@@ -370,6 +379,14 @@ impl WriteClock {
             };
         }
         out
+    }
+
+    /// The sampled pages the sweep covers once it has come round, seen from `secs`: those seen
+    /// written, when no read has shown a page not seen before for [`COVERED_AFTER`] (the sweep
+    /// writes pages it wrote already). The log may show nothing of the lap it is on: its pages
+    /// not sent since its last lap were not re-armed. `None` before.
+    fn covered(&self, secs: f64) -> Option<usize> {
+        (self.seen > 0 && secs as f32 - self.grew >= COVERED_AFTER).then_some(self.seen)
     }
 
     /// The sampled pages a sweep in address order covers, once it has gone round before
@@ -532,9 +549,10 @@ pub struct Part {
     /// Sampled places per second it moved on by lately, as the log showed it; 0 if not
     /// measured.
     pub speed: f64,
-    /// Once the sweep has reached the end of the pages it covers and gone back to their start
-    /// (its first lap since the probe not over yet): the sampled pages from the first it
-    /// wrote to the last, in page order ([`WriteClock::extent`]).
+    /// The sampled pages it covers: once it has come round, those seen
+    /// ([`WriteClock::covered`]); once it has reached the end of the pages it covers and gone
+    /// back to their start (its first lap since the probe not over yet), the sampled pages
+    /// from the first it wrote to the last, in page order ([`WriteClock::extent`]).
     pub extent: Option<usize>,
 }
 
@@ -715,14 +733,44 @@ mod tests {
     fn a_sweep_that_went_back_to_its_start_shows_what_it_covers() {
         let mut c = WriteClock::new(400);
         c.read(0.0, |_| false);
-        let extent = |c: &WriteClock| c.snapshot(9.0, Duration::ZERO, 0, |_| PageState::Clean);
+        let extent = |c: &WriteClock, at| c.snapshot(at, Duration::ZERO, 0, |_| PageState::Clean);
         c.read(1.0, |p| (200..250).contains(&p));
         c.read(2.0, |p| (250..300).contains(&p) && !(270..273).contains(&p));
-        assert_eq!(extent(&c).whole.extent, None, "one run, with a hole");
+        assert_eq!(extent(&c, 2.0).whole.extent, None, "one run, with a hole");
         c.read(3.0, |p| (100..140).contains(&p));
-        assert_eq!(extent(&c).whole.extent, Some(200));
+        assert_eq!(extent(&c, 3.0).whole.extent, Some(200));
         c.read(4.0, |p| (140..180).contains(&p));
-        assert_eq!(extent(&c).whole.extent, Some(200));
+        assert_eq!(extent(&c, 4.0).whole.extent, Some(200));
+    }
+
+    /// A sweep over pages 100..200 of 400 that has come round writes pages whose bits are still
+    /// set (not sent since): the reads show nothing new, and it covers what was seen. Until
+    /// then, what it covers is not known.
+    #[test]
+    fn a_sweep_that_shows_nothing_new_covers_what_it_has_seen() {
+        let mut c = WriteClock::with_shares(800, 2);
+        let covers = |c: &WriteClock, at| {
+            let s = c.snapshot(at, Duration::ZERO, 0, |_| PageState::NeverSent);
+            (
+                s.whole.extent,
+                s.parts.iter().map(|q| q.extent).collect::<Vec<_>>(),
+            )
+        };
+        // Both shares' sweeps, 20 pages a read; the first share's over 100..200, the second's
+        // over all of its 400.
+        for k in 0..5u64 {
+            c.read(k as f64 * 0.1, |p| {
+                (100..120 + 20 * k).contains(&p) || (400..420 + 20 * k).contains(&p)
+            });
+        }
+        assert_eq!(covers(&c, 0.4), (None, vec![None, None]));
+        // The first has come round: nothing new in its share from here on.
+        for k in 5..10u64 {
+            c.read(k as f64 * 0.1, |p| {
+                (100..200).contains(&p) || (400..420 + 20 * k).contains(&p)
+            });
+        }
+        assert_eq!(covers(&c, 0.9), (None, vec![Some(100), None]));
     }
 
     /// A read that spans the end of the sweep's order and its start ends a lap on.
