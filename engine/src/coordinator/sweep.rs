@@ -448,9 +448,9 @@ impl WriteClock {
 
 /// How close together the `shown` pages (ascending, below `n`, not empty) lie: the share of
 /// the pages they span that the closest [`DENSE_SHARE`] of them are, round the end. A
-/// sweep's are close together, random writes' spread over all. The rest are left out: the
-/// pages a guest rewrites all the time (on the testbed, the ledger at the start of the first
-/// vCPU's share) would otherwise stretch a sweep's span from its run to theirs.
+/// sweep's are close together, random writes' spread over all. The rest are left out: a few
+/// pages the guest writes elsewhere with its sweep (on the testbed, the ledger at the start
+/// of the first vCPU's share) would otherwise stretch the span from its run to theirs.
 fn density(shown: &[usize], n: usize) -> f32 {
     let len = shown.len();
     let m = (len as f32 * DENSE_SHARE).ceil().max(1.0) as usize;
