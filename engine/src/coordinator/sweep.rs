@@ -326,7 +326,7 @@ impl WriteClock {
         // Several sweeps in one order would read as one that went round.
         out.whole.extent = self
             .covered(secs)
-            .or_else(|| self.extent().filter(|_| self.shares.is_empty()));
+            .or_else(|| self.shares.is_empty().then(|| self.extent()).flatten());
         out.scattered = 2 * self.scatter.iter().filter(|&&b| b).count() >= SCATTER_READS;
         // Apart, each page stands in its share's order (the shares, in page order, make up
         // the sample).
