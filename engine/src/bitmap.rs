@@ -111,6 +111,23 @@ impl Bitmap {
         added
     }
 
+    /// Moves the bits of `self` that are also in `mask` into `to`: `to |= self & mask`,
+    /// `self &= !mask`. Returns how many moved.
+    pub fn move_masked(&mut self, mask: &Bitmap, to: &mut Bitmap) -> u64 {
+        let mut moved = 0;
+        let words = self.words.iter_mut().zip(&mask.words).zip(&mut to.words);
+        for ((w, m), t) in words {
+            let bits = *w & m;
+            *w &= !bits;
+            let newly = bits & !*t;
+            *t |= bits;
+            moved += u64::from(bits.count_ones());
+            to.ones += u64::from(newly.count_ones());
+        }
+        self.ones -= moved;
+        moved
+    }
+
     /// Moves the pages a harvest found `written` into the dirty groups: pages that were
     /// `sent` and are in neither group yet join `hot` if they were `resent` during the epoch
     /// (written again within an epoch of being resent), else `cold`. Returns how many joined.
@@ -243,6 +260,31 @@ mod tests {
             prop_assert_eq!(got, bits.iter().copied().collect::<Vec<_>>());
             prop_assert_eq!(b.count(), 0);
             prop_assert!(b.words().iter().all(|&w| w == 0));
+        }
+    }
+
+    proptest! {
+        /// `move_masked` moves exactly the bits in both, and both counts stay true.
+        #[test]
+        fn move_masked_moves_what_the_mask_shows(
+            from in proptest::collection::btree_set(0u64..300, 0..200),
+            mask in proptest::collection::btree_set(0u64..300, 0..200),
+            to in proptest::collection::btree_set(0u64..300, 0..100),
+        ) {
+            let map = |s: &std::collections::BTreeSet<u64>| {
+                let mut b = Bitmap::new(300);
+                for &i in s { b.set(i); }
+                b
+            };
+            let (mut f, m, mut t) = (map(&from), map(&mask), map(&to));
+            let moved = f.move_masked(&m, &mut t);
+            prop_assert_eq!(moved, from.intersection(&mask).count() as u64);
+            for i in 0..300 {
+                prop_assert_eq!(f.get(i), from.contains(&i) && !mask.contains(&i));
+                prop_assert_eq!(t.get(i), to.contains(&i) || from.contains(&i) && mask.contains(&i));
+            }
+            prop_assert_eq!(f.count(), f.iter_ones().count() as u64);
+            prop_assert_eq!(t.count(), t.iter_ones().count() as u64);
         }
     }
 

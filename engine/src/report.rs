@@ -112,6 +112,10 @@ pub struct Report {
     pub probe: ProbeFigures,
     /// Pages sent during the stop-and-copy.
     pub final_pages: u64,
+    /// Pages the log showed written before their first send, held back with the hot pages to
+    /// go once, late (membound); 0 for the other policies.
+    #[serde(default)]
+    pub deferred_pages: u64,
     pub digest_ranges: usize,
     pub digest_ms: f64,
     /// Where the downtime went, in the order it was spent.

@@ -4,7 +4,11 @@
 //!
 //! - **Hot pages wait.** A page written again within an epoch of being resent is hot; the
 //!   executor keeps it in the dirty group but sends none while [`Controls::defer_hot`] is on:
-//!   resending it would only be wasted, it goes in the stop-and-copy (or the tail).
+//!   resending it would only be wasted, it goes in the stop-and-copy (or the tail). So does a
+//!   never-sent page the dirty log shows written: a guest that writes a page before its first
+//!   send most often writes it again after it (a working set swept or written at random), and
+//!   MPLM sends such a page twice. Held back, it goes once; a first send, it counts against no
+//!   resend budget.
 //! - **The split adapts.** The dirty share of a cycle is what drains the cold dirty backlog and
 //!   keeps up with the measured dirty rate by the time the never-sent group is empty, at most
 //!   `dirty_share` (MPLM's 50%): a quiet guest gets its never-sent pages sooner.
@@ -34,7 +38,7 @@
 
 use super::Policy;
 use super::{dirty_pass, fill_cycle, multiplex_step, multiplex_timeout, resent, EpochTracker};
-use super::{expected_writes, forecast_with_pass, multiplexed_forecast, page_time};
+use super::{expected_writes, forecast_with_pass, multiplexed_forecast, page_time, Multiplex};
 use super::{forecast_from, resend_budget, throttled_page_time};
 use super::{Controls, Decision, Forecast, PolicyConfig, Progress};
 
@@ -302,11 +306,14 @@ impl Policy for Membound {
         let cold = p.dirty.saturating_sub(p.hot) as f64;
         let (live, at_end) = multiplexed_forecast(
             p,
-            &self.track,
-            share / (1.0 - share),
-            self.cfg.epoch,
-            cold,
-            budget,
+            Multiplex {
+                track: &self.track,
+                ratio: share / (1.0 - share),
+                epoch: self.cfg.epoch,
+                resendable: cold,
+                budget,
+                holds: true,
+            },
         );
         let budget_after = (budget - (live - p.never_sent as f64)).max(0.0);
         let tail = !self.hurry && at_end > target_pages && budget_after > 0.0;

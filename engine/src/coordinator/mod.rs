@@ -14,7 +14,8 @@
 //!   ends exactly when the never-sent group is empty. Total time bounded by the memory size
 //!   whatever the dirty rate (see [`bound`]).
 //! - [`Membound`] — the default: MPLM's guarantee with lower downtime. Hot pages (written again
-//!   within an epoch of being resent) are deferred to the stop-and-copy, the dirty share of a
+//!   within an epoch of being resent, and never-sent pages written before their first send)
+//!   are deferred to the stop-and-copy, the dirty share of a
 //!   cycle follows the measured dirty rate, and when the downtime forecast exceeds
 //!   `target_downtime` a throttled tail resends the dirty set within MPLM's resend budget.
 //! - `timebound` ([`Mplm::timebound`]) — TLM: a mass transfer sends all memory once in address order while a small
@@ -96,9 +97,11 @@ pub struct Progress {
     pub total_pages: u64,
     /// Pages never sent yet.
     pub never_sent: u64,
-    /// Pages sent and dirtied since, as of the last harvest, minus those resent since.
+    /// Pages sent and dirtied since, as of the last harvest, minus those resent since; and
+    /// never-sent pages held back with the hot ones ([`Controls::defer_hot`]).
     pub dirty: u64,
-    /// Of the `dirty` pages, the hot ones: written again within an epoch of being resent.
+    /// Of the `dirty` pages, the hot ones: written again within an epoch of being resent, or
+    /// written before their first send and held back.
     pub hot: u64,
     /// Pages sent so far (first sends and resends), counted when they are handed to the
     /// executor's workers.
@@ -119,6 +122,8 @@ pub struct Progress {
     pub paused_bandwidth: f64,
     /// Pages newly put in the dirty group by the last harvest.
     pub dirtied_last_epoch: u64,
+    /// Never-sent pages held back with the hot ones so far ([`Controls::defer_hot`]).
+    pub held_back: u64,
     /// Sent pages in neither dirty group that the dirty log showed written when it was last
     /// read (the executor reads it at each forecast, taking nothing from it): pages the next
     /// harvest will put in the dirty group. `None` if the log is not read between harvests
@@ -168,7 +173,8 @@ pub struct Controls {
     /// Pack the vCPU threads onto this many cores (CPU over-commit); `None`: their own
     /// affinity.
     pub cores: Option<usize>,
-    /// Send no hot page while live: they wait for the stop-and-copy.
+    /// Send no hot page while live: they wait for the stop-and-copy. Never-sent pages the
+    /// dirty log shows written join them: their first send would most often go again.
     pub defer_hot: bool,
 }
 
@@ -726,6 +732,8 @@ struct EpochTracker {
     cold_clean_rate: Option<f64>,
     /// Hot pages at the last harvest.
     last_hot: u64,
+    /// Never-sent pages held back with them, at the last harvest.
+    last_held_back: u64,
     /// Never-sent pages at the last harvest (`None` before the first).
     never_sent_at_harvest: Option<u64>,
 }
@@ -749,11 +757,15 @@ impl EpochTracker {
             let already = p.dirty.saturating_sub(p.dirtied_last_epoch);
             let clean = sent.saturating_sub(already).max(1) as f64;
             self.clean_rate = Some(p.dirtied_last_epoch as f64 / (clean * len));
-            let new_hot = p.hot.saturating_sub(self.last_hot);
+            // Pages held back before their first send join the hot ones too, but were not
+            // sent: they are no clean page turning dirty.
+            let held = p.held_back.saturating_sub(self.last_held_back);
+            let new_hot = p.hot.saturating_sub(self.last_hot).saturating_sub(held);
             let new_cold = p.dirtied_last_epoch.saturating_sub(new_hot);
             self.cold_clean_rate = Some(new_cold as f64 / (clean * len));
         }
         self.last_hot = p.hot;
+        self.last_held_back = p.held_back;
         self.never_sent_at_harvest = Some(p.never_sent);
         self.last_harvest_at = at;
         self.seen_epoch = p.epoch;
@@ -858,16 +870,12 @@ fn expected_writes(
 /// slow sweep had a harvest fall before that end and resends forecast that never came: the
 /// time left 25% too long on average, up to 60%.
 ///
+/// With `holds` (membound's [`Controls::defer_hot`]), a never-sent page the guest writes
+/// before its send is held back: dirty at the end and not sent live, where it would otherwise
+/// count in both when written again after its send.
+///
 /// Returns the pages sent live and the pages dirty at the end of the live phase.
-fn multiplexed_forecast(
-    p: &Progress,
-    track: &EpochTracker,
-    ratio: f64,
-    epoch: Duration,
-    resendable: f64,
-    budget: f64,
-) -> (f64, f64) {
-    let args = (track, ratio, epoch, resendable, budget);
+fn multiplexed_forecast(p: &Progress, args: Multiplex) -> (f64, f64) {
     if sweep(p).is_none() {
         return multiplexed_over(p, args, None);
     }
@@ -888,13 +896,32 @@ fn multiplexed_forecast(
 /// Rounds [`multiplexed_forecast`] takes at most to settle how long the live phase lasts.
 const LIVE_ROUNDS: usize = 4;
 
+/// How a multiplexing policy runs its live phase, for [`multiplexed_forecast`].
+#[derive(Debug, Clone, Copy)]
+struct Multiplex<'a> {
+    track: &'a EpochTracker,
+    /// Resends each never-sent page brings along, from the first harvest on.
+    ratio: f64,
+    /// Between harvests.
+    epoch: Duration,
+    /// Dirty pages that can be resent now, and the most resends left.
+    resendable: f64,
+    budget: f64,
+    /// Whether a never-sent page written before its send is held back (membound).
+    holds: bool,
+}
+
 /// [`multiplexed_forecast`] over a live phase of `live` seconds, or as long as every share of
 /// resends filled takes if `None`.
-fn multiplexed_over(
-    p: &Progress,
-    (track, ratio, epoch, resendable, budget): (&EpochTracker, f64, Duration, f64, f64),
-    live: Option<f64>,
-) -> (f64, f64) {
+fn multiplexed_over(p: &Progress, args: Multiplex, live: Option<f64>) -> (f64, f64) {
+    let Multiplex {
+        track,
+        ratio,
+        epoch,
+        resendable,
+        budget,
+        holds,
+    } = args;
     let ns = p.never_sent as f64;
     let t = page_time(p).unwrap_or(0.0);
     let e = epoch.as_secs_f64();
@@ -924,11 +951,18 @@ fn multiplexed_over(
             capacity: capacity.min(budget.max(0.0)),
             resendable,
             harvest_ahead: after_last < window,
+            holds,
         };
         return at.forecast(p, lw, &shapes, live, after_last);
     }
     let written = expected_writes(p, track, live, live, from_harvest, 0.0, 0.0);
     let ws = p.working_set();
+    let ns = ns
+        - if holds {
+            held_later(p, known, live)
+        } else {
+            0.0
+        };
     let since_harvest = match seen {
         Some(seen) => written.with_seen(seen, ws, total),
         None => written.total(),
@@ -963,6 +997,27 @@ fn multiplexed_over(
     let left = (dirty_at_last - resends).max(0.0);
     let at_end = unsendable.with_seen(left, ws, total).clamp(0.0, total);
     (ns + resends, at_end)
+}
+
+/// Of the never-sent pages, those the working set's writes reach before their send, going out
+/// evenly over the next `live` seconds: the working set's pages not known dirty, as many
+/// never-sent among them as among all the pages not dirty, each written at the model's rate
+/// per page, `μ`, so before its send with the chance `φ(μL) = 1 − (1 − e^{−μL}) / μL`.
+fn held_later(p: &Progress, known: f64, live: f64) -> f64 {
+    let Some(m) = p.writes.filter(|m| m.rate > 0.0 && m.wss > 0.0) else {
+        return 0.0;
+    };
+    let total = p.total_pages as f64;
+    let not_dirty = (total - known).max(1.0);
+    let unwritten = (m.working_set() - known).max(0.0);
+    let never_sent = unwritten * (p.never_sent as f64 / not_dirty).min(1.0);
+    let x = m.rate / m.wss * live;
+    let phi = if x > 1e-12 {
+        1.0 + (-x).exp_m1() / x
+    } else {
+        0.0
+    };
+    never_sent * phi
 }
 
 /// A sweep's period shorter than this is not followed page by page: the log is read every
@@ -1064,6 +1119,9 @@ struct SweepEnd {
     resendable: f64,
     /// Whether a harvest falls before the end.
     harvest_ahead: bool,
+    /// Whether a never-sent page written before its send is held back (see
+    /// [`multiplexed_forecast`]).
+    holds: bool,
 }
 
 impl SweepEnd {
@@ -1088,7 +1146,15 @@ impl SweepEnd {
         // Pages not dirty now that the sweep dirties by the last harvest and by the end;
         // pages it writes after the last harvest, and of those the ones dirty at it.
         let (mut new_then, mut new_end, mut after, mut after_dirty) = (0.0, 0.0, 0.0, 0.0);
+        let mut held = 0.0;
         for pg in lw.pages(shapes, p.elapsed, p.never_sent, live) {
+            if self.holds && pg.sent_in > 0.0 && pg.written_in(0.0, pg.sent_in) {
+                // Written before its send: held back, dirty from that write to the end.
+                held += 1.0;
+                new_then += f64::from(u8::from(pg.written_in(0.0, until)));
+                new_end += 1.0;
+                continue;
+            }
             let by_then = pg.dirtied_by(until);
             if !pg.dirty {
                 new_then += f64::from(u8::from(by_then));
@@ -1101,8 +1167,9 @@ impl SweepEnd {
                 }
             }
         }
-        let [new_then, new_end, after, after_dirty] =
-            [new_then, new_end, after, after_dirty].map(|n| n * lw.stride);
+        let [new_then, new_end, after, after_dirty, held] =
+            [new_then, new_end, after, after_dirty, held].map(|n| n * lw.stride);
+        let ns = (ns - held).max(0.0);
         if !self.harvest_ahead {
             // What is dirty now stays so unless resent; the sweep adds what it writes.
             let resends = self.capacity.min(self.resendable);

@@ -26,7 +26,7 @@ use std::time::Duration;
 use super::EpochTracker;
 use super::Policy;
 use super::{fill_cycle, forecast_from, multiplex_step, multiplex_timeout, multiplexed_forecast};
-use super::{resend_budget, resent};
+use super::{resend_budget, resent, Multiplex};
 use super::{Decision, Forecast, PolicyConfig, Progress};
 
 /// Memory-bound pre-copy: never-sent and dirty pages multiplexed in fixed cycles; the live phase
@@ -119,11 +119,14 @@ impl Policy for Mplm {
             resend_budget(p.total_pages, (self.q_dirty, self.q_never)).saturating_sub(resent(p));
         let (live, at_end) = multiplexed_forecast(
             p,
-            &self.track,
-            ratio,
-            self.epoch,
-            p.dirty as f64,
-            budget as f64,
+            Multiplex {
+                track: &self.track,
+                ratio,
+                epoch: self.epoch,
+                resendable: p.dirty as f64,
+                budget: budget as f64,
+                holds: false,
+            },
         );
         forecast_from(p, live, at_end)
     }

@@ -161,6 +161,8 @@ pub struct SimOutcome {
     pub live_pages: u64,
     /// Pages sent in the stop-and-copy.
     pub final_pages: u64,
+    /// Never-sent pages held back with the hot ones, written before their first send.
+    pub deferred: u64,
     /// Dirty-log harvests during the live phase.
     pub epochs: u32,
     /// Completed without a limit forcing the policy's hand.
@@ -245,6 +247,8 @@ pub struct Sim {
     epoch: u32,
     dirtied_last_epoch: u64,
     pages_sent: u64,
+    /// Never-sent pages moved to the hot group, written before their first send.
+    deferred: u64,
 }
 
 impl Sim {
@@ -297,6 +301,7 @@ impl Sim {
             epoch: 0,
             dirtied_last_epoch: 0,
             pages_sent: 0,
+            deferred: 0,
             cfg,
         }
     }
@@ -325,6 +330,7 @@ impl Sim {
             // One rate, vCPUs running or not.
             paused_bandwidth: 0.0,
             dirtied_last_epoch: self.dirtied_last_epoch,
+            held_back: self.deferred,
             unharvested: self.cfg.read_log.then(|| self.unharvested()),
             writes: self.cfg.writes.map(|m| WriteModel {
                 touched: self.growth.touched().filter(|_| self.cfg.read_log),
@@ -422,6 +428,7 @@ impl Sim {
     fn read_log(&mut self) {
         self.last_read = self.now;
         self.growth.mark(self.now, self.touched_pages as f64);
+        self.defer_written();
         if self.cfg.read_log {
             self.read_clock();
         }
@@ -434,9 +441,11 @@ impl Sim {
         self.clock.read(self.now, |p| logged[p as usize]);
         let state = |p: u64| {
             let p = p as usize;
-            if !self.sent[p] {
+            if self.in_dirty[p] || self.in_hot[p] {
+                PageState::Dirty
+            } else if !self.sent[p] {
                 PageState::NeverSent
-            } else if self.in_dirty[p] || self.in_hot[p] || self.logged[p] {
+            } else if self.logged[p] {
                 PageState::Dirty
             } else {
                 PageState::Clean
@@ -474,13 +483,35 @@ impl Sim {
         self.advance(self.page_secs);
     }
 
+    /// While hot pages wait, never-sent pages the log shows written join them, as the
+    /// executor moves them at each read of the log and each harvest.
+    fn defer_written(&mut self) {
+        if !self.controls.defer_hot {
+            return;
+        }
+        for i in 0..self.log.len() {
+            let page = self.log[i] as usize;
+            if self.logged[page] && !self.sent[page] && !self.in_hot[page] {
+                self.in_hot[page] = true;
+                self.hot.push_back(page as u32);
+                self.never_sent -= 1;
+                self.deferred += 1;
+            }
+        }
+    }
+
+    /// Sends up to `max` never-sent pages in address order, past those deferred.
     fn send_never_sent(&mut self, max: u64) -> u64 {
-        let n = max.min(self.never_sent);
-        for _ in 0..n {
+        let mut n = 0;
+        while n < max && self.never_sent > 0 {
             let page = self.never_cursor as usize;
             self.never_cursor += 1;
+            if self.in_hot[page] {
+                continue;
+            }
             self.never_sent -= 1;
             self.send_page(page);
+            n += 1;
         }
         n
     }
@@ -510,6 +541,7 @@ impl Sim {
 
     /// Clears the dirty log; sent pages written since join the dirty group.
     fn harvest(&mut self) {
+        self.defer_written();
         let mut newly = 0;
         for page in std::mem::take(&mut self.log) {
             let page = page as usize;
@@ -547,6 +579,9 @@ impl Sim {
             self.advance((-self.now).min(LOG_READ.as_secs_f64()));
         }
         self.now = 0.0;
+        // As the executor starts its live phase: the policy's controls, and a read of the log.
+        self.controls = policy.controls();
+        self.defer_written();
         if self.cfg.warmup > Duration::ZERO {
             // As the executor's probe ends: the log read, and the sweep's speed measured anew.
             self.read_log();
@@ -603,6 +638,7 @@ impl Sim {
             pages_sent: self.pages_sent,
             live_pages,
             final_pages: self.pages_sent - live_pages,
+            deferred: self.deferred,
             epochs,
             converged,
             decisions,

@@ -141,6 +141,7 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
         bytes_per_page: 4096.0,
         paused_bandwidth: 0.0,
         dirtied_last_epoch: dirty,
+        held_back: 0,
         unharvested: None,
         writes: None,
         sweep_order: None,
@@ -253,8 +254,10 @@ fn touched_pages_cap_a_sweep_the_probe_took_for_all_of_memory() {
         let cfg = PolicyConfig::default();
         let blind = eta_errors(kind, &cfg, sim(false));
         let seen = eta_errors(kind, &cfg, sim(true));
+        // By 50%, membound has held back the pages the sweep wrote before their first send,
+        // and its blind forecast is near too (−4%): they no longer go twice.
         assert!(
-            blind.iter().all(|e| *e > 0.15),
+            blind[0] > 0.15 && (kind == PolicyKind::Membound || blind[1] > 0.15),
             "{kind}: the probe's model alone over-forecasts: {blind:?}"
         );
         assert!(
@@ -952,8 +955,42 @@ fn membound_defers_hot_pages_until_the_tail() {
     assert!(tail_sent_hot, "the tail never resent hot pages");
 }
 
+/// The testbed's `seq` 128M: the second vCPU sweeps its working set before the never-sent
+/// pages get there. Membound holds those pages back with the hot ones and sends each once, in
+/// the tail; mplm sends them as it comes to them and again in the stop-and-copy. Membound
+/// sends fewer pages and ends sooner; mplm holds none back.
+#[test]
+fn membound_sends_once_what_the_guest_wrote_before_its_first_send() {
+    let cfg = policy_cfg();
+    let sim = SimConfig {
+        writes: Some(sweep_probe(0.3)),
+        read_log: true,
+        vcpus: 2,
+        warmup: Duration::from_secs(1),
+        bandwidth: (N * 4096) as f64 / 2.4,
+        ..sim_cfg(DirtyModel::SequentialEach {
+            rate: 0.3 * N as f64,
+            working_set: N / 4,
+            last_faster: 1.0,
+        })
+    };
+    let (mplm, _) = run(PolicyKind::Mplm, &cfg, sim.clone());
+    let (mb, _) = run(PolicyKind::Membound, &cfg, sim.clone());
+    assert!(mb.consistent && mplm.consistent);
+    assert_eq!(mplm.deferred, 0, "mplm held pages back: {mplm:?}");
+    assert!(mb.deferred >= N / 8, "{mb:?}");
+    assert!(
+        mb.pages_sent + N / 8 <= mplm.pages_sent,
+        "membound {mb:?} vs mplm {mplm:?}"
+    );
+    assert!(mb.total < mplm.total, "membound {mb:?} vs mplm {mplm:?}");
+    assert!(mb.downtime.as_secs_f64() <= 0.5 * mplm.downtime.as_secs_f64());
+    assert_within_bound(PolicyKind::Membound, &tight(&cfg), &sim, &mb);
+}
+
 /// A quiet guest gets a small dirty share (never-sent pages go sooner) and no throttle; a guest
-/// that dirties faster than resends can follow gets share 0 and a throttled tail.
+/// that dirties faster than resends can follow resends (almost) nothing live and gets a
+/// throttled tail.
 #[test]
 fn membound_adapts_its_share_and_throttles_only_when_needed() {
     let cfg = policy_cfg();
@@ -977,10 +1014,17 @@ fn membound_adapts_its_share_and_throttles_only_when_needed() {
     );
     let (fast, log) = run(PolicyKind::Membound, &cfg, sim_cfg(dirty_all(2.0)));
     assert!(fast.max_throttle > 0.5, "{fast:?}");
-    assert!(log
+    // Its writes fall ahead of the never-sent pages (held back) or on pages it rewrites
+    // before a resend could stay clean: at most a trickle of cold pages goes live.
+    let resent_live: u64 = log
         .iter()
         .filter(|(p, _)| p.epoch >= 2 && p.never_sent >= 100)
-        .all(|(_, d)| matches!(d, Decision::Send { dirty: 0, .. } | Decision::Harvest)));
+        .map(|(_, d)| match d {
+            Decision::Send { dirty, .. } => *dirty,
+            _ => 0,
+        })
+        .sum();
+    assert!(resent_live <= N / 256, "{resent_live} resent live");
 }
 
 /// A small working set rewritten many times between harvests looks like a trickle to the clean
@@ -1579,8 +1623,9 @@ fn two_sweeps_are_followed_once_they_have_come_round() {
 
 /// The testbed's `dirty-all`: two sweeps, each over its vCPU's half of memory, one 1.5 × as
 /// fast as the other, after the probe's 0.3 s. Each followed in its share's order, the time
-/// left at 25% and 50% is off by 3.0–5.2% on average (timebound, mplm, membound; 12–15% in
-/// one order at 1.2 ×); the mean model by 20–23%.
+/// left at 25% and 50% is off by 3.0–5.2% on average (timebound, mplm; 12–15% in one order
+/// at 1.2 ×); the mean model by 20–23%. Membound, which sends what they write ahead of the
+/// never-sent pages once, in its tail: 1.3% followed, 2.5% from the mean model.
 #[test]
 fn two_sweeps_over_their_halves_are_followed_apart() {
     for kind in [
@@ -1610,8 +1655,11 @@ fn two_sweeps_over_their_halves_are_followed_apart() {
         };
         let (followed, mean) = (errors(true), errors(false));
         let (f, m) = (mean_abs(&followed), mean_abs(&mean));
+        // Membound holds back what the sweeps write ahead of the never-sent pages and sends it
+        // once, in the tail: there the mean model holds too.
+        let mean_holds = kind == PolicyKind::Membound && m <= 0.05;
         assert!(
-            f <= 0.08 && 2.0 * f <= m,
+            f <= 0.08 && (2.0 * f <= m || mean_holds),
             "{kind}: followed {followed:?} ({f:.3}), mean model {m:.3}"
         );
     }

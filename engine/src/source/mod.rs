@@ -430,7 +430,7 @@ struct Migration<'a, 'd, 's> {
     never_sent: Bitmap,
     sent: Bitmap,
     /// The dirty group: cold pages, and hot ones (written again within an epoch of being
-    /// resent), which a policy may defer.
+    /// resent, or never sent and held back: see `defer_written`), which a policy may defer.
     dirty: Bitmap,
     hot: Bitmap,
     /// Pages resent since the last harvest.
@@ -441,6 +441,8 @@ struct Migration<'a, 'd, 's> {
     cursor_hot: u64,
     pending: Vec<u64>,
     pages_sent: u64,
+    /// Never-sent pages moved to the hot group because the log showed them written.
+    deferred: u64,
     dirtied_last_epoch: u64,
     /// What the next harvest will add to the dirty groups, as the last read of the log showed.
     unharvested: u64,
@@ -530,6 +532,7 @@ pub fn migrate(
             cursor_never: 0,
             cursor_dirty: 0,
             cursor_hot: 0,
+            deferred: 0,
             pending: Vec::new(),
             pages_sent: 0,
             dirtied_last_epoch: 0,
@@ -634,6 +637,11 @@ impl Migration<'_, '_, '_> {
         let setup = self.t0.elapsed();
         self.t0 = Instant::now();
         self.last_harvest = self.t0;
+        // The policy's controls from the first page on, and the log read once before it: what
+        // the guest wrote since the probe is known to the first forecast and, while hot pages
+        // wait, held back from the first send.
+        self.apply(policy.controls())?;
+        self.peek()?;
         let f = policy.forecast(&self.progress());
         self.note_forecast(&f);
         ready_event.eta_ms = f.is_known().then(|| self.time_left(&f).as_secs_f64() * 1e3);
@@ -938,6 +946,7 @@ impl Migration<'_, '_, '_> {
                 busy_guest_speed: Some(self.probe.busy_guest_speed),
             },
             final_pages,
+            deferred_pages: self.deferred,
             digest_ranges: ours.len(),
             digest_ms: ours_ms.max(theirs.hash_ms),
             switchover: steps,
@@ -1165,6 +1174,7 @@ impl Migration<'_, '_, '_> {
             bytes_per_page: self.bytes_per_page(wire_bytes, encoded),
             paused_bandwidth: self.probe.rate,
             dirtied_last_epoch: self.dirtied_last_epoch,
+            held_back: self.deferred,
             unharvested: Some(self.unharvested),
             writes: self.writes.map(|m| WriteModel {
                 touched: self.touched.growth.touched(),
@@ -1277,6 +1287,7 @@ impl Migration<'_, '_, '_> {
         if let Some(t) = self.shared.live_terms {
             t.mark_written(&self.scratch);
         }
+        self.defer_written();
         self.dirtied_last_epoch = Bitmap::harvest_into(
             &self.scratch,
             &self.sent,
@@ -1299,6 +1310,18 @@ impl Migration<'_, '_, '_> {
         Ok(())
     }
 
+    /// While hot pages wait ([`Controls::defer_hot`]), never-sent pages the log shows written
+    /// (in `scratch`) join them: a guest that writes a page before its first send most often
+    /// writes it again after it, so that send would go again. Waiting, the page goes once, in
+    /// the throttled tail or the stop-and-copy; a page written once and no more goes once
+    /// either way. The live phase's bound is kept: these pages are first sends, not resends.
+    fn defer_written(&mut self) {
+        if self.controls.defer_hot {
+            let moved = self.never_sent.move_masked(&self.scratch, &mut self.hot);
+            self.deferred += moved;
+        }
+    }
+
     /// Reads the dirty log for the touched pages and those the next harvest will find, taking
     /// nothing from it.
     fn peek(&mut self) -> Result<(), MigrateError> {
@@ -1306,15 +1329,18 @@ impl Migration<'_, '_, '_> {
         self.shared.tracker.peek(&mut self.scratch)?;
         let now = Instant::now();
         self.touched.add(now, &self.scratch);
+        self.defer_written();
         self.unharvested =
             Bitmap::count_newly_dirty(&self.scratch, &self.sent, &self.dirty, &self.hot);
         if self.writes.is_some() {
             let state = |p| {
                 if self.never_sent.get(p) {
                     PageState::NeverSent
+                } else if self.dirty.get(p) || self.hot.get(p) {
+                    PageState::Dirty
                 } else if !self.sent.get(p) {
                     PageState::Absent
-                } else if self.dirty.get(p) || self.hot.get(p) || self.scratch.get(p) {
+                } else if self.scratch.get(p) {
                     PageState::Dirty
                 } else {
                     PageState::Clean
