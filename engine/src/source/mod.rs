@@ -455,6 +455,12 @@ struct Migration<'a, 'd, 's> {
     /// fast the guest runs now against when its writes were measured.
     guest_cpu: Meter,
     probe_guest_cpu: f64,
+    /// Wall time the vCPUs were given (ns: time × (1 − throttle)), summed up to
+    /// `unthrottled_at`, and over the same window as `guest_cpu`: what the guest could run
+    /// over that window, a throttle changed within it included.
+    unthrottled_ns: u64,
+    unthrottled_at: Instant,
+    unthrottled: Meter,
     probe: Probe,
     /// The guest's writes, as the probe measured them, and what the dirty log showed since.
     writes: Option<WriteModel>,
@@ -542,6 +548,9 @@ pub fn migrate(
             encoded: (Meter::new(), Meter::new()),
             guest_cpu: Meter::new(),
             probe_guest_cpu: 0.0,
+            unthrottled_ns: 0,
+            unthrottled_at: Instant::now(),
+            unthrottled: Meter::new(),
             probe: Probe::default(),
             writes: None,
             sweep_order: None,
@@ -637,6 +646,7 @@ impl Migration<'_, '_, '_> {
         let setup = self.t0.elapsed();
         self.t0 = Instant::now();
         self.last_harvest = self.t0;
+        self.unthrottled_at = self.t0;
         // The policy's controls from the first page on, and the log read once before it: what
         // the guest wrote since the probe is known to the first forecast and, while hot pages
         // wait, held back from the first send.
@@ -674,6 +684,8 @@ impl Migration<'_, '_, '_> {
                 self.tune(now);
                 let guest_ns = self.vm.vcpu_cpu_time().as_nanos() as u64;
                 self.guest_cpu.add(now, guest_ns);
+                self.count_unthrottled(now);
+                self.unthrottled.add(now, self.unthrottled_ns);
                 self.check_destination()?;
                 self.hash_live()?;
                 self.peek()?;
@@ -1020,6 +1032,7 @@ impl Migration<'_, '_, '_> {
     /// Applies what changed in the policy's controls to the VM.
     fn apply(&mut self, c: Controls) -> Result<(), MigrateError> {
         if c.throttle != self.controls.throttle {
+            self.count_unthrottled(Instant::now());
             self.vm.set_throttle(c.throttle);
             self.max_throttle = self.max_throttle.max(self.vm.throttle());
         }
@@ -1205,7 +1218,12 @@ impl Migration<'_, '_, '_> {
     /// it to run next to the busy workers ([`Probe::busy_guest_speed`]).
     fn guest_speed(&self) -> f64 {
         let now = self.guest_cpu.rate();
-        let free = 1.0 - self.controls.throttle;
+        // The share of the window the vCPUs were given: at a throttle's change, the window
+        // still holds the time before it (a guest just throttled to 0.98 is not 4 × as fast).
+        let free = match self.unthrottled.rate() {
+            r if r > 0.0 => r / 1e9,
+            _ => 1.0 - self.controls.throttle,
+        };
         if self.probe_guest_cpu <= 0.0 || free <= 0.0 {
             return 1.0;
         }
@@ -1213,6 +1231,15 @@ impl Migration<'_, '_, '_> {
             return self.probe.busy_guest_speed;
         }
         (now / (self.probe_guest_cpu * free)).clamp(0.05, 4.0)
+    }
+
+    /// Adds the time since the last count, at the throttle in force, to `unthrottled_ns`.
+    fn count_unthrottled(&mut self, now: Instant) {
+        let secs = now
+            .saturating_duration_since(self.unthrottled_at)
+            .as_secs_f64();
+        self.unthrottled_ns += (secs * (1.0 - self.controls.throttle) * 1e9) as u64;
+        self.unthrottled_at = now;
     }
 
     fn event(&self, phase: Phase) -> ProgressEvent {
