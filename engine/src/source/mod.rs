@@ -724,7 +724,14 @@ impl Migration<'_, '_, '_> {
                 progress(&ev);
             }
             let decision = policy.decide(&self.progress());
+            let before = self.controls;
             self.apply(policy.controls())?;
+            if (self.controls.throttle, self.controls.cores) != (before.throttle, before.cores) {
+                // The timeline shows each change to the vCPUs when it happens, not at the next
+                // forecast: a short over-commit or tail pass could fall between two.
+                let eta_ms = self.timeline.last().map_or(0.0, |s| s.eta_ms);
+                self.sample(Phase::Live, eta_ms);
+            }
             match decision {
                 Decision::Send { never_sent, dirty } => {
                     pick.clear();
