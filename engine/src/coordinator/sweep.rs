@@ -103,8 +103,11 @@ const SHARE_RUN_MIN: usize = 16;
 const SHARE_RUN_DENSE: f32 = 0.25;
 
 /// A sweep whose reads have shown no page it had not seen for this long has come round
-/// ([`WriteClock::covered`]): three reads of the log in the live phase.
+/// ([`WriteClock::covered`]): three reads of the log in the live phase. Sooner, from the
+/// next read on, when at its speed it would have shown [`COVERED_MISSED`] pages or more.
 const COVERED_AFTER: f32 = 0.3;
+const COVERED_READ: f32 = 0.08;
+const COVERED_MISSED: f32 = 512.0;
 
 /// The share of a read's pages in a share that its density is taken over ([`density`]).
 const DENSE_SHARE: f32 = 0.75;
@@ -383,10 +386,16 @@ impl WriteClock {
 
     /// The sampled pages the sweep covers once it has come round, seen from `secs`: those seen
     /// written, when no read has shown a page not seen before for [`COVERED_AFTER`] (the sweep
-    /// writes pages it wrote already). The log may show nothing of the lap it is on: its pages
-    /// not sent since its last lap were not re-armed. `None` before.
+    /// writes pages it wrote already), or for a read when the sweep moves fast enough that it
+    /// would have shown [`COVERED_MISSED`] new pages meanwhile. The log may show nothing of the
+    /// lap it is on: its pages not sent since its last lap were not re-armed, and membound
+    /// holds back (does not send, so does not re-arm) the pages its first lap wrote ahead of
+    /// the never-sent ones. `None` before.
     fn covered(&self, secs: f64) -> Option<usize> {
-        (self.seen > 0 && secs as f32 - self.grew >= COVERED_AFTER).then_some(self.seen)
+        let quiet = secs as f32 - self.grew;
+        let missed = self.speed() as f32 * quiet;
+        let round = quiet >= COVERED_AFTER || (quiet >= COVERED_READ && missed >= COVERED_MISSED);
+        (self.seen > 0 && round).then_some(self.seen)
     }
 
     /// The sampled pages a sweep in address order covers, once it has gone round before
@@ -771,6 +780,30 @@ mod tests {
             });
         }
         assert_eq!(covers(&c, 0.9), (None, vec![Some(100), None]));
+    }
+
+    /// A sweep that would have shown a thousand new pages since the last read and showed none
+    /// has come round at that read; a slow one only after [`COVERED_AFTER`].
+    #[test]
+    fn a_fast_sweep_that_shows_nothing_new_has_come_round_at_once() {
+        let covered = |per_read: u64, quiet_reads: u64| {
+            let mut c = WriteClock::new(16384);
+            for k in 0..6u64 {
+                c.read(k as f64 * 0.1, |p| p < per_read * (k + 1));
+            }
+            let last = 5 + quiet_reads;
+            for k in 6..=last {
+                c.read(k as f64 * 0.1, |p| p < per_read * 6);
+            }
+            c.snapshot(last as f64 * 0.1, Duration::ZERO, 0, |_| PageState::Clean)
+                .whole
+                .extent
+        };
+        assert_eq!(covered(1024, 0), None);
+        assert_eq!(covered(1024, 1), Some(6144));
+        assert_eq!(covered(20, 1), None);
+        assert_eq!(covered(20, 2), None);
+        assert_eq!(covered(20, 3), Some(120));
     }
 
     /// A read that spans the end of the sweep's order and its start ends a lap on.
