@@ -237,6 +237,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A bitmap of `len` bits with those in `set` set.
+    fn bitmap_of(len: u64, set: &std::collections::BTreeSet<u64>) -> Bitmap {
+        let mut b = Bitmap::new(len);
+        for &i in set {
+            b.set(i);
+        }
+        b
+    }
+
     #[test]
     fn full_is_trimmed() {
         let b = Bitmap::full(70);
@@ -271,11 +280,7 @@ mod tests {
             mask in proptest::collection::btree_set(0u64..300, 0..200),
             to in proptest::collection::btree_set(0u64..300, 0..100),
         ) {
-            let map = |s: &std::collections::BTreeSet<u64>| {
-                let mut b = Bitmap::new(300);
-                for &i in s { b.set(i); }
-                b
-            };
+            let map = |s| bitmap_of(300, s);
             let (mut f, m, mut t) = (map(&from), map(&mask), map(&to));
             let moved = f.move_masked(&m, &mut t);
             prop_assert_eq!(moved, from.intersection(&mask).count() as u64);
@@ -300,11 +305,7 @@ mod tests {
             old_cold in proptest::collection::btree_set(0u64..500, 0..50),
             old_hot in proptest::collection::btree_set(0u64..500, 0..50),
         ) {
-            let map = |s: &std::collections::BTreeSet<u64>| {
-                let mut b = Bitmap::new(500);
-                for &i in s { b.set(i); }
-                b
-            };
+            let map = |s| bitmap_of(500, s);
             let (w, s, r) = (map(&written), map(&sent), map(&resent));
             let mut cold = map(&old_cold);
             let mut hot = Bitmap::new(500);
