@@ -39,7 +39,7 @@
 use super::Policy;
 use super::{dirty_pass, fill_cycle, multiplex_step, multiplex_timeout, resent, EpochTracker};
 use super::{expected_writes, forecast_with_pass, multiplexed_forecast, page_time, Multiplex};
-use super::{forecast_from, resend_budget, throttled_page_time};
+use super::{forecast_from, phi, resend_budget, throttled_page_time};
 use super::{Controls, Decision, Forecast, PolicyConfig, Progress};
 
 /// The most passes over the dirty set after the never-sent group is empty.
@@ -177,14 +177,7 @@ impl Membound {
             .saturating_sub(p.never_sent)
             .saturating_sub(p.dirty) as f64;
         let span = d * t;
-        // Of pages resent during the pass, the share dirty again at its end.
-        let phi = |x: f64| {
-            if x <= 1e-12 {
-                0.0
-            } else {
-                1.0 + (-x).exp_m1() / x
-            }
-        };
+        // Of pages resent during the pass, the share dirty again at its end is `phi`.
         let dirty_after = |g: f64| {
             let (xl, xm, xr) = (lambda * g * span, mu * g * span, rho * g * span);
             c * -(-xl).exp_m1() + d_ws * phi(xm) + (d - d_ws) * phi(xr)

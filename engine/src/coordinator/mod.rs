@@ -1011,13 +1011,18 @@ fn held_later(p: &Progress, known: f64, live: f64) -> f64 {
     let not_dirty = (total - known).max(1.0);
     let unwritten = (m.working_set() - known).max(0.0);
     let never_sent = unwritten * (p.never_sent as f64 / not_dirty).min(1.0);
-    let x = m.rate / m.wss * live;
-    let phi = if x > 1e-12 {
-        1.0 + (-x).exp_m1() / x
-    } else {
+    never_sent * phi(m.rate / m.wss * live)
+}
+
+/// Of pages each written at random at a rate that makes `x` writes a page over a window,
+/// and each sent at an even time within it, the share written between the send and the
+/// window's end (or, the same, between its start and the send): `φ(x) = 1 − (1 − e^{−x}) / x`.
+fn phi(x: f64) -> f64 {
+    if x <= 1e-12 {
         0.0
-    };
-    never_sent * phi
+    } else {
+        1.0 + (-x).exp_m1() / x
+    }
 }
 
 /// A sweep's period shorter than this is not followed page by page: the log is read every
