@@ -83,6 +83,11 @@ pub struct Report {
     pub compressed: bool,
     #[serde(default)]
     pub codec: String,
+    /// The codec of the stop-and-copy, and of a live phase's tail once a throttle of 0.9 or
+    /// more leaves the workers the cores: with `--compress auto`, the probe's best with the
+    /// vCPUs stopped (`probe.paused_bytes_per_s`), which may not be the live phase's.
+    #[serde(default)]
+    pub paused_codec: Option<String>,
     /// With `--compress auto`: the codecs tried while the VM ran, and what each moved.
     #[serde(default)]
     pub codec_trials: Vec<CodecTrial>,
@@ -263,6 +268,11 @@ pub struct ProbeFigures {
     /// The wire rate and bytes per page of the chosen mode, which the bound uses.
     pub bytes_per_s: f64,
     pub wire_bytes_per_page: f64,
+    /// The wire rate of the chosen mode with the vCPUs stopped, which the stop-and-copy and
+    /// throttled forecasts use: the workers encode at their CPU time's rate, at most what the
+    /// lanes carry.
+    #[serde(default)]
+    pub paused_bytes_per_s: Option<f64>,
     /// The guest's writes, fitted during the probe: a working set (pages) written at first at
     /// `write_pages_per_s`, plus a drift over all memory (pages/s). `None` without a fit.
     #[serde(default)]
@@ -338,6 +348,15 @@ impl Report {
                 )
             })
             .collect::<String>();
+        let trials = match &self.paused_codec {
+            Some(c) if *c != self.codec => {
+                format!(
+                    "{trials}\ncodec {} live, {c} once the workers had the cores",
+                    self.codec
+                )
+            }
+            _ => trials,
+        };
         format!(
             "migration {}: policy {}{}, {} MiB, {} vCPU(s)\n\
              total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms) after {:.0} ms of setup; bound {}\n\

@@ -232,7 +232,8 @@ fn every_policy_and_overcommit() {
     }
 }
 
-/// Each codec forced: pages travel as that class (random pages raw), memory identical.
+/// Each codec forced: pages travel as that class (random pages raw), in the stop-and-copy
+/// too, memory identical.
 #[test]
 fn every_codec() {
     require_kvm();
@@ -245,6 +246,8 @@ fn every_codec() {
             if codec == "off" { "raw" } else { codec },
             "{what}"
         );
+        // A forced codec is the stop-and-copy's too.
+        assert_eq!(v["paused_codec"], v["codec"], "{what}");
         let pages = |c: &str| v["pages"][c]["pages"].as_u64().unwrap();
         assert!(pages(class) > 1000, "{what}: {v:#}");
         for other in ["lz4", "compressed"].into_iter().filter(|&c| c != class) {

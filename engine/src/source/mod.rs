@@ -40,8 +40,8 @@ use crate::encode::{BatchEncoder, Codec, EncodeError, EncoderConfig};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
+use crate::report::{CodecTrial, Report, Sample, SwitchoverFigures};
 use crate::report::{CpuFigures, ForecastRecord, LaneReport, Phase, ProbeFigures, ProgressEvent};
-use crate::report::{Report, Sample, SwitchoverFigures};
 use crate::vm::{Vm, VmError};
 
 /// Tuning of the source side; every field has a documented default.
@@ -273,6 +273,10 @@ struct Probe {
     codec: Codec,
     rate: f64,
     bpp: f64,
+    /// With the vCPUs stopped, or throttled to [`PAUSED_CODEC_AT`]: the codec, and the pages
+    /// per second the workers and lanes move with it.
+    paused_codec: Codec,
+    paused_pages: f64,
     /// Seconds one core takes to hash a page (xxh3), for the switchover's digest comparison.
     secs_hash: f64,
     /// A message's round trip over the lanes, acknowledgement included.
@@ -375,21 +379,25 @@ const ROUND_TRIPS: u32 = 3;
 const HASH_PROBE_PAGES: u64 = 8192;
 
 /// What encoding a sample of pages with one codec cost: wire bytes per page, and seconds per
-/// page of each worker, all of them encoding at once.
+/// page of each worker, all of them encoding at once next to the running vCPUs, in time
+/// (`secs`) and in the worker's own CPU time (`cpu_secs`: what a page takes a worker that has
+/// a core to itself, as with the vCPUs paused).
 #[derive(Clone, Copy, Debug, Default)]
 struct CodecSample {
     bpp: f64,
     secs: f64,
+    cpu_secs: f64,
 }
 
-/// Encodes the pages `first`, `first + step`, … of `mem` as the workers would: the pages read
-/// and the wire bytes.
+/// Encodes the pages `first`, `first + step`, … of `mem` as the workers would: the pages read,
+/// the wire bytes, and the calling thread's CPU time.
 fn encode_sample(
     mem: &GuestMemory,
     cfg: EncoderConfig,
     first: u64,
     step: u64,
-) -> Result<(u64, u64), EncodeError> {
+) -> Result<(u64, u64, Duration), EncodeError> {
+    let cpu0 = cpu::thread_time();
     let mut enc = BatchEncoder::new(cfg);
     let mut page = [0u8; PAGE_SIZE];
     let (mut n, mut bytes) = (0u64, 0u64);
@@ -403,7 +411,7 @@ fn encode_sample(
         }
     }
     bytes += enc.finish().0.len() as u64;
-    Ok((n, bytes))
+    Ok((n, bytes, cpu::thread_time().saturating_sub(cpu0)))
 }
 
 impl CodecSample {
@@ -412,7 +420,37 @@ impl CodecSample {
         let i = Codec::ALL.iter().position(|&c| c == codec).unwrap_or(0);
         samples[i]
     }
+
+    /// Pages per second `workers` move with this codec over lanes carrying `lane_rate` wire
+    /// bytes per second: the lower of what they encode and what the lanes carry. Next to
+    /// running vCPUs a worker takes the time it took in the sample; with the vCPUs `paused`
+    /// (or mostly throttled) each has its core and takes its CPU time.
+    fn pages(&self, workers: f64, lane_rate: f64, paused: bool) -> f64 {
+        let secs = if paused { self.cpu_secs } else { self.secs };
+        (workers / secs.max(1e-9)).min(lane_rate / self.bpp)
+    }
 }
+
+/// The codec whose sample (in [`Codec::ALL`]'s order) moves the most pages per second by
+/// `pages`; on a tie the first, the better ratio.
+fn fastest(samples: &[CodecSample; 3], pages: impl Fn(&CodecSample) -> f64) -> Codec {
+    Codec::ALL
+        .into_iter()
+        .zip(samples)
+        .fold((Codec::ALL[0], 0.0), |best, (c, s)| {
+            let p = pages(s);
+            if p > best.1 {
+                (c, p)
+            } else {
+                best
+            }
+        })
+        .0
+}
+
+/// The throttle from which the vCPUs leave the workers the cores, as when paused: the codec
+/// is then the probe's best for paused vCPUs ([`Migration::settle_codec`]).
+const PAUSED_CODEC_AT: f64 = 0.9;
 
 /// Progress marks at which the report keeps the policy's forecast.
 const FORECAST_MARKS: [f64; 4] = [0.0, 0.10, 0.25, 0.50];
@@ -478,8 +516,11 @@ struct Migration<'a, 'd, 's> {
     live_hash_pages: u64,
     forecasts: Vec<ForecastRecord>,
     timeline: Vec<Sample>,
-    /// With `--compress auto`, what keeps the codec the fastest one while the VM runs.
+    /// With `--compress auto`, what keeps the codec the fastest one while the VM runs; once
+    /// it has ended, the codec it settled on and the trials it made.
     tuner: Option<tune::Tuner>,
+    live_codec: Option<Codec>,
+    codec_trials: Vec<CodecTrial>,
 }
 
 /// Migrates `vm` (running, with `tracker` watching its memory) over `tx`. On success the
@@ -564,6 +605,8 @@ pub fn migrate(
             forecasts: Vec::new(),
             timeline: Vec::new(),
             tuner: None,
+            live_codec: None,
+            codec_trials: Vec::new(),
         };
         let r = m.run(progress);
         // Let the workers finish what they hold before the scope joins them.
@@ -779,12 +822,7 @@ impl Migration<'_, '_, '_> {
         };
         // The loop ends only settled: nothing is queued or in flight.
         let drain_ms = drain.as_secs_f64() * 1e3;
-        let mut codec_trials = Vec::new();
-        if let Some(t) = self.tuner.take() {
-            let codec;
-            (codec, codec_trials) = t.finish();
-            self.set_codec(codec);
-        }
+        self.settle_codec();
 
         // Stop-and-copy, spread over every worker and lane. Its event goes out before the
         // pause, and none in the downtime: each wakes the stream's reader (`ferry migrate`, a
@@ -920,7 +958,8 @@ impl Migration<'_, '_, '_> {
         let wire_bytes = self.wire_bytes();
         let [zstd, lz4, raw] =
             [Codec::Zstd, Codec::Lz4, Codec::Raw].map(|c| CodecSample::of(&self.probe.codecs, c));
-        let codec = Codec::from_u8(self.shared.codec.load(Ordering::Relaxed));
+        let paused_codec = self.codec();
+        let codec = self.live_codec.unwrap_or(paused_codec);
         let mut report = Report {
             verified: true,
             verify: self.cfg.verify,
@@ -931,7 +970,8 @@ impl Migration<'_, '_, '_> {
             workers: self.n_workers,
             compressed: codec != Codec::Raw,
             codec: codec.to_string(),
-            codec_trials,
+            paused_codec: Some(paused_codec.to_string()),
+            codec_trials: std::mem::take(&mut self.codec_trials),
             total_ms: total,
             live_ms: paused_at.duration_since(self.t0).as_secs_f64() * 1e3,
             downtime_ms: resumed_at.duration_since(paused_at).as_secs_f64() * 1e3,
@@ -955,6 +995,10 @@ impl Migration<'_, '_, '_> {
                 raw_wire_bytes_per_page: raw.bpp,
                 raw_us_per_page: raw.secs * 1e6,
                 bytes_per_s: self.probe.rate,
+                paused_bytes_per_s: Some(
+                    self.probe.paused_pages
+                        * CodecSample::of(&self.probe.codecs, self.probe.paused_codec).bpp,
+                ),
                 wire_bytes_per_page: self.probe.bpp,
                 write_pages_per_s: self.writes.map(|m| m.rate),
                 working_set_pages: self.writes.map(|m| m.wss),
@@ -1021,6 +1065,26 @@ impl Migration<'_, '_, '_> {
         self.shared.codec.store(c.to_u8(), Ordering::Relaxed);
     }
 
+    /// The codec the workers use now.
+    fn codec(&self) -> Codec {
+        Codec::from_u8(self.shared.codec.load(Ordering::Relaxed))
+    }
+
+    /// Ends the tuning of the codec (`--compress auto`) when the workers get the cores: the
+    /// vCPUs are stopped for the stop-and-copy, or throttled to [`PAUSED_CODEC_AT`] (no policy
+    /// lowers its throttle again before the switchover). From then on the workers use the
+    /// probe's best codec with the cores to themselves: on the 1 Gbit/s testbed that is zstd
+    /// at the link's rate, where LZ4, the live phase's choice next to busy vCPUs, moves a
+    /// fifth fewer pages.
+    fn settle_codec(&mut self) {
+        if let Some(t) = self.tuner.take() {
+            let codec;
+            (codec, self.codec_trials) = t.finish();
+            self.live_codec = Some(codec);
+            self.set_codec(self.probe.paused_codec);
+        }
+    }
+
     /// Lets the tuner see the pages and bytes sent so far, and switches the workers' codec
     /// if it says so.
     fn tune(&mut self, now: Instant) {
@@ -1042,6 +1106,9 @@ impl Migration<'_, '_, '_> {
             self.count_unthrottled(Instant::now());
             self.vm.set_throttle(c.throttle);
             self.max_throttle = self.max_throttle.max(self.vm.throttle());
+            if c.throttle >= PAUSED_CODEC_AT {
+                self.settle_codec();
+            }
         }
         if c.cores != self.controls.cores {
             if let Some(cpus) = self.vm.overcommit(c.cores)? {
@@ -1192,7 +1259,8 @@ impl Migration<'_, '_, '_> {
             bandwidth: self.bandwidth(),
             queued: self.pages_sent.saturating_sub(encoded),
             bytes_per_page: self.bytes_per_page(wire_bytes, encoded),
-            paused_bandwidth: self.probe.rate,
+            paused_bandwidth: self.probe.paused_pages
+                * CodecSample::of(&self.probe.codecs, self.codec()).bpp,
             dirtied_last_epoch: self.dirtied_last_epoch,
             held_back: self.deferred,
             unharvested: Some(self.unharvested),
@@ -1423,27 +1491,37 @@ impl Migration<'_, '_, '_> {
                     .map(|w| w.join().expect("the encode probe does not panic"))
                     .collect::<Result<Vec<_>, _>>()
             })?;
-            let (n, bytes) = parts
+            let (n, bytes, cpu) = parts
                 .iter()
-                .fold((0, 0), |(n, b), &(pn, pb)| (n + pn, b + pb));
+                .fold((0, 0, Duration::ZERO), |(n, b, c), &(pn, pb, pc)| {
+                    (n + pn, b + pb, c + pc)
+                });
             let n = n.max(1) as f64;
             Ok(CodecSample {
                 bpp: (bytes as f64 / n).max(16.0),
                 secs: t.elapsed().as_secs_f64() * par as f64 / n,
+                cpu_secs: cpu.as_secs_f64() / n,
             })
         };
-        // Each codec is timed twice, in turn, and the faster timing kept: once, in 192 testbed
-        // rows, a hiccup during LZ4's single timing read it 4–6 times slower than in the rows
-        // around it, raw was chosen at 1 Gbit/s and the migration took 3.5 times as long.
+        // Each codec is timed twice, in turn, and the faster timing kept (and the lower CPU
+        // time): once, in 192 testbed rows, a hiccup during LZ4's single timing read it 4–6
+        // times slower than in the rows around it, raw was chosen at 1 Gbit/s and the
+        // migration took 3.5 times as long.
         let mut codecs = [CodecSample::default(); 3];
         // Meanwhile, the vCPUs' CPU time next to busy workers.
         let (codec_guest0, codec_t0) = (self.vm.vcpu_cpu_time(), Instant::now());
         for round in 0..CODEC_PROBE_ROUNDS {
             for (c, out) in Codec::ALL.into_iter().zip(&mut codecs) {
                 let s = sample(c)?;
-                if round == 0 || s.secs < out.secs {
+                if round == 0 {
+                    *out = s;
+                    continue;
+                }
+                let cpu_secs = s.cpu_secs.min(out.cpu_secs);
+                if s.secs < out.secs {
                     *out = s;
                 }
+                out.cpu_secs = cpu_secs;
             }
         }
         let busy_guest_cpu = self
@@ -1535,27 +1613,15 @@ impl Migration<'_, '_, '_> {
             lane_rate = lane_rate.min(cap);
         }
 
-        // Pages per second with each codec: the lower of what the cores encode (workers, at
-        // most the cores there are) and what the lanes carry. On a tie, the codec first in
-        // Codec::ALL (the better ratio) wins.
+        // The codec that moves the most pages per second with the vCPUs running, and with them
+        // stopped (the stop-and-copy) or mostly throttled.
         let par = par as f64;
-        let pages = |s: CodecSample| (par / s.secs).min(lane_rate / s.bpp);
-        let codec = match self.cfg.compress {
+        let pages = |s: CodecSample| s.pages(par, lane_rate, false);
+        let best = |paused| match self.cfg.compress {
             CompressMode::Fixed(c) => c,
-            CompressMode::Auto => {
-                Codec::ALL
-                    .into_iter()
-                    .zip(codecs)
-                    .fold((Codec::Zstd, 0.0), |best, (c, s)| {
-                        if pages(s) > best.1 {
-                            (c, pages(s))
-                        } else {
-                            best
-                        }
-                    })
-                    .0
-            }
+            CompressMode::Auto => fastest(&codecs, |s| s.pages(par, lane_rate, paused)),
         };
+        let (codec, paused_codec) = (best(false), best(true));
         let chosen = CodecSample::of(&codecs, codec);
         // The workers are busy for the share of the time the lanes leave them; meanwhile the
         // vCPUs run as they did in the codec probe.
@@ -1572,6 +1638,10 @@ impl Migration<'_, '_, '_> {
             codec,
             rate: pages(chosen) * chosen.bpp,
             bpp: chosen.bpp,
+            paused_codec,
+            paused_pages: CodecSample::of(&codecs, paused_codec)
+                .pages(par, lane_rate, true)
+                .max(pages(chosen)),
             secs_hash,
             round_trip,
             pause,
@@ -1651,5 +1721,36 @@ mod tests {
             Duration::from_secs(60 + 128)
         );
         assert!(ready_timeout(reply, 1 << 40) > Duration::from_secs(2048));
+    }
+
+    /// Next to busy vCPUs the workers are the limit and LZ4 moves the most pages; with the
+    /// vCPUs stopped they encode at their CPU time's rate, the lanes are the limit, and zstd's
+    /// smaller pages win. The testbed's figures: 2 workers, 1 Gbit/s.
+    #[test]
+    fn the_codec_with_the_cores_free_can_differ_from_the_live_one() {
+        let sample = |bpp, us, cpu_us| CodecSample {
+            bpp,
+            secs: us * 1e-6,
+            cpu_secs: cpu_us * 1e-6,
+        };
+        let codecs = [
+            sample(1624.0, 40.0, 13.0),
+            sample(2061.0, 16.0, 8.0),
+            sample(3092.0, 1.5, 1.4),
+        ];
+        let (workers, lane) = (2.0, 125e6);
+        let live = fastest(&codecs, |s| s.pages(workers, lane, false));
+        let paused = fastest(&codecs, |s| s.pages(workers, lane, true));
+        assert_eq!((live, paused), (Codec::Lz4, Codec::Zstd));
+        // zstd paused: the lanes' 77k pages/s, not the workers' 154k; live: the workers' 50k.
+        let zstd = codecs[0];
+        assert!((zstd.pages(workers, lane, true) - lane / 1624.0).abs() < 1.0);
+        assert!((zstd.pages(workers, lane, false) - 50e3).abs() < 1.0);
+        // On loopback (no lane limit) raw wins either way.
+        let fast = 1e12;
+        assert_eq!(
+            fastest(&codecs, |s| s.pages(workers, fast, true)),
+            Codec::Raw
+        );
     }
 }
