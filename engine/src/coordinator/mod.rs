@@ -120,6 +120,9 @@ pub struct Progress {
     /// than the live phase's `bandwidth` (never slower). 0 if unknown: the stop-and-copy is
     /// then forecast at `bandwidth`.
     pub paused_bandwidth: f64,
+    /// How the stop-and-copy's pages are batched: its first batch is encoded before any of it
+    /// travels.
+    pub stop_batches: StopBatches,
     /// Pages newly put in the dirty group by the last harvest.
     pub dirtied_last_epoch: u64,
     /// Never-sent pages held back with the hot ones so far ([`Controls::defer_hot`]).
@@ -136,6 +139,46 @@ pub struct Progress {
     /// Where a sample of the pages and the guest stand in a sweep's order, if the executor
     /// follows the dirty log: where a sweeping guest's next writes fall ([`SweepOrder`]).
     pub sweep_order: Option<Arc<SweepOrder>>,
+}
+
+/// How the executor hands the stop-and-copy's pages to the workers: in batches, each encoded
+/// whole by one worker before it is sent. The first batch is encoded before any page
+/// travels: 256 pages of zstd take a worker 3.3 ms on the testbed, as long as they take on a
+/// 1 Gbit/s link. A small stop-and-copy is cut into smaller batches, a few for each worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StopBatches {
+    /// Workers encoding at once.
+    pub workers: usize,
+    /// The most pages in a batch.
+    pub max_pages: usize,
+    /// Seconds a worker takes to encode a page with a core to itself; 0 if unknown.
+    pub encode_page_time: f64,
+}
+
+/// Batches for each worker in a stop-and-copy smaller than [`StopBatches::max_pages`] allows.
+const STOP_BATCHES_PER_WORKER: usize = 4;
+
+/// The fewest pages in a stop-and-copy batch: smaller ones cost more in headers and
+/// acknowledgements than the wait they save.
+const MIN_STOP_BATCH: usize = 16;
+
+impl StopBatches {
+    /// Pages per batch for a stop-and-copy of `pages`.
+    pub fn batch(&self, pages: u64) -> usize {
+        let per = usize::try_from(pages)
+            .unwrap_or(usize::MAX)
+            .div_ceil(STOP_BATCHES_PER_WORKER * self.workers.max(1));
+        per.max(MIN_STOP_BATCH).min(self.max_pages.max(1))
+    }
+
+    /// Seconds before the first of a stop-and-copy of `pages` travels: its batch's encoding.
+    pub fn fill(&self, pages: f64) -> f64 {
+        if pages.is_nan() || pages <= 0.0 {
+            return 0.0;
+        }
+        let batch = self.batch(pages.ceil() as u64) as f64;
+        batch.min(pages) * self.encode_page_time.max(0.0)
+    }
 }
 
 impl Progress {
@@ -1238,7 +1281,7 @@ fn forecast_with_pass(
 }
 
 /// Builds a [`Forecast`] from pages left to send live and in the stop-and-copy (at the paused
-/// rate).
+/// rate, after its first batch is encoded).
 fn forecast_from(p: &Progress, live_pages: f64, final_pages: f64) -> Forecast {
     let queued = p.queued.min(p.pages_sent) as f64;
     let left = queued + live_pages.max(0.0) + final_pages.max(0.0);
@@ -1250,12 +1293,11 @@ fn forecast_from(p: &Progress, live_pages: f64, final_pages: f64) -> Forecast {
     };
     match page_time(p) {
         Some(t) => {
-            let paused = paused_page_time(p, t);
+            let final_pages = final_pages.max(0.0);
+            let downtime = final_pages * paused_page_time(p, t) + p.stop_batches.fill(final_pages);
             Forecast {
-                remaining: secs_to_duration(
-                    (queued + live_pages.max(0.0)) * t + final_pages.max(0.0) * paused,
-                ),
-                downtime: secs_to_duration(final_pages.max(0.0) * paused),
+                remaining: secs_to_duration((queued + live_pages.max(0.0)) * t + downtime),
+                downtime: secs_to_duration(downtime),
                 fraction_done,
             }
         }

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    secs_to_duration, Controls, Decision, PageState, Policy, Progress, SweepOrder, TouchedGrowth,
-    WriteClock, WriteModel,
+    secs_to_duration, Controls, Decision, PageState, Policy, Progress, StopBatches, SweepOrder,
+    TouchedGrowth, WriteClock, WriteModel,
 };
 
 /// How the simulated guest writes its memory. Rates are page writes per second.
@@ -329,6 +329,8 @@ impl Sim {
             bytes_per_page: if known { self.cfg.bytes_per_page } else { 0.0 },
             // One rate, vCPUs running or not.
             paused_bandwidth: 0.0,
+            // Pages travel as they are sent.
+            stop_batches: StopBatches::default(),
             dirtied_last_epoch: self.dirtied_last_epoch,
             held_back: self.deferred,
             unharvested: self.cfg.read_log.then(|| self.unharvested()),

@@ -140,6 +140,7 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
         bandwidth: 1e6,
         bytes_per_page: 4096.0,
         paused_bandwidth: 0.0,
+        stop_batches: StopBatches::default(),
         dirtied_last_epoch: dirty,
         held_back: 0,
         unharvested: None,
@@ -498,6 +499,48 @@ fn the_stop_and_copy_is_forecast_at_the_paused_rate() {
             ..p.clone()
         });
         assert_eq!(slower.downtime, live.downtime, "{kind}");
+    }
+}
+
+/// A stop-and-copy smaller than a few batches a worker is cut into batches of a few dozen
+/// pages, and its forecast waits for the first of them to be encoded.
+#[test]
+fn the_stop_and_copy_waits_for_its_first_batch() {
+    let b = StopBatches {
+        workers: 2,
+        max_pages: 256,
+        encode_page_time: 13e-6,
+    };
+    assert_eq!(b.batch(218), 28);
+    assert_eq!(b.batch(10), 16);
+    assert_eq!(b.batch(100_000), 256);
+    assert_eq!(b.fill(0.0), 0.0);
+    assert!((b.fill(10.0) - 10.0 * 13e-6).abs() < 1e-12);
+    assert!((b.fill(218.0) - 28.0 * 13e-6).abs() < 1e-12);
+    // At most one batch of the largest size, however large the stop-and-copy.
+    assert!((b.fill(1e6) - 256.0 * 13e-6).abs() < 1e-12);
+
+    let p = progress(1, 0, 218);
+    let cfg = PolicyConfig {
+        max_downtime: Duration::from_secs(1),
+        ..policy_cfg()
+    };
+    for kind in [PolicyKind::Mplm, PolicyKind::Precopy] {
+        let policy = make_policy(kind, &cfg);
+        let alone = policy.forecast(&p);
+        let batched = policy.forecast(&Progress {
+            stop_batches: b,
+            ..p.clone()
+        });
+        let wait = batched.downtime.as_secs_f64() - alone.downtime.as_secs_f64();
+        assert!(
+            (wait - b.fill(218.0)).abs() < 1e-6,
+            "{kind}: {alone:?} vs {batched:?}"
+        );
+        assert_eq!(
+            batched.remaining - alone.remaining,
+            batched.downtime - alone.downtime
+        );
     }
 }
 

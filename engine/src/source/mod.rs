@@ -32,7 +32,8 @@ use ferry_transport::SessionSender;
 use crate::bitmap::Bitmap;
 use crate::coordinator::FORECAST_EVERY;
 use crate::coordinator::{self, Controls, Decision, Forecast, PolicyConfig, PolicyKind};
-use crate::coordinator::{PageState, Progress, SweepOrder, TouchedGrowth, WriteClock, WriteModel};
+use crate::coordinator::{PageState, Progress, StopBatches, SweepOrder, TouchedGrowth};
+use crate::coordinator::{WriteClock, WriteModel};
 use crate::cpu;
 use crate::digest::{self, LiveTerms, VerifyMode};
 use crate::dirty::{DirtyError, DirtyTracker};
@@ -893,7 +894,8 @@ impl Migration<'_, '_, '_> {
                     (d, t.elapsed().as_secs_f64() * 1e3)
                 });
                 let sent = (|| {
-                    self.queue(&rest)?;
+                    let batch = self.stop_batches().batch(final_pages);
+                    self.queue_in(&rest, batch)?;
                     self.flush()?;
                     // The VM's state is read while the workers encode the last pages.
                     let state = self.vm.save_state()?;
@@ -1065,6 +1067,15 @@ impl Migration<'_, '_, '_> {
         self.shared.codec.store(c.to_u8(), Ordering::Relaxed);
     }
 
+    /// How the stop-and-copy's pages go to the workers.
+    fn stop_batches(&self) -> StopBatches {
+        StopBatches {
+            workers: self.n_workers,
+            max_pages: self.shared.encoder.max_pages,
+            encode_page_time: CodecSample::of(&self.probe.codecs, self.probe.paused_codec).cpu_secs,
+        }
+    }
+
     /// The codec the workers use now.
     fn codec(&self) -> Codec {
         Codec::from_u8(self.shared.codec.load(Ordering::Relaxed))
@@ -1188,12 +1199,17 @@ impl Migration<'_, '_, '_> {
 
     /// Marks `pages` sent and queues them for the workers, in work items of one batch.
     fn queue(&mut self, pages: &[u64]) -> Result<(), MigrateError> {
+        self.queue_in(pages, self.shared.encoder.max_pages)
+    }
+
+    /// [`Self::queue`], in batches of `batch` pages.
+    fn queue_in(&mut self, pages: &[u64], batch: usize) -> Result<(), MigrateError> {
         for &p in pages {
             self.sent.set(p);
         }
         self.pages_sent += pages.len() as u64;
         self.pending.extend_from_slice(pages);
-        let batch = self.shared.encoder.max_pages.max(1);
+        let batch = batch.max(1);
         while self.pending.len() >= batch {
             let rest = self.pending.split_off(batch);
             let work = std::mem::replace(&mut self.pending, rest);
@@ -1261,6 +1277,7 @@ impl Migration<'_, '_, '_> {
             bytes_per_page: self.bytes_per_page(wire_bytes, encoded),
             paused_bandwidth: self.probe.paused_pages
                 * CodecSample::of(&self.probe.codecs, self.codec()).bpp,
+            stop_batches: self.stop_batches(),
             dirtied_last_epoch: self.dirtied_last_epoch,
             held_back: self.deferred,
             unharvested: Some(self.unharvested),
