@@ -475,29 +475,45 @@ fn a_sweep_faster_than_its_model_is_followed_at_the_speed_the_log_shows() {
     }
 }
 
-/// The stop-and-copy is forecast at the rate the probe measured with the vCPUs stopped when
-/// that is faster than the live phase's, the live pages at the live rate; never slower.
-#[test]
-fn the_stop_and_copy_is_forecast_at_the_paused_rate() {
-    let p = progress(1, 0, 100);
-    // 100 pages, 409.6 ms at the live rate: precopy stops with them at a 1 s target.
+/// Mplm's and precopy's forecasts with `dirty` pages left for the stop-and-copy (precopy
+/// stops with a few hundred of them at a 1 s target), as measured and as `with` changes the
+/// measurement.
+fn stop_and_copy_forecasts(
+    dirty: u64,
+    with: impl Fn(&Progress) -> Progress,
+) -> Vec<(PolicyKind, Forecast, Forecast)> {
+    let p = progress(1, 0, dirty);
     let cfg = PolicyConfig {
         max_downtime: Duration::from_secs(1),
         ..policy_cfg()
     };
-    for kind in [PolicyKind::Mplm, PolicyKind::Precopy] {
-        let policy = make_policy(kind, &cfg);
-        let live = policy.forecast(&p);
-        let paused = policy.forecast(&Progress {
-            paused_bandwidth: 2e6,
-            ..p.clone()
-        });
+    [PolicyKind::Mplm, PolicyKind::Precopy]
+        .into_iter()
+        .map(|kind| {
+            let policy = make_policy(kind, &cfg);
+            (kind, policy.forecast(&p), policy.forecast(&with(&p)))
+        })
+        .collect()
+}
+
+/// The stop-and-copy is forecast at the rate the probe measured with the vCPUs stopped when
+/// that is faster than the live phase's, the live pages at the live rate; never slower.
+#[test]
+fn the_stop_and_copy_is_forecast_at_the_paused_rate() {
+    // 100 pages, 409.6 ms at the live rate.
+    let faster = stop_and_copy_forecasts(100, |p| Progress {
+        paused_bandwidth: 2e6,
+        ..p.clone()
+    });
+    for (kind, live, paused) in faster {
         let ratio = paused.downtime.as_secs_f64() / live.downtime.as_secs_f64();
         assert!((ratio - 0.5).abs() < 1e-9, "{kind}: {live:?} vs {paused:?}");
-        let slower = policy.forecast(&Progress {
-            paused_bandwidth: 0.5e6,
-            ..p.clone()
-        });
+    }
+    let slower = stop_and_copy_forecasts(100, |p| Progress {
+        paused_bandwidth: 0.5e6,
+        ..p.clone()
+    });
+    for (kind, live, slower) in slower {
         assert_eq!(slower.downtime, live.downtime, "{kind}");
     }
 }
@@ -520,18 +536,11 @@ fn the_stop_and_copy_waits_for_its_first_batch() {
     // At most one batch of the largest size, however large the stop-and-copy.
     assert!((b.fill(1e6) - 256.0 * 13e-6).abs() < 1e-12);
 
-    let p = progress(1, 0, 218);
-    let cfg = PolicyConfig {
-        max_downtime: Duration::from_secs(1),
-        ..policy_cfg()
-    };
-    for kind in [PolicyKind::Mplm, PolicyKind::Precopy] {
-        let policy = make_policy(kind, &cfg);
-        let alone = policy.forecast(&p);
-        let batched = policy.forecast(&Progress {
-            stop_batches: b,
-            ..p.clone()
-        });
+    let batched = stop_and_copy_forecasts(218, |p| Progress {
+        stop_batches: b,
+        ..p.clone()
+    });
+    for (kind, alone, batched) in batched {
         let wait = batched.downtime.as_secs_f64() - alone.downtime.as_secs_f64();
         assert!(
             (wait - b.fill(218.0)).abs() < 1e-6,
