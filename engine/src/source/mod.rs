@@ -1742,7 +1742,7 @@ mod tests {
 
     /// Next to busy vCPUs the workers are the limit and LZ4 moves the most pages; with the
     /// vCPUs stopped they encode at their CPU time's rate, the lanes are the limit, and zstd's
-    /// smaller pages win. The testbed's figures: 2 workers, 1 Gbit/s.
+    /// smaller pages win. Figures like the testbed's: 2 workers, 1 Gbit/s.
     #[test]
     fn the_codec_with_the_cores_free_can_differ_from_the_live_one() {
         let sample = |bpp, us, cpu_us| CodecSample {
