@@ -522,6 +522,8 @@ struct Migration<'a, 'd, 's> {
     tuner: Option<tune::Tuner>,
     live_codec: Option<Codec>,
     codec_trials: Vec<CodecTrial>,
+    /// How the pages' bytes per page compared with the probe's sample at the codec's switch.
+    bpp_scale: f64,
 }
 
 /// Migrates `vm` (running, with `tracker` watching its memory) over `tx`. On success the
@@ -608,6 +610,7 @@ pub fn migrate(
             tuner: None,
             live_codec: None,
             codec_trials: Vec::new(),
+            bpp_scale: 1.0,
         };
         let r = m.run(progress);
         // Let the workers finish what they hold before the scope joins them.
@@ -1087,11 +1090,26 @@ impl Migration<'_, '_, '_> {
     /// probe's best codec with the cores to themselves: on the 1 Gbit/s testbed that is zstd
     /// at the link's rate, where LZ4, the live phase's choice next to busy vCPUs, moves a
     /// fifth fewer pages.
+    ///
+    /// The bytes per page measured over the last second start again with the new codec: in
+    /// the second after the switch they were still mostly the old codec's, and a membound
+    /// tail's forecast priced its zstd pages as LZ4's, 1.2 × too long. Until they read, the
+    /// probe's figure for the new codec, scaled as the pages measured so far compare with the
+    /// probe's sample.
     fn settle_codec(&mut self) {
         if let Some(t) = self.tuner.take() {
             let codec;
             (codec, self.codec_trials) = t.finish();
             self.live_codec = Some(codec);
+            if codec != self.probe.paused_codec {
+                let (wire, encoded) = (
+                    self.wire_bytes(),
+                    self.shared.encoded_pages.load(Ordering::Relaxed),
+                );
+                let probed = CodecSample::of(&self.probe.codecs, self.codec()).bpp;
+                self.bpp_scale = self.bytes_per_page(wire, encoded) / probed.max(1.0);
+                self.encoded = (Meter::new(), Meter::new());
+            }
             self.set_codec(self.probe.paused_codec);
         }
     }
@@ -1297,6 +1315,9 @@ impl Migration<'_, '_, '_> {
         let (bytes, pages) = (self.encoded.0.rate(), self.encoded.1.rate());
         if bytes > 0.0 && pages > 0.0 {
             bytes / pages
+        } else if self.live_codec.is_some_and(|c| c != self.codec()) {
+            // Just switched to the paused codec ([`Self::settle_codec`]).
+            CodecSample::of(&self.probe.codecs, self.codec()).bpp * self.bpp_scale
         } else if encoded > 0 && wire > 0 {
             wire as f64 / encoded as f64
         } else {
