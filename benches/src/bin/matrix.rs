@@ -11,9 +11,9 @@
 //! destination namespace, `ferry vm run` in the source one, a warm-up (at least `--warmup`
 //! seconds, and until every vCPU has written its working set `--warm-passes` times), then
 //! `ferry migrate --json` over every lane. `precopy` (at `--max-downtime 300ms`)
-//! and `autoconverge` get `--timeout` 10 × membound's bound for the workload (run first) and
-//! `--on-limit abort`: a row they do not finish in time is "did not converge", and the VM
-//! stays on the source. Writes `matrix.jsonl` (the reports), `matrix.csv`, `matrix.md` (the
+//! and `autoconverge` get `--timeout` 10 × membound's bound for the workload (run first;
+//! [`UNBOUNDED_TIMEOUT_MS`] when `--policies` has no bounded one) and `--on-limit abort`: a
+//! row they do not finish in time is "did not converge", and the VM stays on the source. Writes `matrix.jsonl` (the reports), `matrix.csv`, `matrix.md` (the
 //! table) and, with `--plots`, `timeline-hotcold-POLICY.{json,svg}` for the hotcold workload
 //! whose working set does not fit, to the output directory. Each row also records how the
 //! lanes' rate after the ETA marks compared with the second before them, and the ETA's error
@@ -54,6 +54,11 @@ const POLICIES: [&str; 6] = [
     "precopy",
     "autoconverge",
 ];
+
+/// The timeout of `precopy` and `autoconverge` when no bounded policy ran before them for the
+/// workload: without one, a pre-copy that does not converge (`dirty-all` at 1 Gbit/s) would
+/// run until stopped. 10 × the bound of the default 512 MiB guest at 1 Gbit/s is 70–100 s.
+const UNBOUNDED_TIMEOUT_MS: f64 = 90_000.0;
 
 /// The policies whose migrations must end within their printed bound.
 const BOUNDED: [&str; 4] = ["membound", "mplm", "timebound", "timebound+overcommit"];
@@ -531,7 +536,7 @@ fn main() {
             }
             order.extend(a.policies.iter().filter(|p| !bounded(p)));
             for p in order {
-                let timeout = bound_ms.map(|b: f64| 10.0 * b);
+                let timeout = bound_ms.map_or(UNBOUNDED_TIMEOUT_MS, |b: f64| 10.0 * b);
                 eprintln!("matrix: {w} wss={} {p} run {run}", wss.unwrap_or("-"));
                 let mut guest = Vec::new();
                 let mut label = wss.unwrap_or("").to_owned();
@@ -551,7 +556,15 @@ fn main() {
                 let log = a
                     .reports
                     .then(|| a.out.join(format!("log-{name}-{run}.txt")));
-                let v = migrate(&a, &tb, &key, w, &guest, &policy_args(p, timeout), log);
+                let v = migrate(
+                    &a,
+                    &tb,
+                    &key,
+                    w,
+                    &guest,
+                    &policy_args(p, Some(timeout)),
+                    log,
+                );
                 if p == "membound" || bound_ms.is_none() {
                     bound_ms = v["bound_ms"].as_f64();
                 }
