@@ -105,7 +105,7 @@ impl WriteModel {
 
     /// The ceiling the touched pages put on a window that ends `secs` seconds from now
     /// (infinite if unknown).
-    fn ceiling(&self, secs: f64) -> f64 {
+    pub(super) fn ceiling(&self, secs: f64) -> f64 {
         self.touched.map_or(f64::INFINITY, |t| t.ceiling(secs))
     }
 
