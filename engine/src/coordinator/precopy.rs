@@ -229,8 +229,9 @@ impl Precopy {
                     // What the log has shown written since the pass began, with the writes
                     // to come on the pages sent and those the pass still sends.
                     Some(seen) => {
+                        // In a dirty pass, the sweep's writes since the harvest that began it.
                         let window = p.since_harvest.as_secs_f64() + ahead;
-                        let swept = if p.never_sent == 0 {
+                        let swept = if p.never_sent == 0 && p.epoch > 0 {
                             swept_ahead(p, self.pass as f64, window, speed)
                         } else {
                             0.0
