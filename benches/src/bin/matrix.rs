@@ -13,8 +13,9 @@
 //! `ferry migrate --json` over every lane. `precopy` (at `--max-downtime 300ms`)
 //! and `autoconverge` get `--timeout` 10 × membound's bound for the workload (run first;
 //! [`UNBOUNDED_TIMEOUT_MS`] when `--policies` has no bounded one) and `--on-limit abort`: a
-//! row they do not finish in time is "did not converge", and the VM stays on the source. Writes `matrix.jsonl` (the reports), `matrix.csv`, `matrix.md` (the
-//! table) and, with `--plots`, `timeline-hotcold-POLICY.{json,svg}` for the hotcold workload
+//! row they do not finish in time is "did not converge", and the VM stays on the source.
+//! Writes `matrix.jsonl` (the reports), `matrix.csv`, `matrix.md` (the table) and, with
+//! `--plots`, `timeline-hotcold-POLICY.{json,svg}` for the hotcold workload
 //! whose working set does not fit, to the output directory. Each row also records how the
 //! lanes' rate after the ETA marks compared with the second before them, and the ETA's error
 //! had the forecast known it (`bandwidth_after_25`, `eta_err_bandwidth_known_25`, and `_50`;
