@@ -42,16 +42,21 @@ fn ln_free(throttle: f64) -> f64 {
 /// sweeps memory ([`sweep`]), writing at `speed` × the write model's drift. From where the
 /// sweep stands, the pages ahead of it were written a lap ago and sent since: not in the
 /// pass, which resends those behind it (written since the harvest), and each is dirty at the
-/// pass's end once written. So a sweep's writes over the pass count, up to the pages it covers
-/// outside the pass; those it writes after that are in the pass, and count as the mean model
-/// has it. That model spreads every write over the pages the sweep covers, pass and all: on a
-/// `dirty-all` guest half dirty at each harvest, an autoconverge pass of 1.1 s left 64k pages
-/// dirty where it forecast 51k, and the forecast at 25% was 26–45% short. A sweep whose pages
-/// were nearly all dirty (`seq` 128M after the first pass) is left to the mean model.
+/// pass's end once written. Past them the sweep comes round onto the pass's pages, the oldest
+/// first; a page it writes at `w` seconds is dirty at the end if the pass resent it before,
+/// which at an even pace in an order of its own is `w / secs` likely. The mean model spreads
+/// every write over the pages the sweep covers, pass and all: on a `dirty-all` guest half
+/// dirty at each harvest, an autoconverge pass of 1.1 s left 64k pages dirty where it
+/// forecast 51k, and the forecast at 25% was 26–45% short; a throttled pass over 62% of
+/// memory left 66k, of which the pages ahead of the sweep were 50k.
 fn swept_ahead(p: &Progress, pass: f64, secs: f64, speed: f64) -> f64 {
     let (Some(m), Some((_, shapes))) = (p.writes.as_ref(), sweep(p)) else {
         return 0.0;
     };
+    let rate = m.drift * speed;
+    if rate <= 0.0 || secs <= 0.0 {
+        return 0.0;
+    }
     // Before it has come round, a sweep is taken over all of memory (or its shares); the
     // pages the log has shown written say what it covers.
     let covered = shapes
@@ -59,7 +64,14 @@ fn swept_ahead(p: &Progress, pass: f64, secs: f64, speed: f64) -> f64 {
         .map(|&(_, pages)| pages)
         .sum::<f64>()
         .min(m.ceiling(secs));
-    (m.drift * speed * secs).min(covered - pass).max(0.0)
+    let ahead = (covered - pass).max(0.0);
+    // When the sweep reaches the pass's pages, and when it has covered its pages once.
+    let (reach, lap) = (ahead / rate, covered / rate);
+    let end = secs.min(lap);
+    if end <= reach {
+        return rate * end;
+    }
+    ahead + rate * (end * end - reach * reach) / (2.0 * secs)
 }
 
 /// Classic pre-copy: a first pass over all memory, then passes over the dirty set until the

@@ -505,9 +505,10 @@ fn eta_error_after_first_pass(
 /// clean: each is dirty at the pass's end. The mean model spreads the writes over the pass's
 /// pages too, forecasts fewer, and passes that shrink faster than they do (on the testbed,
 /// autoconverge's ETA on `dirty-all` was 26–45% short at 25%). Precopy and autoconverge over a
-/// sweep of all memory at half and at a third of the link's rate, from eight starting points,
-/// the time left when the first dirty pass starts: measured 2.2–2.4% off on average with the
-/// sweep followed, 5.6–9.7% short from the mean model.
+/// sweep of all memory at 0.7, 0.5 and 0.35 × the link's rate, from eight starting points,
+/// the time left when the first dirty pass starts: measured 5.3–5.6%, 2.2–2.4% and 2.4% off
+/// on average with the sweep followed (6.7% at 0.7 counting only the pages ahead of it),
+/// 17–24%, 7–10% and 5.6% short from the mean model.
 #[test]
 fn a_dirty_pass_leaves_what_the_sweep_writes_ahead_of_it() {
     let cfg = PolicyConfig {
@@ -515,7 +516,7 @@ fn a_dirty_pass_leaves_what_the_sweep_writes_ahead_of_it() {
         ..policy_cfg()
     };
     for kind in [PolicyKind::Precopy, PolicyKind::Autoconverge] {
-        for rate in [0.5, 0.35] {
+        for rate in [0.7, 0.5, 0.35] {
             let errors = |followed| {
                 (0..8)
                     .map(|k| {
@@ -533,7 +534,7 @@ fn a_dirty_pass_leaves_what_the_sweep_writes_ahead_of_it() {
             let (followed, mean) = (errors(true), errors(false));
             let (f, m) = (mean_abs(&followed), mean_abs(&mean));
             assert!(
-                f <= 0.05 && f * 2.0 <= m,
+                f <= 0.06 && f * 2.0 <= m,
                 "{kind} at {rate}: followed {followed:.3?} ({f:.3}), mean model {mean:.3?} ({m:.3})"
             );
         }
