@@ -223,7 +223,8 @@ impl Precopy {
         let mut throttle = throttle;
         // Dirty pages the next check sees: those of the harvest just done, or those the rest of
         // the current pass (the first one, or a dirty pass) leaves for the harvest at its end.
-        let left = if p.never_sent > 0 || epoch == 0 {
+        let first_pass = p.never_sent > 0 || epoch == 0;
+        let left = if first_pass {
             Some(0.0)
         } else if p.epoch == self.evaluated {
             Some(self.pass_left.min(p.dirty) as f64)
@@ -237,16 +238,17 @@ impl Precopy {
                 ahead += left * t;
                 epoch += 1;
                 let speed = self.speed_under(throttle);
+                // From the harvest that began the current pass to its end.
+                let window = p.since_harvest.as_secs_f64() + ahead;
                 let dirtied = match p.unharvested {
                     // What the log has shown written since the pass began, with the writes
-                    // to come on the pages sent and those the pass still sends.
+                    // to come on the pages sent and those the pass still sends; in a dirty
+                    // pass, at least the sweep's writes over it.
                     Some(seen) => {
-                        // In a dirty pass, the sweep's writes since the harvest that began it.
-                        let window = p.since_harvest.as_secs_f64() + ahead;
-                        let swept = if p.never_sent == 0 && p.epoch > 0 {
-                            swept_ahead(p, self.pass as f64, window, speed)
-                        } else {
+                        let swept = if first_pass {
                             0.0
+                        } else {
+                            swept_ahead(p, self.pass as f64, window, speed)
                         };
                         self.pass_writes(p, p.never_sent as f64 + left, left, ahead, speed)
                             .with_seen(seen as f64, p.working_set(), total)
@@ -254,7 +256,6 @@ impl Precopy {
                             .min(total)
                     }
                     None => {
-                        let window = p.since_harvest.as_secs_f64() + ahead;
                         let pass = if p.epoch == 0 {
                             total
                         } else {
