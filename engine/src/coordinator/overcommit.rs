@@ -28,6 +28,19 @@ pub struct Overcommit {
     pub from: usize,
 }
 
+impl Overcommit {
+    /// The cores the vCPU threads get when over-commit begins: `cores`, or one fewer than
+    /// `from` when `stepwise` (never fewer than `cores`, nor than 1).
+    pub fn first_cores(&self) -> usize {
+        let floor = self.cores.max(1);
+        if self.stepwise {
+            self.from.saturating_sub(1).max(floor)
+        } else {
+            floor
+        }
+    }
+}
+
 /// A policy whose vCPUs are over-committed past a progress mark.
 pub struct Overcommitted {
     inner: Box<dyn Policy>,
@@ -64,11 +77,7 @@ impl Overcommitted {
                 self.checked = Some(p.pages_sent);
                 if self.inner.forecast(p).fraction_done >= self.cfg.at {
                     self.seen_epoch = p.epoch;
-                    self.cores = Some(if self.cfg.stepwise {
-                        self.cfg.from.saturating_sub(1).max(floor)
-                    } else {
-                        floor
-                    });
+                    self.cores = Some(self.cfg.first_cores());
                 }
             }
             Some(c) if self.cfg.stepwise && p.epoch != self.seen_epoch => {
