@@ -196,6 +196,29 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
+# A run killed outright (SIGKILL, the machine restarting) cannot clean up: its namespaces
+# outlive it. Remove those whose script is gone and in which nothing runs any more; leave,
+# with a note, any that still hold a process (not ours to end).
+reap_stale() {
+  local ns owner left
+  for ns in $(ip netns list | awk '{print $1}'); do
+    [[ $ns =~ ^ferry-(src|dst)-([0-9]+)$ ]] || continue
+    owner=${BASH_REMATCH[2]}
+    grep -qs testbed.sh "/proc/$owner/cmdline" && continue
+    left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+    if [[ -n $left ]]; then
+      note "namespace $ns outlived its testbed run but still holds processes $left: left alone"
+      continue
+    fi
+    if ip netns del "$ns"; then
+      note "removed namespace $ns, left by a testbed run that was killed"
+    else
+      note "could not remove namespace $ns, left by a testbed run that was killed"
+    fi
+  done
+}
+reap_stale
+
 TMP=$(mktemp -d /tmp/ferry-testbed.XXXXXX)
 
 # Burst: 4 ms at the rate, at least 64 KiB (one GSO packet); queue: up to 20 ms.

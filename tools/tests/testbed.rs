@@ -5,6 +5,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,13 @@ const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/testbed.sh")
+}
+
+/// The tests run one at a time: one of them plants namespaces that look orphaned, which
+/// the others' check for orphans would otherwise see.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn require_root() {
@@ -90,6 +98,7 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn bench_transport_over_two_shaped_lanes_reports_both_and_the_ratio() {
+    let _serial = serial();
     let args = [
         "bench-transport",
         "--lanes",
@@ -141,6 +150,7 @@ fn bench_transport_over_two_shaped_lanes_reports_both_and_the_ratio() {
 
 #[test]
 fn exec_describes_the_testbed_and_cleans_up_after_a_failing_command() {
+    let _serial = serial();
     let cmd = r#"echo "$FERRY_SRC_NS|$FERRY_DST_NS|$FERRY_LANES|$FERRY_DST_ADDRS|$FERRY_RATE"
         ip -n "$FERRY_DST_NS" -4 -o addr show dev ln2
         tc -n "$FERRY_SRC_NS" qdisc show dev ln0
@@ -170,6 +180,7 @@ fn exec_describes_the_testbed_and_cleans_up_after_a_failing_command() {
 
 #[test]
 fn sigterm_kills_what_the_testbed_started_and_removes_the_namespaces() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("pid");
     let cmd = format!("echo $$ > {}; exec sleep 60", pidfile.display());
@@ -216,5 +227,40 @@ fn sigterm_kills_what_the_testbed_started_and_removes_the_namespaces() {
             .map_or(true, |s| s.contains("State:\tZ"))
     };
     assert!(gone(sleeper), "the command it started is still running");
+    assert_no_namespaces_left(pid);
+}
+
+/// A run killed outright (SIGKILL, the machine restarting) leaves its namespaces behind;
+/// the next run removes them, and leaves alone those of a script still running.
+#[test]
+fn a_later_run_removes_the_namespaces_of_a_killed_one() {
+    let _serial = serial();
+    require_root();
+    let mut done = Command::new("true").spawn().expect("starting true");
+    done.wait().unwrap();
+    let dead = done.id();
+    let planted: Vec<String> = ["src", "dst"]
+        .iter()
+        .map(|side| format!("ferry-{side}-{dead}"))
+        .collect();
+    for ns in &planted {
+        let add = Command::new("ip").args(["netns", "add", ns]).status();
+        assert!(add.is_ok_and(|s| s.success()), "ip netns add {ns}");
+    }
+    let (out, pid) = run(testbed(&["exec", "--lanes", "1", "--", "true"]));
+    let stderr = text(&out.stderr);
+    let left: Vec<_> = namespaces()
+        .into_iter()
+        .filter(|ns| planted.contains(ns))
+        .collect();
+    for ns in &left {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    assert!(out.status.success(), "testbed.sh failed: {stderr}");
+    assert!(left.is_empty(), "{left:?} survived the next run: {stderr}");
+    assert!(
+        stderr.contains(&format!("removed namespace ferry-src-{dead}")),
+        "{stderr}"
+    );
     assert_no_namespaces_left(pid);
 }
