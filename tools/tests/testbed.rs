@@ -230,8 +230,8 @@ fn sigterm_kills_what_the_testbed_started_and_removes_the_namespaces() {
     assert_no_namespaces_left(pid);
 }
 
-/// A run killed outright (SIGKILL, the machine restarting) leaves its namespaces behind;
-/// the next run removes them, and leaves alone those of a script still running.
+/// A run killed outright (SIGKILL, the machine restarting) leaves its namespaces behind; the
+/// next run removes them.
 #[test]
 fn a_later_run_removes_the_namespaces_of_a_killed_one() {
     let _serial = serial();
