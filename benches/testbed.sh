@@ -16,6 +16,8 @@
 #   --lanes N          veth pairs / lanes (default 2, at most 64)
 #   --rate R           per-link rate in each direction, tc units (1gbit, 200mbit, 500kbit);
 #                      0 or none = unshaped (default none)
+#   --burst BYTES      the shaper's bucket (default: 4 ms at the rate, at least 64 KiB);
+#                      what a link sends at veth speed after it has been idle
 #   --duration S       seconds per measurement, a whole number (default 3)
 #   --message-size SZ  ferry's message size (default: ferry's, 1M)
 #   --window N         ferry's window per lane (default: ferry's)
@@ -62,15 +64,16 @@ case $SUB in
   *) die "unknown subcommand '$SUB' (iperf, bench-transport, migrate, exec; --help)" ;;
 esac
 
-LANES=2 RATE=none DURATION=3 CSV='' MSG_SIZE='' WINDOW='' PORT='' MEM=2G WORKLOAD=idle
+LANES=2 RATE=none BURST='' DURATION=3 CSV='' MSG_SIZE='' WINDOW='' PORT='' MEM=2G WORKLOAD=idle
 CMD=()
 while (($#)); do
   case $1 in
-    --lanes | --rate | --duration | --csv | --message-size | --window | --port | --mem | --workload)
+    --lanes | --rate | --burst | --duration | --csv | --message-size | --window | --port | --mem | --workload)
       (($# >= 2)) || die "$1 needs a value"
       case $1 in
         --lanes) LANES=$2 ;;
         --rate) RATE=$2 ;;
+        --burst) BURST=$2 ;;
         --duration) DURATION=$2 ;;
         --csv) CSV=$2 ;;
         --message-size) MSG_SIZE=$2 ;;
@@ -95,6 +98,7 @@ done
 [[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 1)) || die "--duration must be a whole number of seconds ≥ 1"
 [[ -z $PORT || $PORT =~ ^[0-9]+$ ]] || die "--port must be a number"
 [[ -z $WINDOW || $WINDOW =~ ^[0-9]+$ ]] || die "--window must be a number"
+[[ -z $BURST || $BURST =~ ^[0-9]+$ ]] || die "--burst must be a number of bytes"
 if [[ $SUB == exec ]]; then
   ((${#CMD[@]})) || die "exec needs a command after --"
 elif [[ $SUB != migrate ]] && ((${#CMD[@]})); then
@@ -221,12 +225,15 @@ reap_stale
 
 TMP=$(mktemp -d /tmp/ferry-testbed.XXXXXX)
 
-# Burst: 4 ms at the rate, at least 64 KiB (one GSO packet); queue: up to 20 ms.
+# Burst: --burst, else 4 ms at the rate, at least 64 KiB (one GSO packet); queue: up to
+# 20 ms.
 shape() {
-  local ns=$1 dev=$2 burst
+  local ns=$1 dev=$2 burst=$BURST
   [[ $RATE == none ]] && return
-  burst=$((RATE_BPS / 8 / 250))
-  ((burst >= 65536)) || burst=65536
+  if [[ -z $burst ]]; then
+    burst=$((RATE_BPS / 8 / 250))
+    ((burst >= 65536)) || burst=65536
+  fi
   tc -n "$ns" qdisc add dev "$dev" root tbf rate "$RATE" burst "$burst" latency 20ms
 }
 

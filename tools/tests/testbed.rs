@@ -156,7 +156,7 @@ fn exec_describes_the_testbed_and_cleans_up_after_a_failing_command() {
         tc -n "$FERRY_SRC_NS" qdisc show dev ln0
         exit 7"#;
     let (out, pid) = run(testbed(&[
-        "exec", "--lanes", "3", "--rate", "100mbit", "--", "sh", "-c", cmd,
+        "exec", "--lanes", "3", "--rate", "100mbit", "--burst", "100000", "--", "sh", "-c", cmd,
     ]));
     let stdout = text(&out.stdout);
     let ctx = format!("stdout: {stdout}\nstderr: {}", text(&out.stderr));
@@ -172,8 +172,8 @@ fn exec_describes_the_testbed_and_cleans_up_after_a_failing_command() {
     );
     assert!(stdout.contains("inet 198.18.2.2/24"), "{ctx}");
     assert!(
-        stdout.contains("tbf") && stdout.contains("100Mbit"),
-        "{ctx}"
+        stdout.contains("tbf") && stdout.contains("100Mbit") && stdout.contains("burst 100000b"),
+        "the shaper at the rate and bucket asked for: {ctx}"
     );
     assert_no_namespaces_left(pid);
 }
