@@ -67,7 +67,7 @@ use crate::memory::PAGE_SIZE;
 pub use autoconverge::Autoconverge;
 pub use membound::Membound;
 pub use mplm::Mplm;
-pub use overcommit::{Overcommit, Overcommitted};
+pub use overcommit::{cores_share, Overcommit, Overcommitted};
 pub use precopy::Precopy;
 pub use sweep::{PageState, SweepOrder, WriteClock};
 pub use writes::{Touched, TouchedGrowth, WriteModel, Writes};
@@ -139,6 +139,19 @@ pub struct Progress {
     /// Where a sample of the pages and the guest stand in a sweep's order, if the executor
     /// follows the dirty log: where a sweeping guest's next writes fall ([`SweepOrder`]).
     pub sweep_order: Option<Arc<SweepOrder>>,
+    /// What an over-commit not yet in force changes once it begins, as the executor expects
+    /// it; `None` if none is pending.
+    pub overcommit_ahead: Option<Packed>,
+}
+
+/// The guest and the lanes once an over-commit packs the vCPUs onto fewer cores
+/// ([`Progress::overcommit_ahead`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Packed {
+    /// The guest's speed then, against now.
+    pub speed: f64,
+    /// Wire bytes per second the lanes carry then; 0 if as now.
+    pub bandwidth: f64,
 }
 
 /// How the executor hands the stop-and-copy's pages to the workers: in batches, each encoded
@@ -192,6 +205,30 @@ impl Progress {
         self.elapsed
             .saturating_sub(self.since_harvest)
             .as_secs_f64()
+    }
+
+    /// The same measures for a guest running `speed` times as fast: the write model, the
+    /// touched pages' growth and the sweeps' speeds.
+    fn at_speed(&self, speed: f64) -> Self {
+        let writes = self.writes.map(|m| WriteModel {
+            touched: m.touched.map(|t| Touched {
+                rate: t.rate * speed,
+                ..t
+            }),
+            ..m.scaled(speed)
+        });
+        let sweep_order = self.sweep_order.as_ref().map(|o| {
+            let mut o = SweepOrder::clone(o);
+            for part in std::iter::once(&mut o.whole).chain(o.parts.iter_mut()) {
+                part.speed *= speed;
+            }
+            Arc::new(o)
+        });
+        Self {
+            writes,
+            sweep_order,
+            ..self.clone()
+        }
     }
 }
 

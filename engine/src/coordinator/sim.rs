@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    secs_to_duration, Controls, Decision, PageState, Policy, Progress, StopBatches, SweepOrder,
-    TouchedGrowth, WriteClock, WriteModel,
+    cores_share, secs_to_duration, Controls, Decision, Overcommit, Packed, PageState, Policy,
+    Progress, StopBatches, SweepOrder, TouchedGrowth, WriteClock, WriteModel,
 };
 
 /// How the simulated guest writes its memory. Rates are page writes per second.
@@ -101,6 +101,10 @@ pub struct SimConfig {
     /// How many times faster than its rate the guest writes during the warmup (the executor's
     /// probe runs before the migration takes cores from it). Default 1.
     pub warmup_speed: f64,
+    /// The over-commit the policy is configured with, if any: while it is not in force, the
+    /// executor passes what it will change ([`Progress::overcommit_ahead`]: here, the guest
+    /// at its share of the cores, and the same link). Default none.
+    pub overcommit: Option<Overcommit>,
     /// Give up (stalled) after this many decisions. Default 10 million.
     pub max_decisions: u64,
     /// Give up (stalled) after this much virtual time. Default 1 hour.
@@ -124,6 +128,7 @@ impl Default for SimConfig {
             sweep_start: 0,
             warmup: Duration::ZERO,
             warmup_speed: 1.0,
+            overcommit: None,
             max_decisions: 10_000_000,
             max_time: Duration::from_secs(3600),
         }
@@ -334,12 +339,31 @@ impl Sim {
             dirtied_last_epoch: self.dirtied_last_epoch,
             held_back: self.deferred,
             unharvested: self.cfg.read_log.then(|| self.unharvested()),
+            // As the executor measures the guest: on the cores it has now.
             writes: self.cfg.writes.map(|m| WriteModel {
                 touched: self.growth.touched().filter(|_| self.cfg.read_log),
-                ..m
+                ..m.scaled(self.packed())
             }),
             sweep_order: self.sweep_order.clone(),
+            overcommit_ahead: self
+                .cfg
+                .overcommit
+                .filter(|_| self.controls.cores.is_none())
+                .map(|o| Packed {
+                    speed: cores_share(Some(o.first_cores()), self.vcpus()),
+                    bandwidth: 0.0,
+                }),
         }
+    }
+
+    /// vCPUs, each busy on a core of its own.
+    fn vcpus(&self) -> f64 {
+        f64::from(self.cfg.vcpus.max(1))
+    }
+
+    /// The share of its speed the guest keeps on the cores the controls give it.
+    fn packed(&self) -> f64 {
+        cores_share(self.controls.cores, self.vcpus())
     }
 
     /// One guest write to a page chosen by the dirty model.
@@ -403,11 +427,7 @@ impl Sim {
         if self.paused {
             return;
         }
-        let vcpus = f64::from(self.cfg.vcpus.max(1));
-        let packed = self
-            .controls
-            .cores
-            .map_or(1.0, |c| (c.max(1) as f64 / vcpus).min(1.0));
+        let packed = self.packed();
         let free = 1.0 - self.controls.throttle.clamp(0.0, 1.0);
         let warm = if self.now <= 0.0 {
             self.cfg.warmup_speed
@@ -595,7 +615,12 @@ impl Sim {
             }
             decisions += 1;
             let decision = policy.decide(&self.progress());
+            let cores = self.controls.cores;
             self.controls = policy.controls();
+            if self.controls.cores != cores {
+                // As the executor does: the sweep's speed is measured anew on the new cores.
+                self.clock.speed_changes(self.now);
+            }
             max_throttle = max_throttle.max(self.controls.throttle);
             if let Some(c) = self.controls.cores {
                 min_cores = Some(min_cores.map_or(c, |m| m.min(c)));

@@ -146,6 +146,7 @@ fn progress(epoch: u32, never_sent: u64, dirty: u64) -> Progress {
         unharvested: None,
         writes: None,
         sweep_order: None,
+        overcommit_ahead: None,
     }
 }
 
@@ -1388,6 +1389,70 @@ fn overcommit_packs_from_the_mark_and_restores() {
     assert_eq!(abort.controls().cores, None, "not restored on abort");
 }
 
+/// Two vCPUs that used 1.9 cores' time keep at most 1 ÷ 1.9 of their speed packed onto one;
+/// a guest that used less than the cores left keeps all of it.
+#[test]
+fn over_commit_leaves_the_vcpus_the_time_of_their_cores() {
+    assert!((cores_share(Some(1), 1.9) - 1.0 / 1.9).abs() < 1e-9);
+    assert!(
+        (cores_share(Some(0), 1.9) - 1.0 / 1.9).abs() < 1e-9,
+        "at least one"
+    );
+    assert_eq!(cores_share(Some(2), 1.9), 1.0);
+    assert_eq!(
+        cores_share(Some(1), 0.4),
+        1.0,
+        "a guest using less keeps it all"
+    );
+    assert_eq!(cores_share(None, 1.9), 1.0, "their own cores");
+    assert_eq!(cores_share(Some(1), 0.0), 1.0, "nothing measured");
+}
+
+/// A guest foreseen at half its speed writes half as fast and its sweep moves half as fast;
+/// the lanes' rate ahead counts for the pages after the mark, each page's time averaged.
+#[test]
+fn an_over_commit_ahead_slows_the_guest_and_speeds_the_lanes() {
+    let mut p = progress(1, N / 2, 100);
+    p.bandwidth = 100e6;
+    p.writes = Some(WriteModel {
+        touched: Some(Touched {
+            pages: 500.0,
+            rate: 40.0,
+        }),
+        ..sweep_probe(0.5)
+    });
+    p.sweep_order = Some(Arc::new(SweepOrder {
+        whole: sweep::Part {
+            speed: 30.0,
+            ..sweep::Part::default()
+        },
+        ..SweepOrder::default()
+    }));
+    let q = p.at_speed(0.5);
+    let (m, t) = (q.writes.unwrap(), q.writes.unwrap().touched.unwrap());
+    assert_eq!((m.drift, t.rate, t.pages), (N as f64 / 4.0, 20.0, 500.0));
+    assert_eq!(q.sweep_order.unwrap().whole.speed, 15.0);
+    assert_eq!(
+        q.bandwidth, 100e6,
+        "the lanes are the executor's to foresee"
+    );
+
+    let ahead = Packed {
+        speed: 0.5,
+        bandwidth: 150e6,
+    };
+    let half = overcommit::foreseen(&p, ahead, 0.5);
+    assert_eq!(half.writes.unwrap().drift, N as f64 / 2.0 * 0.75);
+    assert!((half.bandwidth - 120e6).abs() < 1.0, "{}", half.bandwidth);
+    let at_mark = overcommit::foreseen(&p, ahead, 0.0);
+    assert_eq!(at_mark.bandwidth, 150e6);
+    let unknown = Packed {
+        bandwidth: 0.0,
+        ..ahead
+    };
+    assert_eq!(overcommit::foreseen(&p, unknown, 0.0).bandwidth, 100e6);
+}
+
 /// Packing 4 busy vCPUs onto 1 core lowers their dirty rate: precopy resends less.
 #[test]
 fn overcommit_lowers_the_dirty_rate_in_the_simulator() {
@@ -1781,4 +1846,46 @@ fn two_sweeps_over_their_halves_are_followed_apart() {
             "{kind}: followed {followed:?} ({f:.3}), mean model {m:.3}"
         );
     }
+}
+
+/// An over-commit due at 50% (4 vCPUs onto 1 core): until the mark, the forecasts take the
+/// guest at its speed now before it and at a quarter of it after. Taken at its speed now
+/// throughout, the ETA came out 8–47% long at 25% and 8–58% at 50% (the forecast there is made
+/// just before the over-commit begins). Membound, whose forecasts come out 4–19% short on
+/// these guests without any over-commit in this simulator, is left out.
+#[test]
+fn an_over_commit_due_later_is_foreseen() {
+    let cfg = PolicyConfig {
+        overcommit: Some(Overcommit {
+            cores: 1,
+            at: 0.5,
+            stepwise: false,
+            from: 4,
+        }),
+        ..policy_cfg()
+    };
+    let (mut seen, mut blind) = (Vec::new(), Vec::new());
+    for kind in [PolicyKind::Timebound, PolicyKind::Mplm] {
+        for (rate, ws) in [(2000.0, N / 2), (3000.0, N), (6000.0, N)] {
+            let sim = SimConfig {
+                vcpus: 4,
+                read_log: true,
+                overcommit: cfg.overcommit,
+                ..random_writes(rate, ws, 1.0)
+            };
+            let s = eta_errors(kind, &cfg, sim.clone());
+            let b = eta_errors_as(kind, &cfg, sim, |p| Progress {
+                overcommit_ahead: None,
+                ..p.clone()
+            });
+            assert!(
+                s[0].abs() < b[0] && s[1].abs() < b[1],
+                "{kind} {rate}/{ws}: {s:?} against {b:?}"
+            );
+            seen.extend(s);
+            blind.extend(b);
+        }
+    }
+    assert!(mean_abs(&seen) <= 0.1, "{seen:?}");
+    assert!(mean_abs(&blind) >= 0.2, "{blind:?}");
 }
