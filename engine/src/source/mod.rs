@@ -1218,9 +1218,9 @@ impl Migration<'_, '_, '_> {
             // change for a second.
             let now = Instant::now();
             let bandwidth = self.bandwidth();
+            // Only packing foresees the lanes' rate (the controls still hold the old cores).
             let expected = self
                 .overcommit_ahead()
-                .filter(|_| c.cores.is_some())
                 .map_or(bandwidth, |a| a.bandwidth.max(bandwidth));
             self.meter
                 .restart(now, self.delivered_bytes(), expected, RATE_PRIOR);
@@ -1408,7 +1408,7 @@ impl Migration<'_, '_, '_> {
         }
         let cores = o.first_cores();
         let now = self.guest_speed();
-        let then = self.probe.busy_guest_speed * cores_share(Some(cores), self.vcpu_demand());
+        let then = self.expected_speed(Some(cores));
         let free = (self.probe.cores - cores as f64).min(self.probe.encode_cores);
         let codec = CodecSample::of(&self.probe.codecs, self.codec());
         Some(Packed {
@@ -1447,7 +1447,7 @@ impl Migration<'_, '_, '_> {
     /// aside (policies apply their own): a guest starved of CPU by the migration writes less
     /// than the probe saw, and over-commit slows it too. Until measured, as the probe expects
     /// it to run next to the busy workers ([`Probe::busy_guest_speed`]), on the cores an
-    /// over-commit leaves it ([`Self::vcpu_share`]); after a change of its cores, no faster
+    /// over-commit leaves it ([`Self::expected_speed`]); after a change of its cores, no faster
     /// than it was measured on the ones before.
     fn guest_speed(&self) -> f64 {
         let now = self.guest_cpu.rate();
@@ -1461,19 +1461,19 @@ impl Migration<'_, '_, '_> {
             return 1.0;
         }
         if now <= 0.0 {
-            let packed = self.probe.busy_guest_speed * self.vcpu_share();
+            let packed = self.expected_speed(self.controls.cores);
             return self.unmeasured_speed.map_or(packed, |s| s.min(packed));
         }
         (now / (self.probe_guest_cpu * free)).clamp(0.05, 4.0)
     }
 
-    /// The share of their probe-time speed the vCPUs can keep on the cores an over-commit in
-    /// force packs them onto ([`cores_share`]); the migration's threads take their share of
-    /// those cores too, as of all of them ([`Probe::busy_guest_speed`]). One due later is
-    /// foreseen by the policy ([`coordinator::Overcommitted`], from
+    /// How fast the probe expects the vCPUs to run next to the busy workers
+    /// ([`Probe::busy_guest_speed`]) on `cores` (`None`: their own), against the probe: at
+    /// most the share of their probe-time CPU those cores give ([`cores_share`]). An
+    /// over-commit due later is foreseen by the policy ([`coordinator::Overcommitted`], from
     /// [`Self::overcommit_ahead`]).
-    fn vcpu_share(&self) -> f64 {
-        cores_share(self.controls.cores, self.vcpu_demand())
+    fn expected_speed(&self, cores: Option<usize>) -> f64 {
+        self.probe.busy_guest_speed * cores_share(cores, self.vcpu_demand())
     }
 
     /// How many cores' time the vCPUs took during the probe.
