@@ -48,6 +48,13 @@ pub struct ProgressEvent {
     /// probe done) on; `None` (JSON `null`) while unknown (the first setup event, a forecast
     /// without a measured bandwidth). At the stop-and-copy, the forecast downtime; 0 when done.
     pub eta_ms: Option<f64>,
+    /// The least and most remaining time the policy forecasts with the guest writing 25%
+    /// slower and the lanes carrying 10% more than measured, or the other way round
+    /// ([`crate::coordinator::forecast_range`]): wide where the time left hangs on the guest's
+    /// speed (an iterating pre-copy near its threshold). Setup's last event and live events;
+    /// `None` otherwise.
+    #[serde(default)]
+    pub eta_range_ms: Option<[f64; 2]>,
     pub wire_bytes: u64,
     pub pages_sent: u64,
     pub never_sent_pages: u64,
@@ -175,6 +182,10 @@ pub struct ForecastRecord {
     pub total_ms: f64,
     /// Forecast downtime.
     pub downtime_ms: f64,
+    /// Forecast total migration time at the ends of the forecast's range
+    /// ([`ProgressEvent::eta_range_ms`]); `None` in reports from before it.
+    #[serde(default)]
+    pub total_range_ms: Option<[f64; 2]>,
 }
 
 /// One point of the migration's timeline.

@@ -52,7 +52,15 @@ impl Console {
         b.set_position((ev.fraction.clamp(0.0, 1.0) * 1000.0) as u64);
         let eta = match ev.eta_ms {
             Some(ms) if matches!(ev.phase, Phase::Setup | Phase::Live) && ms < 1e9 => {
-                format!(", ETA {:.1} s", ms / 1e3)
+                match ev.eta_range_ms {
+                    Some([least, most]) if most < 1e9 => format!(
+                        ", ETA {:.1} s ({:.1}–{:.1})",
+                        ms / 1e3,
+                        least / 1e3,
+                        most / 1e3
+                    ),
+                    _ => format!(", ETA {:.1} s", ms / 1e3),
+                }
             }
             _ => String::new(),
         };

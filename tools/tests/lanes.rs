@@ -247,6 +247,23 @@ fn two_lanes_carry_the_vm_and_survive_a_cut_link() {
         eta > 0.0 && (eta - left).abs() < 1.0,
         "{ready} against {at_start}"
     );
+    // Every forecast comes with its range (the guest and the lanes slower or faster than
+    // measured), the forecast in it; the report keeps it with the forecast at each mark.
+    for ev in o.progress.iter().filter(|e| e["phase"] == "live") {
+        let range = ev["eta_range_ms"].as_array().expect("a range");
+        let (least, most) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+        let eta = ev["eta_ms"].as_f64().unwrap();
+        assert!(0.0 < least && least <= eta && eta <= most, "{ev}");
+    }
+    let range = at_start["total_range_ms"].as_array().expect("a range");
+    assert!(
+        range[0].as_f64() <= at_start["total_ms"].as_f64(),
+        "{at_start}"
+    );
+    assert!(
+        range[1].as_f64() >= at_start["total_ms"].as_f64(),
+        "{at_start}"
+    );
     // It closes with the stop-and-copy, sent before the pause, and done: nothing is sent
     // during the downtime. The report's timeline still has the switchover phase.
     let phases: Vec<&str> = o

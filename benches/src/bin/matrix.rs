@@ -405,6 +405,20 @@ fn eta_error(v: &Value, mark: f64) -> f64 {
         })
 }
 
+/// Whether the forecast's range at a progress mark held the actual total, and the range's
+/// width against the time that was actually left; `None` without a range.
+fn range_held(v: &Value, mark: f64) -> Option<(bool, f64)> {
+    let total = v["total_ms"].as_f64()?;
+    let r = v["forecasts"]
+        .as_array()?
+        .iter()
+        .find(|r| r["at_fraction"].as_f64() == Some(mark))?;
+    let range = r["total_range_ms"].as_array()?;
+    let (least, most) = (range.first()?.as_f64()?, range.get(1)?.as_f64()?);
+    let left = total - r["elapsed_ms"].as_f64()?;
+    Some(((least..=most).contains(&total), (most - least) / left))
+}
+
 /// The live phase's samples in the timeline: `(ms, bytes the lanes had carried)`, in time
 /// order.
 fn lane_bytes(v: &Value) -> Vec<(f64, f64)> {
@@ -745,6 +759,33 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
             // No lane rate was measured before it.
             continue;
         }
+        let ranges: Vec<(bool, f64, f64)> = done
+            .iter()
+            .filter_map(|v| {
+                range_held(v, mark).map(|(held, width)| (held, width, eta_error(v, mark)))
+            })
+            .collect();
+        if !ranges.is_empty() {
+            let mut widths: Vec<f64> = ranges.iter().map(|r| r.1).collect();
+            widths.sort_by(f64::total_cmp);
+            let missed: Vec<bool> = ranges
+                .iter()
+                .filter(|r| r.2.abs() > 0.1)
+                .map(|r| r.0)
+                .collect();
+            out.push(format!(
+                "  - its range (guest speed ±{:.0}%, lanes ±{:.0}%) held the actual total in {}/{} \
+                 runs, {}/{} of those it missed by more than 10%; median width {:.0}% of the \
+                 time left.",
+                100.0 * ferry_engine::coordinator::SPEED_SPREAD,
+                100.0 * ferry_engine::coordinator::BANDWIDTH_SPREAD,
+                ranges.iter().filter(|r| r.0).count(),
+                ranges.len(),
+                missed.iter().filter(|&&h| h).count(),
+                missed.len(),
+                100.0 * widths[widths.len() / 2]
+            ));
+        }
         // How much of the error is the bandwidth's: the lanes' rate after the mark against
         // the one the forecast measured.
         let (mut ratios, errs): (Vec<f64>, Vec<f64>) = done
@@ -829,6 +870,25 @@ mod tests {
     /// A report whose lanes carried 100 bytes/ms until 1000 ms, then 50: at the mark (900 ms)
     /// the forecast measured 100; the rest of the live phase (to 2000 ms) had 100 × 0.1 + 50 ×
     /// 1.0 bytes over 1.1 s.
+    /// The range at 25% (1500–2300 ms) holds the 2100 ms the run took; 800 ms wide against the
+    /// 1200 ms that were left. At 50% the range (1900–2000) ends short of it.
+    #[test]
+    fn a_range_holds_the_total_it_brackets() {
+        let v = json!({
+            "total_ms": 2100.0,
+            "forecasts": [
+                { "at_fraction": 0.25, "elapsed_ms": 900.0, "total_ms": 1700.0,
+                  "total_range_ms": [1500.0, 2300.0] },
+                { "at_fraction": 0.5, "elapsed_ms": 1100.0, "total_ms": 1950.0,
+                  "total_range_ms": [1900.0, 2000.0] },
+            ],
+        });
+        let (held, width) = range_held(&v, 0.25).unwrap();
+        assert!(held && (width - 800.0 / 1200.0).abs() < 1e-9, "{width}");
+        assert!(!range_held(&v, 0.5).unwrap().0);
+        assert!(range_held(&v, 0.1).is_none());
+    }
+
     #[test]
     fn the_bandwidth_after_a_mark_is_the_lanes_rate_to_the_end_of_the_live_phase() {
         let mut timeline: Vec<Value> = (0..=20)

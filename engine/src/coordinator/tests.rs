@@ -1889,3 +1889,102 @@ fn an_over_commit_due_later_is_foreseen() {
     assert!(mean_abs(&seen) <= 0.1, "{seen:?}");
     assert!(mean_abs(&blind) >= 0.2, "{blind:?}");
 }
+
+/// The forecast's range at the 25% and 50% marks: the least and most time left, the time
+/// that was actually left, and the forecast's own; the decisions replayed as in
+/// [`eta_errors`].
+fn ranges(kind: PolicyKind, cfg: &PolicyConfig, sim: SimConfig) -> Vec<(f64, f64, f64, f64)> {
+    let (out, log) = run(kind, cfg, sim);
+    assert_eq!(out.end, SimEnd::Completed);
+    let mut replay = make_policy(kind, cfg);
+    let mut marks = vec![0.25, 0.5];
+    let mut seen = Vec::new();
+    for (p, d) in &log {
+        let f = replay.forecast(p);
+        if f.is_known() && marks.first().is_some_and(|&m| f.fraction_done >= m) {
+            marks.remove(0);
+            let (least, most) = forecast_range(&*replay, p, &f).expect("a known forecast");
+            let left = out.total.as_secs_f64() - p.elapsed.as_secs_f64();
+            seen.push((
+                least.as_secs_f64(),
+                most.as_secs_f64(),
+                left,
+                f.remaining.as_secs_f64(),
+            ));
+        }
+        assert_eq!(replay.decide(p), *d);
+    }
+    assert!(marks.is_empty(), "{kind}: never reached {marks:?}");
+    seen
+}
+
+/// A guest writing `rate` pages/s over `working_set` pages at `speed` × the write model the
+/// probe gave (the log read between harvests).
+fn off_its_model(rate: f64, working_set: u64, speed: f64) -> SimConfig {
+    SimConfig {
+        vcpus: 4,
+        read_log: true,
+        ..random_writes(rate * speed, working_set, 1.0 / speed)
+    }
+}
+
+/// The range brackets what the forecast says for any guest speed within [`SPEED_SPREAD`] of
+/// the one measured and any lanes' rate within [`BANDWIDTH_SPREAD`]: every policy, at 25% and
+/// 50% over guests slower and faster than the link. (How often it holds the time that was
+/// actually left is measured on the testbed: `benches/src/bin/matrix.rs`.)
+#[test]
+fn the_forecast_range_brackets_the_speeds_within_its_spread() {
+    let cfg = policy_cfg();
+    for kind in PolicyKind::ALL {
+        for (rate, ws) in [(2000.0, N / 2), (3000.0, N), (6000.0, N)] {
+            let (out, log) = run(kind, &cfg, off_its_model(rate, ws, 1.0));
+            assert_eq!(out.end, SimEnd::Completed);
+            let mut replay = make_policy(kind, &cfg);
+            let mut marks = vec![0.25, 0.5];
+            for (p, d) in &log {
+                let f = replay.forecast(p);
+                if f.is_known() && marks.first().is_some_and(|&m| f.fraction_done >= m) {
+                    marks.remove(0);
+                    let (least, most) = forecast_range(&*replay, p, &f).expect("known");
+                    for speed in [0.8, 0.9, 1.1, 1.2] {
+                        for bandwidth in [0.95, 1.05] {
+                            let q = Progress {
+                                bandwidth: p.bandwidth * bandwidth,
+                                paused_bandwidth: p.paused_bandwidth * bandwidth,
+                                ..p.at_speed(speed)
+                            };
+                            let left = replay.forecast(&q).remaining;
+                            assert!(
+                                least <= left && left <= most,
+                                "{kind} {rate}/{ws}, guest {speed}, lanes {bandwidth}: \
+                                 {left:?} outside {least:?}..{most:?}"
+                            );
+                        }
+                    }
+                }
+                assert_eq!(replay.decide(p), *d);
+            }
+            assert!(marks.is_empty(), "{kind}: never reached {marks:?}");
+        }
+    }
+}
+
+/// Near its threshold, precopy's time left hangs on the guest's speed (the passes left are
+/// ln(pages that fit ÷ dirty pages) ÷ ln of the share a pass leaves dirty), and its range is
+/// wide: at 50%, over 3 times as wide as timebound's and mplm's over the same guest, and as
+/// its own over a guest that converges in a pass or two.
+#[test]
+fn the_forecast_range_is_wide_where_precopy_nears_its_threshold() {
+    let cfg = policy_cfg();
+    let width = |kind, rate, ws| {
+        let (least, most, left, _) = ranges(kind, &cfg, off_its_model(rate, ws, 1.0))[1];
+        (most - least) / left
+    };
+    let near = width(PolicyKind::Precopy, 6000.0, N);
+    let easy = width(PolicyKind::Precopy, 2000.0, N / 2);
+    assert!(near > 3.0 * easy, "{near} vs {easy}");
+    for kind in [PolicyKind::Timebound, PolicyKind::Mplm] {
+        let bounded = width(kind, 6000.0, N);
+        assert!(near > 3.0 * bounded, "precopy {near} vs {kind} {bounded}");
+    }
+}

@@ -31,7 +31,7 @@ use ferry_transport::SessionSender;
 
 use crate::bitmap::Bitmap;
 use crate::coordinator::FORECAST_EVERY;
-use crate::coordinator::{self, Controls, Decision, Forecast, PolicyConfig, PolicyKind};
+use crate::coordinator::{self, Controls, Decision, Forecast, Policy, PolicyConfig, PolicyKind};
 use crate::coordinator::{cores_share, Packed, WriteClock, WriteModel};
 use crate::coordinator::{PageState, Progress, StopBatches, SweepOrder, TouchedGrowth};
 use crate::cpu;
@@ -768,9 +768,12 @@ impl Migration<'_, '_, '_> {
         // wait, held back from the first send.
         self.apply(policy.controls())?;
         self.peek()?;
-        let f = policy.forecast(&self.progress());
-        self.note_forecast(&f);
+        let p = self.progress();
+        let f = policy.forecast(&p);
+        let range = self.eta_range(&*policy, &p, &f);
+        self.note_forecast(&f, range);
         ready_event.eta_ms = f.is_known().then(|| self.time_left(&f).as_secs_f64() * 1e3);
+        ready_event.eta_range_ms = range;
         progress(&ready_event);
         if self.cfg.compress == CompressMode::Auto {
             self.tuner = Some(tune::Tuner::new(
@@ -831,11 +834,13 @@ impl Migration<'_, '_, '_> {
                     f.downtime,
                     p.sweep_order
                 );
-                self.note_forecast(&f);
+                let range = self.eta_range(&*policy, &p, &f);
+                self.note_forecast(&f, range);
                 let mut ev = self.event(Phase::Live);
                 ev.fraction = f.fraction_done;
                 let eta_ms = self.time_left(&f).as_secs_f64() * 1e3;
                 ev.eta_ms = f.is_known().then_some(eta_ms);
+                ev.eta_range_ms = range;
                 self.sample(Phase::Live, eta_ms);
                 progress(&ev);
             }
@@ -1266,8 +1271,17 @@ impl Migration<'_, '_, '_> {
             .saturating_add(in_flight)
     }
 
-    /// Keeps the forecast made when progress first reaches each of [`FORECAST_MARKS`].
-    fn note_forecast(&mut self, f: &Forecast) {
+    /// The time left, in ms, at the ends of the range of `policy`'s forecast `f` from `p`
+    /// ([`coordinator::forecast_range`]).
+    fn eta_range(&self, policy: &dyn Policy, p: &Progress, f: &Forecast) -> Option<[f64; 2]> {
+        let (least, most) = coordinator::forecast_range(policy, p, f)?;
+        let ms = |remaining| self.time_left(&Forecast { remaining, ..*f }).as_secs_f64() * 1e3;
+        Some([ms(least), ms(most)])
+    }
+
+    /// Keeps the forecast made when progress first reaches each of [`FORECAST_MARKS`], and
+    /// its range (`range`, time left in ms).
+    fn note_forecast(&mut self, f: &Forecast, range: Option<[f64; 2]>) {
         if !f.is_known() {
             return;
         }
@@ -1279,6 +1293,7 @@ impl Migration<'_, '_, '_> {
                     elapsed_ms,
                     total_ms: elapsed_ms + self.time_left(f).as_secs_f64() * 1e3,
                     downtime_ms: self.with_switchover(f.downtime, f.downtime).as_secs_f64() * 1e3,
+                    total_range_ms: range.map(|r| r.map(|left| elapsed_ms + left)),
                 });
             }
         }
@@ -1497,6 +1512,7 @@ impl Migration<'_, '_, '_> {
             elapsed_ms: p.elapsed.as_secs_f64() * 1e3,
             fraction: 0.0,
             eta_ms: None,
+            eta_range_ms: None,
             wire_bytes: p.bytes_sent,
             pages_sent: self.pages_sent,
             never_sent_pages: p.never_sent,
