@@ -207,6 +207,16 @@ impl Progress {
             .as_secs_f64()
     }
 
+    /// The same measures for a guest running `speed` times as fast ([`Self::at_speed`]) over
+    /// lanes carrying `bandwidth` times as much, live and paused.
+    fn at_rates(&self, speed: f64, bandwidth: f64) -> Self {
+        Self {
+            bandwidth: self.bandwidth * bandwidth,
+            paused_bandwidth: self.paused_bandwidth * bandwidth,
+            ..self.at_speed(speed)
+        }
+    }
+
     /// The same measures for a guest running `speed` times as fast: the write model, the
     /// touched pages' growth and the sweeps' speeds.
     fn at_speed(&self, speed: f64) -> Self {
@@ -304,15 +314,8 @@ pub fn forecast_range(
     p: &Progress,
     f: &Forecast,
 ) -> Option<(Duration, Duration)> {
-    let stray = |speed: f64, bandwidth: f64| {
-        policy
-            .forecast(&Progress {
-                bandwidth: p.bandwidth * bandwidth,
-                paused_bandwidth: p.paused_bandwidth * bandwidth,
-                ..p.at_speed(speed)
-            })
-            .remaining
-    };
+    let stray =
+        |speed: f64, bandwidth: f64| policy.forecast(&p.at_rates(speed, bandwidth)).remaining;
     let a = stray(1.0 - SPEED_SPREAD, 1.0 + BANDWIDTH_SPREAD);
     let b = stray(1.0 + SPEED_SPREAD, 1.0 - BANDWIDTH_SPREAD);
     let known = [a, b, f.remaining].iter().all(|&d| d != Duration::MAX);

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    cores_share, secs_to_duration, Controls, Decision, Overcommit, Packed, PageState, Policy,
-    Progress, StopBatches, SweepOrder, TouchedGrowth, WriteClock, WriteModel,
+    cores_share, secs_to_duration, Controls, Decision, Forecast, Overcommit, Packed, PageState,
+    Policy, Progress, StopBatches, SweepOrder, TouchedGrowth, WriteClock, WriteModel,
 };
 
 /// How the simulated guest writes its memory. Rates are page writes per second.
@@ -682,4 +682,42 @@ impl Sim {
 /// Simulates one migration of `cfg` under `policy`.
 pub fn simulate(cfg: SimConfig, policy: &mut dyn Policy) -> SimOutcome {
     Sim::new(cfg).run(policy)
+}
+
+/// A policy that records every decision with the progress it was made on: a simulation's
+/// decisions, replayed on a fresh policy, show each forecast as the policy made it.
+pub struct Recorder {
+    inner: Box<dyn Policy>,
+    /// Every decision so far, with its progress.
+    pub log: Vec<(Progress, Decision)>,
+}
+
+impl Recorder {
+    /// Records what `inner` decides.
+    pub fn new(inner: Box<dyn Policy>) -> Self {
+        Self {
+            inner,
+            log: Vec::new(),
+        }
+    }
+}
+
+impl Policy for Recorder {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn decide(&mut self, p: &Progress) -> Decision {
+        let d = self.inner.decide(p);
+        self.log.push((p.clone(), d.clone()));
+        d
+    }
+    fn forecast(&self, p: &Progress) -> Forecast {
+        self.inner.forecast(p)
+    }
+    fn limit_reached(&self) -> bool {
+        self.inner.limit_reached()
+    }
+    fn controls(&self) -> Controls {
+        self.inner.controls()
+    }
 }

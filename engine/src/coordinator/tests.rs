@@ -4,43 +4,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::sim::{simulate, DirtyModel, Sim, SimConfig, SimEnd, SimOutcome};
+use super::sim::{simulate, DirtyModel, Recorder, Sim, SimConfig, SimEnd, SimOutcome};
 use super::*;
-
-/// Records every decision with the progress it was made on.
-struct Spy {
-    inner: Box<dyn Policy>,
-    log: Vec<(Progress, Decision)>,
-}
-
-impl Spy {
-    fn new(inner: Box<dyn Policy>) -> Self {
-        Self {
-            inner,
-            log: Vec::new(),
-        }
-    }
-}
-
-impl Policy for Spy {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn decide(&mut self, p: &Progress) -> Decision {
-        let d = self.inner.decide(p);
-        self.log.push((p.clone(), d.clone()));
-        d
-    }
-    fn forecast(&self, p: &Progress) -> Forecast {
-        self.inner.forecast(p)
-    }
-    fn limit_reached(&self) -> bool {
-        self.inner.limit_reached()
-    }
-    fn controls(&self) -> Controls {
-        self.inner.controls()
-    }
-}
 
 const N: u64 = 4096;
 
@@ -97,9 +62,9 @@ fn run(
     cfg: &PolicyConfig,
     sim: SimConfig,
 ) -> (SimOutcome, Vec<(Progress, Decision)>) {
-    let mut spy = Spy::new(make_policy(kind, cfg));
-    let out = simulate(sim, &mut spy);
-    (out, spy.log)
+    let mut rec = Recorder::new(make_policy(kind, cfg));
+    let out = simulate(sim, &mut rec);
+    (out, rec.log)
 }
 
 fn assert_within_bound(kind: PolicyKind, cfg: &PolicyConfig, sim: &SimConfig, out: &SimOutcome) {
@@ -1948,12 +1913,7 @@ fn the_forecast_range_brackets_the_speeds_within_its_spread() {
                     let (least, most) = forecast_range(&*replay, p, &f).expect("known");
                     for speed in [0.8, 0.9, 1.1, 1.2] {
                         for bandwidth in [0.95, 1.05] {
-                            let q = Progress {
-                                bandwidth: p.bandwidth * bandwidth,
-                                paused_bandwidth: p.paused_bandwidth * bandwidth,
-                                ..p.at_speed(speed)
-                            };
-                            let left = replay.forecast(&q).remaining;
+                            let left = replay.forecast(&p.at_rates(speed, bandwidth)).remaining;
                             assert!(
                                 least <= left && left <= most,
                                 "{kind} {rate}/{ws}, guest {speed}, lanes {bandwidth}: \

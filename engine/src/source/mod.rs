@@ -521,6 +521,14 @@ const PAUSED_CODEC_AT: f64 = 0.9;
 /// Progress marks at which the report keeps the policy's forecast.
 const FORECAST_MARKS: [f64; 4] = [0.0, 0.10, 0.25, 0.50];
 
+/// How often the forecast's range is worked out afresh ([`coordinator::forecast_range`]): two
+/// forecasts more, 1–2 ms each for the multiplexing policies on a sweep followed page by page
+/// (`benches/benches/forecast.rs`), on the thread that decides the sends. With every forecast
+/// (each 100 ms), timebound's `dirty-all` row took 3.4 and 3.3 s against 2.8 and 2.5 s without
+/// (same hour); every second, 2.8–3.5 s against 2.7–3.6 s over 4 runs an arm. In between, the
+/// range keeps its width against the forecast; at a progress mark it is worked out afresh.
+const RANGE_EVERY: Duration = Duration::from_secs(1);
+
 /// One migration of a running VM to the destination behind `tx`: the coordinator's state.
 struct Migration<'a, 'd, 's> {
     vm: &'a Vm,
@@ -568,6 +576,8 @@ struct Migration<'a, 'd, 's> {
     /// The guest's speed measured on the cores it had before their last change, until
     /// `guest_cpu` measures it on the new ones; `None` before any change.
     unmeasured_speed: Option<f64>,
+    /// When the forecast's range was last worked out, and its ends against the time left.
+    range: Option<(Instant, [f64; 2])>,
     probe: Probe,
     /// The guest's writes, as the probe measured them, and what the dirty log showed since.
     writes: Option<WriteModel>,
@@ -664,6 +674,7 @@ pub fn migrate(
             unthrottled_at: Instant::now(),
             unthrottled: Meter::new(),
             unmeasured_speed: None,
+            range: None,
             probe: Probe::default(),
             writes: None,
             sweep_order: None,
@@ -1272,11 +1283,29 @@ impl Migration<'_, '_, '_> {
     }
 
     /// The time left, in ms, at the ends of the range of `policy`'s forecast `f` from `p`
-    /// ([`coordinator::forecast_range`]).
-    fn eta_range(&self, policy: &dyn Policy, p: &Progress, f: &Forecast) -> Option<[f64; 2]> {
-        let (least, most) = coordinator::forecast_range(policy, p, f)?;
-        let ms = |remaining| self.time_left(&Forecast { remaining, ..*f }).as_secs_f64() * 1e3;
-        Some([ms(least), ms(most)])
+    /// ([`coordinator::forecast_range`]), worked out afresh every [`RANGE_EVERY`] and at each
+    /// progress mark; in between, as wide against `f` as it was then.
+    fn eta_range(&mut self, policy: &dyn Policy, p: &Progress, f: &Forecast) -> Option<[f64; 2]> {
+        if !f.is_known() {
+            return None;
+        }
+        let ms = |f: &Forecast| self.time_left(f).as_secs_f64() * 1e3;
+        let left = ms(f).max(1e-3);
+        let now = Instant::now();
+        let due = self
+            .range
+            .is_none_or(|(at, _)| now.duration_since(at) >= RANGE_EVERY);
+        if due || FORECAST_MARKS.iter().any(|&m| self.mark_pending(f, m)) {
+            let (least, most) = coordinator::forecast_range(policy, p, f)?;
+            let end = |remaining| ms(&Forecast { remaining, ..*f }) / left;
+            self.range = Some((now, [end(least), end(most)]));
+        }
+        self.range.map(|(_, ends)| ends.map(|e| e * left))
+    }
+
+    /// Whether progress has reached `mark` and the report has no forecast at it yet.
+    fn mark_pending(&self, f: &Forecast, mark: f64) -> bool {
+        f.fraction_done >= mark && !self.forecasts.iter().any(|r| r.at_fraction == mark)
     }
 
     /// Keeps the forecast made when progress first reaches each of [`FORECAST_MARKS`], and
@@ -1287,7 +1316,7 @@ impl Migration<'_, '_, '_> {
         }
         let elapsed_ms = self.t0.elapsed().as_secs_f64() * 1e3;
         for mark in FORECAST_MARKS {
-            if f.fraction_done >= mark && !self.forecasts.iter().any(|r| r.at_fraction == mark) {
+            if self.mark_pending(f, mark) {
                 self.forecasts.push(ForecastRecord {
                     at_fraction: mark,
                     elapsed_ms,
