@@ -566,6 +566,9 @@ struct Migration<'a, 'd, 's> {
     /// vCPU CPU time (ns) over the recent window, and its rate during the probe (ns/s): how
     /// fast the guest runs now against when its writes were measured.
     guest_cpu: Meter,
+    /// CPU time of the whole source process (ns), for the debug log: what the vCPUs leave to
+    /// the workers and the rest.
+    process_cpu: Meter,
     probe_guest_cpu: f64,
     /// Wall time the vCPUs were given (ns: time × (1 − throttle)), summed up to
     /// `unthrottled_at`, and over the same window as `guest_cpu`: what the guest could run
@@ -669,6 +672,7 @@ pub fn migrate(
             meter: Meter::new(),
             encoded: (Meter::new(), Meter::new()),
             guest_cpu: Meter::new(),
+            process_cpu: Meter::new(),
             probe_guest_cpu: 0.0,
             unthrottled_ns: 0,
             unthrottled_at: Instant::now(),
@@ -814,6 +818,8 @@ impl Migration<'_, '_, '_> {
                 self.tune(now);
                 let guest_ns = self.vm.vcpu_cpu_time().as_nanos() as u64;
                 self.guest_cpu.add(now, guest_ns);
+                self.process_cpu
+                    .add(now, cpu::process_time().as_nanos() as u64);
                 self.count_unthrottled(now);
                 self.unthrottled.add(now, self.unthrottled_ns);
                 self.check_destination()?;
@@ -823,8 +829,9 @@ impl Migration<'_, '_, '_> {
                 let f = policy.forecast(&p);
                 log::debug!(
                     "forecast t={:.0}ms never_sent={} dirty={} hot={} unharvested={} B/s={:.0} \
-                     B/page={:.0} guest_speed={:.2} touched={:?} drift={:.0} sweep={:.0} \
-                     scattered={} left={:?} downtime={:?} order={:?}",
+                     B/page={:.0} guest_speed={:.2} cores: vcpus={:.2} others={:.2} \
+                     touched={:?} drift={:.0} sweep={:.0} scattered={} left={:?} downtime={:?} \
+                     order={:?}",
                     p.elapsed.as_secs_f64() * 1e3,
                     p.never_sent,
                     p.dirty,
@@ -833,6 +840,8 @@ impl Migration<'_, '_, '_> {
                     p.bandwidth,
                     p.bytes_per_page,
                     self.guest_speed(),
+                    self.guest_cpu.rate() / 1e9,
+                    (self.process_cpu.rate() - self.guest_cpu.rate()) / 1e9,
                     p.writes
                         .and_then(|m| m.touched)
                         .map(|t| (t.pages, t.rate as u64)),
