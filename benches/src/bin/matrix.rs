@@ -867,9 +867,6 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
 mod tests {
     use super::*;
 
-    /// A report whose lanes carried 100 bytes/ms until 1000 ms, then 50: at the mark (900 ms)
-    /// the forecast measured 100; the rest of the live phase (to 2000 ms) had 100 × 0.1 + 50 ×
-    /// 1.0 bytes over 1.1 s.
     /// The range at 25% (1500–2300 ms) holds the 2100 ms the run took; 800 ms wide against the
     /// 1200 ms that were left. At 50% the range (1900–2000) ends short of it.
     #[test]
@@ -889,6 +886,9 @@ mod tests {
         assert!(range_held(&v, 0.1).is_none());
     }
 
+    /// A report whose lanes carried 100 bytes/ms until 1000 ms, then 50: at the mark (900 ms)
+    /// the forecast measured 100; the rest of the live phase (to 2000 ms) had 100 × 0.1 + 50 ×
+    /// 1.0 bytes over 1.1 s.
     #[test]
     fn the_bandwidth_after_a_mark_is_the_lanes_rate_to_the_end_of_the_live_phase() {
         let mut timeline: Vec<Value> = (0..=20)
