@@ -173,23 +173,38 @@ fn eta_errors_as(
     sim: SimConfig,
     seen: impl Fn(&Progress) -> Progress,
 ) -> Vec<f64> {
+    let mut errors = Vec::new();
+    at_marks(kind, cfg, sim, seen, |_, _, f, left| {
+        errors.push(f.remaining.as_secs_f64() / left - 1.0);
+    });
+    errors
+}
+
+/// Replays the decisions of `kind` over `sim` on a fresh policy, each forecast made from what
+/// `seen` makes of the progress; when progress first reaches 25% and 50%, calls `at_mark` with
+/// the policy as it stood, that progress, its forecast and the time that was actually left.
+fn at_marks(
+    kind: PolicyKind,
+    cfg: &PolicyConfig,
+    sim: SimConfig,
+    seen: impl Fn(&Progress) -> Progress,
+    mut at_mark: impl FnMut(&dyn Policy, &Progress, &Forecast, f64),
+) {
     let (out, log) = run(kind, cfg, sim);
     assert_eq!(out.end, SimEnd::Completed);
     let total = out.total.as_secs_f64();
     let mut replay = make_policy(kind, cfg);
     let mut marks = vec![0.25, 0.5];
-    let mut errors = Vec::new();
     for (p, d) in &log {
-        let f = replay.forecast(&seen(p));
-        assert_eq!(replay.decide(p), *d);
+        let q = seen(p);
+        let f = replay.forecast(&q);
         if f.is_known() && marks.first().is_some_and(|&m| f.fraction_done >= m) {
             marks.remove(0);
-            let now = p.elapsed.as_secs_f64();
-            errors.push(f.remaining.as_secs_f64() / (total - now) - 1.0);
+            at_mark(&*replay, &q, &f, total - p.elapsed.as_secs_f64());
         }
+        assert_eq!(replay.decide(p), *d);
     }
     assert!(marks.is_empty(), "{kind}: never reached {marks:?}");
-    errors
 }
 
 /// A sweep over half of memory, with a period longer than the probe, looks to the probe like a
@@ -1855,31 +1870,19 @@ fn an_over_commit_due_later_is_foreseen() {
     assert!(mean_abs(&blind) >= 0.2, "{blind:?}");
 }
 
-/// The forecast's range at the 25% and 50% marks: the least and most time left, the time
-/// that was actually left, and the forecast's own; the decisions replayed as in
-/// [`eta_errors`].
+/// The forecast's range at the 25% and 50% marks ([`at_marks`]): the least and most time
+/// left, the time that was actually left, and the forecast's own.
 fn ranges(kind: PolicyKind, cfg: &PolicyConfig, sim: SimConfig) -> Vec<(f64, f64, f64, f64)> {
-    let (out, log) = run(kind, cfg, sim);
-    assert_eq!(out.end, SimEnd::Completed);
-    let mut replay = make_policy(kind, cfg);
-    let mut marks = vec![0.25, 0.5];
     let mut seen = Vec::new();
-    for (p, d) in &log {
-        let f = replay.forecast(p);
-        if f.is_known() && marks.first().is_some_and(|&m| f.fraction_done >= m) {
-            marks.remove(0);
-            let (least, most) = forecast_range(&*replay, p, &f).expect("a known forecast");
-            let left = out.total.as_secs_f64() - p.elapsed.as_secs_f64();
-            seen.push((
-                least.as_secs_f64(),
-                most.as_secs_f64(),
-                left,
-                f.remaining.as_secs_f64(),
-            ));
-        }
-        assert_eq!(replay.decide(p), *d);
-    }
-    assert!(marks.is_empty(), "{kind}: never reached {marks:?}");
+    at_marks(kind, cfg, sim, Progress::clone, |policy, p, f, left| {
+        let (least, most) = forecast_range(policy, p, f).expect("a known forecast");
+        seen.push((
+            least.as_secs_f64(),
+            most.as_secs_f64(),
+            left,
+            f.remaining.as_secs_f64(),
+        ));
+    });
     seen
 }
 
@@ -1902,29 +1905,20 @@ fn the_forecast_range_brackets_the_speeds_within_its_spread() {
     let cfg = policy_cfg();
     for kind in PolicyKind::ALL {
         for (rate, ws) in [(2000.0, N / 2), (3000.0, N), (6000.0, N)] {
-            let (out, log) = run(kind, &cfg, off_its_model(rate, ws, 1.0));
-            assert_eq!(out.end, SimEnd::Completed);
-            let mut replay = make_policy(kind, &cfg);
-            let mut marks = vec![0.25, 0.5];
-            for (p, d) in &log {
-                let f = replay.forecast(p);
-                if f.is_known() && marks.first().is_some_and(|&m| f.fraction_done >= m) {
-                    marks.remove(0);
-                    let (least, most) = forecast_range(&*replay, p, &f).expect("known");
-                    for speed in [0.8, 0.9, 1.1, 1.2] {
-                        for bandwidth in [0.95, 1.05] {
-                            let left = replay.forecast(&p.at_rates(speed, bandwidth)).remaining;
-                            assert!(
-                                least <= left && left <= most,
-                                "{kind} {rate}/{ws}, guest {speed}, lanes {bandwidth}: \
-                                 {left:?} outside {least:?}..{most:?}"
-                            );
-                        }
+            let sim = off_its_model(rate, ws, 1.0);
+            at_marks(kind, &cfg, sim, Progress::clone, |policy, p, f, _| {
+                let (least, most) = forecast_range(policy, p, f).expect("known");
+                for speed in [0.8, 0.9, 1.1, 1.2] {
+                    for bandwidth in [0.95, 1.05] {
+                        let left = policy.forecast(&p.at_rates(speed, bandwidth)).remaining;
+                        assert!(
+                            least <= left && left <= most,
+                            "{kind} {rate}/{ws}, guest {speed}, lanes {bandwidth}: \
+                             {left:?} outside {least:?}..{most:?}"
+                        );
                     }
                 }
-                assert_eq!(replay.decide(p), *d);
-            }
-            assert!(marks.is_empty(), "{kind}: never reached {marks:?}");
+            });
         }
     }
 }
