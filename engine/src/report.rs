@@ -186,6 +186,57 @@ pub struct ForecastRecord {
     /// ([`ProgressEvent::eta_range_ms`]); `None` in reports from before it.
     #[serde(default)]
     pub total_range_ms: Option<[f64; 2]>,
+    /// The rates the forecast took and those that came, and what it would have forecast with
+    /// the latter; `None` in reports from before it, and at a mark the switchover came too
+    /// soon after to measure them.
+    #[serde(default)]
+    pub hindsight: Option<Hindsight>,
+}
+
+impl ForecastRecord {
+    /// One line for [`Report::summary`]: the forecast total and its range, and with the rates
+    /// that came.
+    fn line(&self) -> String {
+        let range = self.total_range_ms.map_or(String::new(), |[least, most]| {
+            format!(" ({least:.0}–{most:.0})")
+        });
+        let hindsight = self.hindsight.map_or(String::new(), |h| {
+            format!(
+                "; {:.0} ms with the rates that came (guest {:.2}x, lanes {:.2}x)",
+                h.total_ms,
+                h.guest_speed_after / h.guest_speed,
+                h.bandwidth_after / h.bandwidth,
+            )
+        });
+        format!(
+            "forecast at {:.0}% ({:.0} ms in): total {:.0} ms{range}, downtime {:.1} ms{hindsight}",
+            100.0 * self.at_fraction,
+            self.elapsed_ms,
+            self.total_ms,
+            self.downtime_ms,
+        )
+    }
+}
+
+/// What a forecast took the rates to be at its progress mark, what they came to from then to
+/// the end of the live phase, and the forecast the policy as it stood at the mark makes from
+/// them ([`crate::coordinator::Progress::as_it_went`]). Where `total_ms` holds the actual
+/// total and the forecast did not, the rates moved; where neither holds it, the model missed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hindsight {
+    /// The guest's speed against the probe's, throttle aside: measured at the mark (over the
+    /// second before), and over the rest of the live phase.
+    pub guest_speed: f64,
+    pub guest_speed_after: f64,
+    /// Wire bytes/s the lanes delivered: at the mark (over the second before), and over the
+    /// rest of the live phase.
+    pub bandwidth: f64,
+    pub bandwidth_after: f64,
+    /// Wire bytes a page: at the mark, and over the rest of the live phase.
+    pub bytes_per_page: f64,
+    pub bytes_per_page_after: f64,
+    /// Total migration time forecast at the mark from the rates that came.
+    pub total_ms: f64,
 }
 
 /// One point of the migration's timeline.
@@ -368,6 +419,16 @@ impl Report {
             }
             _ => trials,
         };
+        let forecasts = self
+            .forecasts
+            .iter()
+            .filter(|f| f.at_fraction >= 0.25)
+            .map(|f| format!("\n{}", f.line()))
+            .collect::<String>();
+        let trials = match self.downtime_forecast_ms {
+            Some(d) => format!("{forecasts}\ndowntime forecast at switchover {d:.1} ms{trials}"),
+            None => format!("{forecasts}{trials}"),
+        };
         format!(
             "migration {}: policy {}{}, {} MiB, {} vCPU(s)\n\
              total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms) after {:.0} ms of setup; bound {}\n\
@@ -406,5 +467,57 @@ impl Report {
             self.digest_ms,
             trials,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The summary shows the forecasts from 25% on, each with its range and, where the live
+    /// phase ran long enough after the mark, the forecast from the rates that came; and the
+    /// downtime forecast at the switchover.
+    #[test]
+    fn the_summary_shows_the_forecasts_and_their_hindsight() {
+        let mark = |at_fraction, total_ms| ForecastRecord {
+            at_fraction,
+            elapsed_ms: 1000.0 * at_fraction,
+            total_ms,
+            downtime_ms: 20.0,
+            total_range_ms: Some([total_ms - 100.0, total_ms + 200.0]),
+            hindsight: None,
+        };
+        let report = Report {
+            forecasts: vec![
+                mark(0.1, 1500.0),
+                ForecastRecord {
+                    hindsight: Some(Hindsight {
+                        guest_speed: 0.4,
+                        guest_speed_after: 0.5,
+                        bandwidth: 100e6,
+                        bandwidth_after: 90e6,
+                        bytes_per_page: 1600.0,
+                        bytes_per_page_after: 1600.0,
+                        total_ms: 2150.0,
+                    }),
+                    ..mark(0.25, 2000.0)
+                },
+                mark(0.5, 2100.0),
+            ],
+            downtime_forecast_ms: Some(21.5),
+            ..Report::default()
+        };
+        let s = report.summary();
+        let lines: Vec<&str> = s.lines().filter(|l| l.contains("forecast")).collect();
+        assert_eq!(
+            lines,
+            [
+                "forecast at 25% (250 ms in): total 2000 ms (1900–2200), downtime 20.0 ms; \
+                 2150 ms with the rates that came (guest 1.25x, lanes 0.90x)",
+                "forecast at 50% (500 ms in): total 2100 ms (2000–2300), downtime 20.0 ms",
+                "downtime forecast at switchover 21.5 ms",
+            ],
+            "{s}"
+        );
     }
 }

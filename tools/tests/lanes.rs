@@ -264,6 +264,34 @@ fn two_lanes_carry_the_vm_and_survive_a_cut_link() {
         range[1].as_f64() >= at_start["total_ms"].as_f64(),
         "{at_start}"
     );
+    // At the end of the live phase each mark gets its hindsight: the rates from it on, and
+    // the forecast from those. From the mark at 0, the lanes' rate covers what they carried
+    // in the live phase: every wire byte but the stop-and-copy's.
+    for mark in o.report["forecasts"].as_array().unwrap() {
+        let h = &mark["hindsight"];
+        let f = |k: &str| h[k].as_f64().unwrap_or_else(|| panic!("{k} in {mark}"));
+        assert!(
+            f("guest_speed_after") > 0.0 && f("guest_speed") > 0.0,
+            "{mark}"
+        );
+        assert!(f("bandwidth") > 0.0 && f("bandwidth_after") > 0.0, "{mark}");
+        assert!(f("bytes_per_page_after") > 0.0, "{mark}");
+        assert!(
+            f("total_ms") > mark["elapsed_ms"].as_f64().unwrap(),
+            "{mark}"
+        );
+    }
+    let f = |k: &str| o.report[k].as_f64().unwrap();
+    let h = &at_start["hindsight"];
+    let live_bytes = h["bandwidth_after"].as_f64().unwrap()
+        * (f("live_ms") - at_start["elapsed_ms"].as_f64().unwrap())
+        / 1e3;
+    let last_pages = f("final_pages") * (4096.0 + 64.0);
+    assert!(
+        live_bytes <= 1.02 * f("wire_bytes") && live_bytes >= 0.9 * (f("wire_bytes") - last_pages),
+        "{live_bytes} live bytes of {} ({h})",
+        f("wire_bytes")
+    );
     // It closes with the stop-and-copy, sent before the pause, and done: nothing is sent
     // during the downtime. The report's timeline still has the switchover phase.
     let phases: Vec<&str> = o

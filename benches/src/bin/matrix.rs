@@ -16,10 +16,11 @@
 //! row they do not finish in time is "did not converge", and the VM stays on the source.
 //! Writes `matrix.jsonl` (the reports), `matrix.csv`, `matrix.md` (the table) and, with
 //! `--plots`, `timeline-hotcold-POLICY.{json,svg}` for the hotcold workload
-//! whose working set does not fit, to the output directory. Each row also records how the
-//! lanes' rate after the ETA marks compared with the second before them, and the ETA's error
-//! had the forecast known it (`bandwidth_after_25`, `eta_err_bandwidth_known_25`, and `_50`;
-//! a line under each ETA line of the summary): what of a miss is the bandwidth's.
+//! whose working set does not fit, to the output directory. Each row also records, from the
+//! report's hindsight, how the guest's speed and the lanes' rate after the ETA marks compared
+//! with those the forecast measured, and the ETA's error had the forecast known them
+//! (`speed_after_25`, `bandwidth_after_25`, `eta_err_hindsight_25`, and `_50`; a line under
+//! each ETA line of the summary): what of a miss is the rates', what is the model's.
 //!
 //! Working sets per vCPU: `--fit SIZE` (8M) is sent in a few tens of milliseconds;
 //! `--nofit SIZE` (128M) is rewritten faster than the link sends it. For `hotcold`, what is
@@ -419,68 +420,29 @@ fn range_held(v: &Value, mark: f64) -> Option<(bool, f64)> {
     Some(((least..=most).contains(&total), (most - least) / left))
 }
 
-/// The live phase's samples in the timeline: `(ms, bytes the lanes had carried)`, in time
-/// order.
-fn lane_bytes(v: &Value) -> Vec<(f64, f64)> {
-    v["timeline"].as_array().map_or_else(Vec::new, |samples| {
-        samples
-            .iter()
-            .filter(|s| s["phase"] == "live")
-            .filter_map(|s| {
-                let lanes = s["lane_bytes"].as_array()?;
-                Some((
-                    s["t_ms"].as_f64()?,
-                    lanes.iter().filter_map(Value::as_f64).sum(),
-                ))
-            })
-            .collect()
+/// A progress mark's hindsight (the report's `hindsight`): how the guest's speed and the
+/// lanes' rate over the rest of the live phase compared with those the forecast measured, and
+/// the ETA's error had it known them: what of a miss is the rates', what is the model's.
+/// `None` without one.
+struct Hindsight {
+    speed: f64,
+    bandwidth: f64,
+    eta_error: f64,
+}
+
+fn hindsight(v: &Value, mark: f64) -> Option<Hindsight> {
+    let r = v["forecasts"]
+        .as_array()?
+        .iter()
+        .find(|r| r["at_fraction"].as_f64() == Some(mark))?;
+    let h = &r["hindsight"];
+    let f = |k: &str| h[k].as_f64();
+    let at = r["elapsed_ms"].as_f64()?;
+    Some(Hindsight {
+        speed: f("guest_speed_after")? / f("guest_speed")?,
+        bandwidth: f("bandwidth_after")? / f("bandwidth")?,
+        eta_error: rel(f("total_ms")? - at, v["total_ms"].as_f64()? - at),
     })
-}
-
-/// Bytes carried by `t_ms` among `samples` (linear in between); `None` outside them.
-fn bytes_at(samples: &[(f64, f64)], t_ms: f64) -> Option<f64> {
-    let k = samples.iter().position(|&(t, _)| t >= t_ms)?;
-    let (t1, b1) = samples[k];
-    if t1 == t_ms {
-        return Some(b1);
-    }
-    let (t0, b0) = samples[k.checked_sub(1)?];
-    Some(b0 + (b1 - b0) * (t_ms - t0) / (t1 - t0))
-}
-
-/// How the bandwidth changed after a progress mark: the lanes' rate from the mark to the last
-/// sample of the live phase (before the wait for the lanes to drain) over their rate in the
-/// second before it (the window the forecast's bandwidth is measured over; from the first
-/// sample, if the mark comes sooner), and the ETA's error had the forecast known that rate
-/// (the live part of its time left scaled by the ratio, the stop-and-copy as forecast).
-fn bandwidth_after(v: &Value, mark: f64) -> (f64, f64) {
-    let nan = (f64::NAN, f64::NAN);
-    let Some(r) = v["forecasts"]
-        .as_array()
-        .and_then(|f| f.iter().find(|r| r["at_fraction"].as_f64() == Some(mark)))
-    else {
-        return nan;
-    };
-    let samples = lane_bytes(v);
-    let Some(&(first, _)) = samples.first() else {
-        return nan;
-    };
-    let last = samples.last().map_or(f64::NAN, |s| s.0);
-    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    let at = f("elapsed_ms");
-    let rate = |from: f64, to: f64| {
-        Some((bytes_at(&samples, to)? - bytes_at(&samples, from)?) / (to - from))
-    };
-    let (Some(before), Some(after)) = (rate((at - 1000.0).max(first), at), rate(at, last)) else {
-        return nan;
-    };
-    let ratio = after / before;
-    let down = f("downtime_ms");
-    let left = (f("total_ms") - at - down) / ratio + down;
-    (
-        ratio,
-        rel(left, v["total_ms"].as_f64().unwrap_or(f64::NAN) - at),
-    )
 }
 
 fn pct(x: f64) -> String {
@@ -589,9 +551,11 @@ fn main() {
                 row["matrix_policy"] = p.as_str().into();
                 row["matrix_run"] = run.into();
                 for (mark, key) in [(0.25, "25"), (0.5, "50")] {
-                    let (ratio, err) = bandwidth_after(&v, mark);
-                    row[format!("bandwidth_after_{key}")] = ratio.into();
-                    row[format!("eta_err_bandwidth_known_{key}")] = err.into();
+                    if let Some(h) = hindsight(&v, mark) {
+                        row[format!("speed_after_{key}")] = h.speed.into();
+                        row[format!("bandwidth_after_{key}")] = h.bandwidth.into();
+                        row[format!("eta_err_hindsight_{key}")] = h.eta_error.into();
+                    }
                 }
                 writeln!(jsonl, "{}", strip_timeline(&row)).unwrap();
                 if a.reports {
@@ -786,20 +750,27 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
                 100.0 * widths[widths.len() / 2]
             ));
         }
-        // How much of the error is the bandwidth's: the lanes' rate after the mark against
-        // the one the forecast measured.
-        let (mut ratios, errs): (Vec<f64>, Vec<f64>) = done
-            .iter()
-            .map(|v| bandwidth_after(v, mark))
-            .filter(|(r, e)| r.is_finite() && e.is_finite())
-            .unzip();
-        ratios.sort_by(f64::total_cmp);
-        if let (Some(lo), Some(hi)) = (ratios.first(), ratios.last()) {
+        // How much of the error is the rates': the forecast the policy would have made had
+        // it known the guest's speed and the lanes' rate to come.
+        let seen: Vec<Hindsight> = done.iter().filter_map(|v| hindsight(v, mark)).collect();
+        if !seen.is_empty() {
+            let spread = |x: fn(&Hindsight) -> f64| {
+                let mut a: Vec<f64> = seen.iter().map(x).collect();
+                a.sort_by(f64::total_cmp);
+                format!(
+                    "{:.2}–{:.2} × (median {:.2})",
+                    a[0],
+                    a[a.len() - 1],
+                    a[a.len() / 2]
+                )
+            };
+            let errs: Vec<f64> = seen.iter().map(|h| h.eta_error).collect();
             out.push(format!(
-                "  - had it known the bandwidth of the rest of the live phase ({lo:.2}–{hi:.2} × \
-                 the second before the mark's, median {:.2}): within 10% in {}/{} runs, median \
-                 error {:.0}%.",
-                ratios[ratios.len() / 2],
+                "  - had it known the rates of the rest of the live phase (against those it \
+                 measured, the guest's speed {}, the lanes' {}): within 10% in {}/{} runs, \
+                 median error {:.0}%.",
+                spread(|h| h.speed),
+                spread(|h| h.bandwidth),
                 within(&errs, 0.1),
                 errs.len(),
                 100.0 * median_abs(&errs)
@@ -886,34 +857,27 @@ mod tests {
         assert!(range_held(&v, 0.1).is_none());
     }
 
-    /// A report whose lanes carried 100 bytes/ms until 1000 ms, then 50: at the mark (900 ms)
-    /// the forecast measured 100; the rest of the live phase (to 2000 ms) had 100 × 0.1 + 50 ×
-    /// 1.0 bytes over 1.1 s.
+    /// At 25% (900 ms), the forecast measured the guest at 0.5 and the lanes at 100 MB/s;
+    /// after, the guest ran at 0.6 and the lanes at 80. Had it known, it would have forecast
+    /// 2000 ms of the 2100 the run took: 1100 ms left of 1200.
     #[test]
-    fn the_bandwidth_after_a_mark_is_the_lanes_rate_to_the_end_of_the_live_phase() {
-        let mut timeline: Vec<Value> = (0..=20)
-            .map(|k| {
-                let t = f64::from(k) * 100.0;
-                let bytes = 100.0 * t.min(1000.0) + 50.0 * (t - 1000.0).max(0.0);
-                json!({ "t_ms": t, "phase": "live", "lane_bytes": [bytes as u64] })
-            })
-            .collect();
-        // The stop-and-copy's samples are not the live phase's.
-        timeline.push(json!({ "t_ms": 2050.0, "phase": "stop-and-copy", "lane_bytes": [1] }));
+    fn a_hindsight_compares_the_rates_after_a_mark_with_those_before() {
         let v = json!({
             "total_ms": 2100.0,
-            "forecasts": [{ "at_fraction": 0.25, "elapsed_ms": 900.0, "total_ms": 1700.0,
-                            "downtime_ms": 100.0 }],
-            "timeline": timeline,
+            "forecasts": [
+                { "at_fraction": 0.25, "elapsed_ms": 900.0, "total_ms": 1700.0,
+                  "hindsight": { "guest_speed": 0.5, "guest_speed_after": 0.6,
+                                 "bandwidth": 100e6, "bandwidth_after": 80e6,
+                                 "bytes_per_page": 1600.0, "bytes_per_page_after": 1600.0,
+                                 "total_ms": 2000.0 } },
+                { "at_fraction": 0.5, "elapsed_ms": 1500.0, "total_ms": 2000.0 },
+            ],
         });
-        let (ratio, err) = bandwidth_after(&v, 0.25);
-        let after = (100.0 * 100.0 + 50.0 * 1000.0) / 1100.0;
-        assert!((ratio - after / 100.0).abs() < 1e-9, "{ratio}");
-        // 700 ms of live phase forecast at the old rate takes 700 / ratio at the new one.
-        let left = 700.0 / ratio + 100.0;
-        assert!((err - (left / 1200.0 - 1.0)).abs() < 1e-9, "{err}");
-        assert!(bandwidth_after(&v, 0.5).0.is_nan());
-        assert_eq!(bytes_at(&lane_bytes(&v), 50.0), Some(5000.0));
-        assert_eq!(bytes_at(&lane_bytes(&v), -1.0), None);
+        let h = hindsight(&v, 0.25).unwrap();
+        assert!((h.speed - 1.2).abs() < 1e-9, "{}", h.speed);
+        assert!((h.bandwidth - 0.8).abs() < 1e-9, "{}", h.bandwidth);
+        assert!((h.eta_error - (1100.0 / 1200.0 - 1.0)).abs() < 1e-9);
+        assert!(hindsight(&v, 0.5).is_none());
+        assert!(hindsight(&v, 0.1).is_none());
     }
 }

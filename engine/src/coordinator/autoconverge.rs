@@ -106,6 +106,10 @@ impl Policy for Autoconverge {
             })
     }
 
+    fn snapshot(&self) -> Box<dyn Policy> {
+        Box::new(self.clone())
+    }
+
     fn limit_reached(&self) -> bool {
         self.precopy.limit_reached()
     }

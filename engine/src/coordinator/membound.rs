@@ -328,6 +328,10 @@ impl Policy for Membound {
         }
     }
 
+    fn snapshot(&self) -> Box<dyn Policy> {
+        Box::new(self.clone())
+    }
+
     fn limit_reached(&self) -> bool {
         self.limit
     }

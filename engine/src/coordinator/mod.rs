@@ -207,6 +207,21 @@ impl Progress {
             .as_secs_f64()
     }
 
+    /// The same progress with the rates that came after it: the guest `speed` times as fast as
+    /// measured (its write model, touched pages' growth and sweeps), the lanes carrying
+    /// `bandwidth` wire bytes/s of `bytes_per_page` while the VM runs, and no over-commit
+    /// ahead (`speed` takes in one that came). A forecast from it is what the policy's model
+    /// would have forecast had it known the rates: what a forecast missed by splits into its
+    /// model's error and the rates' ([`crate::report::Hindsight`]).
+    pub fn as_it_went(&self, speed: f64, bandwidth: f64, bytes_per_page: f64) -> Self {
+        Self {
+            bandwidth,
+            bytes_per_page,
+            overcommit_ahead: None,
+            ..self.at_speed(speed)
+        }
+    }
+
     /// The same measures for a guest running `speed` times as fast ([`Self::at_speed`]) over
     /// lanes carrying `bandwidth` times as much, live and paused.
     fn at_rates(&self, speed: f64, bandwidth: f64) -> Self {
@@ -330,6 +345,9 @@ pub trait Policy: Send {
     fn decide(&mut self, p: &Progress) -> Decision;
     /// Forecasts what is left, from this policy's own model.
     fn forecast(&self, p: &Progress) -> Forecast;
+    /// The policy as it stands now, to forecast from later (the report's hindsight at each
+    /// progress mark).
+    fn snapshot(&self) -> Box<dyn Policy>;
     /// Whether a limit (`timeout`, or `max_epochs` for precopy) has forced the policy's hand
     /// (a switchover before convergence, a hurried live phase, or an abort). The report calls
     /// a migration that completed without this "converged".

@@ -131,6 +131,10 @@ impl Policy for Mplm {
         forecast_from(p, live, at_end)
     }
 
+    fn snapshot(&self) -> Box<dyn Policy> {
+        Box::new(self.clone())
+    }
+
     fn limit_reached(&self) -> bool {
         self.limit
     }

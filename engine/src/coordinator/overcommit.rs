@@ -148,6 +148,13 @@ impl Policy for Overcommitted {
         self.inner.forecast(&foreseen(p, ahead, before))
     }
 
+    fn snapshot(&self) -> Box<dyn Policy> {
+        Box::new(Self {
+            inner: self.inner.snapshot(),
+            ..*self
+        })
+    }
+
     fn limit_reached(&self) -> bool {
         self.inner.limit_reached()
     }

@@ -303,6 +303,10 @@ impl Policy for Precopy {
         self.forecast_stepped(p, 0.0, |_, _| 0.0)
     }
 
+    fn snapshot(&self) -> Box<dyn Policy> {
+        Box::new(self.clone())
+    }
+
     fn limit_reached(&self) -> bool {
         self.limit
     }

@@ -714,6 +714,12 @@ impl Policy for Recorder {
     fn forecast(&self, p: &Progress) -> Forecast {
         self.inner.forecast(p)
     }
+    fn snapshot(&self) -> Box<dyn Policy> {
+        Box::new(Self {
+            inner: self.inner.snapshot(),
+            log: self.log.clone(),
+        })
+    }
     fn limit_reached(&self) -> bool {
         self.inner.limit_reached()
     }

@@ -1942,3 +1942,70 @@ fn the_forecast_range_is_wide_where_precopy_nears_its_threshold() {
         assert!(near > 3.0 * bounded, "precopy {near} vs {kind} {bounded}");
     }
 }
+
+/// A policy's snapshot forecasts as the policy did when it was taken, whatever the policy
+/// decides after: the report's hindsight asks it at the end of the live phase. Over-commit's
+/// wrapper too.
+#[test]
+fn a_snapshot_forecasts_as_the_policy_did_when_it_was_taken() {
+    let plain = policy_cfg();
+    let overcommitted = PolicyConfig {
+        overcommit: Some(Overcommit {
+            cores: 1,
+            at: 0.9,
+            stepwise: false,
+            from: 4,
+        }),
+        ..policy_cfg()
+    };
+    let mut moved = 0;
+    for cfg in [&plain, &overcommitted] {
+        for kind in PolicyKind::ALL {
+            let (_, log) = run(kind, cfg, off_its_model(3000.0, N, 1.0));
+            let mut policy = make_policy(kind, cfg);
+            let half = log.len() / 2;
+            for (p, d) in &log[..half] {
+                assert_eq!(&policy.decide(p), d);
+            }
+            let p = &log[half].0;
+            let then = policy.forecast(p);
+            let snapshot = policy.snapshot();
+            for (p, d) in &log[half..] {
+                assert_eq!(&policy.decide(p), d);
+            }
+            moved += usize::from(policy.forecast(p) != then);
+            assert_eq!(snapshot.forecast(p), then, "{kind}");
+        }
+    }
+    // Not vacuous: the policies' own forecasts from that progress changed as they went on.
+    assert!(moved >= PolicyKind::ALL.len(), "{moved}");
+}
+
+/// A forecast from progress whose rates were mismeasured (the guest taken 20% slower and the
+/// lanes 15% faster than they ran) misses; from the same progress as it went, with the rates
+/// that came ([`Progress::as_it_went`]), it is the forecast from the true rates.
+#[test]
+fn a_forecast_with_the_rates_that_came_is_the_one_from_the_true_rates() {
+    let cfg = policy_cfg();
+    for kind in PolicyKind::ALL {
+        let sim = off_its_model(3000.0, N, 1.0);
+        at_marks(kind, &cfg, sim, Progress::clone, |policy, p, f, _| {
+            let seen = Progress {
+                bandwidth: 1.15 * p.bandwidth,
+                ..p.at_speed(0.8)
+            };
+            let left = |q: &Progress| policy.forecast(q).remaining.as_secs_f64();
+            let truth = f.remaining.as_secs_f64();
+            let missed = left(&seen);
+            let hindsight = left(&seen.as_it_went(1.25, p.bandwidth, p.bytes_per_page));
+            assert!(
+                (missed - truth).abs() > 0.05 * truth,
+                "{kind}: {missed} vs {truth}"
+            );
+            assert!(
+                (hindsight - truth).abs() < 1e-3 * truth,
+                "{kind}: {hindsight} vs {truth}"
+            );
+        });
+    }
+}

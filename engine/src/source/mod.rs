@@ -41,7 +41,7 @@ use crate::encode::{BatchEncoder, Codec, EncodeError, EncoderConfig};
 use crate::memory::{GuestMemory, MemoryError, PAGE_SHIFT, PAGE_SIZE};
 use crate::proto::DestFigures;
 use crate::proto::{self, Describe, Digests, SwitchoverHeader, Tag};
-use crate::report::{CodecTrial, Report, Sample, SwitchoverFigures};
+use crate::report::{CodecTrial, Hindsight, Report, Sample, SwitchoverFigures};
 use crate::report::{CpuFigures, ForecastRecord, LaneReport, Phase, ProbeFigures, ProgressEvent};
 use crate::vm::{Vm, VmError};
 
@@ -521,6 +521,34 @@ const PAUSED_CODEC_AT: f64 = 0.9;
 /// Progress marks at which the report keeps the policy's forecast.
 const FORECAST_MARKS: [f64; 4] = [0.0, 0.10, 0.25, 0.50];
 
+/// The least live time after a progress mark its hindsight's rates are measured over.
+const HINDSIGHT_MIN: Duration = Duration::from_millis(100);
+
+/// A progress mark's forecast as it was made, for its hindsight ([`Migration::hindsight`]).
+struct Mark {
+    /// Its index in the report's forecasts.
+    record: usize,
+    policy: Box<dyn Policy>,
+    progress: Progress,
+    counts: Counts,
+    guest_speed: f64,
+    /// Wire bytes the lanes held then.
+    unacked: u64,
+}
+
+/// Running totals the rates after a progress mark are measured from.
+#[derive(Clone, Copy)]
+struct Counts {
+    at: Instant,
+    /// CPU time the vCPU threads took, and the time they were let run (throttle aside).
+    vcpu_ns: f64,
+    unthrottled_ns: f64,
+    /// Wire bytes delivered and handed to the lanes, and pages encoded.
+    delivered: f64,
+    wire: f64,
+    encoded: f64,
+}
+
 /// How often the forecast's range is worked out afresh ([`coordinator::forecast_range`]): two
 /// forecasts more, 1–2 ms each for the multiplexing policies on a sweep followed page by page
 /// (`benches/benches/forecast.rs`), on the thread that decides the sends. With every forecast
@@ -597,6 +625,8 @@ struct Migration<'a, 'd, 's> {
     /// Pages hashed for the digests while the VM ran (`--verify full`).
     live_hash_pages: u64,
     forecasts: Vec<ForecastRecord>,
+    /// Where each of `forecasts` was made from, for its hindsight at the end of the live phase.
+    marks: Vec<Mark>,
     timeline: Vec<Sample>,
     /// With `--compress auto`, what keeps the codec the fastest one while the VM runs; once
     /// it has ended, the codec it settled on and the trials it made.
@@ -690,6 +720,7 @@ pub fn migrate(
             hash_time: Duration::ZERO,
             live_hash_pages: 0,
             forecasts: Vec::new(),
+            marks: Vec::new(),
             timeline: Vec::new(),
             tuner: None,
             live_codec: None,
@@ -786,7 +817,7 @@ impl Migration<'_, '_, '_> {
         let p = self.progress();
         let f = policy.forecast(&p);
         let range = self.eta_range(&*policy, &p, &f);
-        self.note_forecast(&f, range);
+        self.note_forecast(&*policy, &p, &f, range);
         ready_event.eta_ms = f.is_known().then(|| self.time_left(&f).as_secs_f64() * 1e3);
         ready_event.eta_range_ms = range;
         progress(&ready_event);
@@ -855,7 +886,7 @@ impl Migration<'_, '_, '_> {
                     p.sweep_order
                 );
                 let range = self.eta_range(&*policy, &p, &f);
-                self.note_forecast(&f, range);
+                self.note_forecast(&*policy, &p, &f, range);
                 let mut ev = self.event(Phase::Live);
                 ev.fraction = f.fraction_done;
                 let eta_ms = self.time_left(&f).as_secs_f64() * 1e3;
@@ -920,6 +951,7 @@ impl Migration<'_, '_, '_> {
         };
         // The loop ends only settled: nothing is queued or in flight.
         let drain_ms = drain.as_secs_f64() * 1e3;
+        self.hindsight();
         self.settle_codec();
 
         // Stop-and-copy, spread over every worker and lane. Its event goes out before the
@@ -1317,23 +1349,109 @@ impl Migration<'_, '_, '_> {
         f.fraction_done >= mark && !self.forecasts.iter().any(|r| r.at_fraction == mark)
     }
 
-    /// Keeps the forecast made when progress first reaches each of [`FORECAST_MARKS`], and
-    /// its range (`range`, time left in ms).
-    fn note_forecast(&mut self, f: &Forecast, range: Option<[f64; 2]>) {
+    /// Keeps the forecast `f` that `policy` made from `p` when progress first reaches each of
+    /// [`FORECAST_MARKS`], and its range (`range`, time left in ms); and, for its hindsight,
+    /// the policy and the progress it was made from and the counts the rates after it are
+    /// measured from.
+    fn note_forecast(
+        &mut self,
+        policy: &dyn Policy,
+        p: &Progress,
+        f: &Forecast,
+        range: Option<[f64; 2]>,
+    ) {
         if !f.is_known() {
             return;
         }
-        let elapsed_ms = self.t0.elapsed().as_secs_f64() * 1e3;
+        let now = Instant::now();
+        let elapsed_ms = now.duration_since(self.t0).as_secs_f64() * 1e3;
         for mark in FORECAST_MARKS {
-            if self.mark_pending(f, mark) {
-                self.forecasts.push(ForecastRecord {
-                    at_fraction: mark,
-                    elapsed_ms,
-                    total_ms: elapsed_ms + self.time_left(f).as_secs_f64() * 1e3,
-                    downtime_ms: self.with_switchover(f.downtime, f.downtime).as_secs_f64() * 1e3,
-                    total_range_ms: range.map(|r| r.map(|left| elapsed_ms + left)),
-                });
+            if !self.mark_pending(f, mark) {
+                continue;
             }
+            self.count_unthrottled(now);
+            self.marks.push(Mark {
+                record: self.forecasts.len(),
+                policy: policy.snapshot(),
+                progress: p.clone(),
+                counts: self.counts(now),
+                guest_speed: self.guest_speed(),
+                unacked: self.tx.unacked_bytes(),
+            });
+            self.forecasts.push(ForecastRecord {
+                at_fraction: mark,
+                elapsed_ms,
+                total_ms: elapsed_ms + self.time_left(f).as_secs_f64() * 1e3,
+                downtime_ms: self.with_switchover(f.downtime, f.downtime).as_secs_f64() * 1e3,
+                total_range_ms: range.map(|r| r.map(|left| elapsed_ms + left)),
+                hindsight: None,
+            });
+        }
+    }
+
+    /// What the rates after each progress mark are measured from, as they stand at `now`.
+    fn counts(&self, now: Instant) -> Counts {
+        Counts {
+            at: now,
+            vcpu_ns: self.vm.vcpu_cpu_time().as_nanos() as f64,
+            unthrottled_ns: self.unthrottled_ns as f64,
+            delivered: self.delivered_bytes() as f64,
+            wire: self.wire_bytes() as f64,
+            encoded: self.shared.encoded_pages.load(Ordering::Relaxed) as f64,
+        }
+    }
+
+    /// At the end of the live phase (nothing in flight), fills in each progress mark's
+    /// [`Hindsight`]: the rates from the mark to now, and what the policy as it stood at the
+    /// mark forecasts from them. A mark less than [`HINDSIGHT_MIN`] before gets none.
+    fn hindsight(&mut self) {
+        let now = Instant::now();
+        self.count_unthrottled(now);
+        let end = self.counts(now);
+        for mark in std::mem::take(&mut self.marks) {
+            let from = mark.counts;
+            let secs = end.at.duration_since(from.at).as_secs_f64();
+            let (delivered, wire, pages) = (
+                end.delivered - from.delivered,
+                end.wire - from.wire,
+                end.encoded - from.encoded,
+            );
+            if secs < HINDSIGHT_MIN.as_secs_f64() || delivered <= 0.0 || pages <= 0.0 {
+                continue;
+            }
+            let unthrottled = end.unthrottled_ns - from.unthrottled_ns;
+            let guest_speed_after = if self.probe_guest_cpu > 0.0 && unthrottled > 0.0 {
+                (end.vcpu_ns - from.vcpu_ns) * 1e9 / (self.probe_guest_cpu * unthrottled)
+            } else {
+                mark.guest_speed
+            };
+            let bandwidth_after = delivered / secs;
+            let bytes_per_page_after = wire / pages;
+            let p = &mark.progress;
+            let speed = match mark.guest_speed {
+                s if s > 0.0 => guest_speed_after / s,
+                _ => 1.0,
+            };
+            let f =
+                mark.policy
+                    .forecast(&p.as_it_went(speed, bandwidth_after, bytes_per_page_after));
+            if !f.is_known() {
+                continue;
+            }
+            let in_flight = Duration::from_secs_f64(mark.unacked as f64 / bandwidth_after);
+            let left = self
+                .with_switchover(f.remaining, f.downtime)
+                .saturating_add(in_flight);
+            let record = &mut self.forecasts[mark.record];
+            record.hindsight = Some(Hindsight {
+                guest_speed: mark.guest_speed,
+                guest_speed_after,
+                bandwidth: p.bandwidth,
+                bandwidth_after,
+                bytes_per_page: p.bytes_per_page,
+                bytes_per_page_after,
+                total_ms: record.elapsed_ms + left.as_secs_f64() * 1e3,
+            });
         }
     }
 
