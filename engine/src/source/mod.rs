@@ -627,6 +627,9 @@ struct Migration<'a, 'd, 's> {
     forecasts: Vec<ForecastRecord>,
     /// Where each of `forecasts` was made from, for its hindsight at the end of the live phase.
     marks: Vec<Mark>,
+    /// The counts when a throttled tail switched to the paused codec, if one did: a mark's
+    /// hindsight takes the bytes per page of the codec it forecast with, to then.
+    codec_settled: Option<Counts>,
     timeline: Vec<Sample>,
     /// With `--compress auto`, what keeps the codec the fastest one while the VM runs; once
     /// it has ended, the codec it settled on and the trials it made.
@@ -721,6 +724,7 @@ pub fn migrate(
             live_hash_pages: 0,
             forecasts: Vec::new(),
             marks: Vec::new(),
+            codec_settled: None,
             timeline: Vec::new(),
             tuner: None,
             live_codec: None,
@@ -1235,6 +1239,7 @@ impl Migration<'_, '_, '_> {
                 let probed = CodecSample::of(&self.probe.codecs, self.codec()).bpp;
                 self.bpp_scale = self.bytes_per_page(wire, encoded) / probed.max(1.0);
                 self.encoded = (Meter::new(), Meter::new());
+                self.codec_settled = Some(self.counts(Instant::now()));
             }
             self.set_codec(self.probe.paused_codec);
         }
@@ -1411,11 +1416,14 @@ impl Migration<'_, '_, '_> {
         for mark in std::mem::take(&mut self.marks) {
             let from = mark.counts;
             let secs = end.at.duration_since(from.at).as_secs_f64();
-            let (delivered, wire, pages) = (
-                end.delivered - from.delivered,
-                end.wire - from.wire,
-                end.encoded - from.encoded,
-            );
+            let delivered = end.delivered - from.delivered;
+            // A throttled tail's pages go with the paused codec, which the policy forecasts
+            // apart ([`Progress::paused_bandwidth`]): the bytes per page are the live codec's.
+            let codec_end = self
+                .codec_settled
+                .filter(|c| c.encoded > from.encoded)
+                .unwrap_or(end);
+            let (wire, pages) = (codec_end.wire - from.wire, codec_end.encoded - from.encoded);
             if secs < HINDSIGHT_MIN.as_secs_f64() || delivered <= 0.0 || pages <= 0.0 {
                 continue;
             }
