@@ -218,21 +218,22 @@ impl ForecastRecord {
     }
 }
 
-/// What a forecast took the rates to be at its progress mark, what they came to from then to
-/// the end of the live phase, and the forecast the policy as it stood at the mark makes from
-/// them ([`crate::coordinator::Progress::as_it_went`]). Where `total_ms` holds the actual
-/// total and the forecast did not, the rates moved; where neither holds it, the model missed.
+/// What a forecast took the rates to be at its progress mark, what they came to after it
+/// ("after": from the mark to the end of the live phase or, if sooner and later than the mark,
+/// to the policy's first throttle, whose effect the policies price themselves), and the
+/// forecast the policy as it stood at the mark makes from them
+/// ([`crate::coordinator::Progress::as_it_went`]). Where `total_ms` holds the actual total and
+/// the forecast did not, the rates moved; where neither holds it, the model missed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Hindsight {
     /// The guest's speed against the probe's, throttle aside: measured at the mark (over the
-    /// second before), and over the rest of the live phase.
+    /// second before), and after it.
     pub guest_speed: f64,
     pub guest_speed_after: f64,
-    /// Wire bytes/s the lanes delivered: at the mark (over the second before), and over the
-    /// rest of the live phase.
+    /// Wire bytes/s the lanes delivered: at the mark (over the second before), and after it.
     pub bandwidth: f64,
     pub bandwidth_after: f64,
-    /// Wire bytes a page: at the mark, and over the rest of the live phase.
+    /// Wire bytes a page: at the mark, and after it.
     pub bytes_per_page: f64,
     pub bytes_per_page_after: f64,
     /// Total migration time forecast at the mark from the rates that came.

@@ -627,9 +627,10 @@ struct Migration<'a, 'd, 's> {
     forecasts: Vec<ForecastRecord>,
     /// Where each of `forecasts` was made from, for its hindsight at the end of the live phase.
     marks: Vec<Mark>,
-    /// The counts when a throttled tail switched to the paused codec, if one did: a mark's
-    /// hindsight takes the bytes per page of the codec it forecast with, to then.
-    codec_settled: Option<Counts>,
+    /// The counts when the policy first throttled the vCPUs, if it did: the policies price a
+    /// throttle's effect themselves (the guest slowed, the workers given the cores, a paused
+    /// codec from [`PAUSED_CODEC_AT`]), so a mark's hindsight takes the rates up to then.
+    throttled: Option<Counts>,
     timeline: Vec<Sample>,
     /// With `--compress auto`, what keeps the codec the fastest one while the VM runs; once
     /// it has ended, the codec it settled on and the trials it made.
@@ -724,7 +725,7 @@ pub fn migrate(
             live_hash_pages: 0,
             forecasts: Vec::new(),
             marks: Vec::new(),
-            codec_settled: None,
+            throttled: None,
             timeline: Vec::new(),
             tuner: None,
             live_codec: None,
@@ -1239,7 +1240,6 @@ impl Migration<'_, '_, '_> {
                 let probed = CodecSample::of(&self.probe.codecs, self.codec()).bpp;
                 self.bpp_scale = self.bytes_per_page(wire, encoded) / probed.max(1.0);
                 self.encoded = (Meter::new(), Meter::new());
-                self.codec_settled = Some(self.counts(Instant::now()));
             }
             self.set_codec(self.probe.paused_codec);
         }
@@ -1263,7 +1263,11 @@ impl Migration<'_, '_, '_> {
     /// Applies what changed in the policy's controls to the VM.
     fn apply(&mut self, c: Controls) -> Result<(), MigrateError> {
         if c.throttle != self.controls.throttle {
-            self.count_unthrottled(Instant::now());
+            let now = Instant::now();
+            self.count_unthrottled(now);
+            if self.throttled.is_none() {
+                self.throttled = Some(self.counts(now));
+            }
             self.vm.set_throttle(c.throttle);
             self.max_throttle = self.max_throttle.max(self.vm.throttle());
             if c.throttle >= PAUSED_CODEC_AT {
@@ -1407,23 +1411,25 @@ impl Migration<'_, '_, '_> {
     }
 
     /// At the end of the live phase (nothing in flight), fills in each progress mark's
-    /// [`Hindsight`]: the rates from the mark to now, and what the policy as it stood at the
-    /// mark forecasts from them. A mark less than [`HINDSIGHT_MIN`] before gets none.
+    /// [`Hindsight`]: the rates from the mark to now, or to the policy's first throttle, and
+    /// what the policy as it stood at the mark forecasts from them. A mark less than
+    /// [`HINDSIGHT_MIN`] before either gets none.
     fn hindsight(&mut self) {
         let now = Instant::now();
         self.count_unthrottled(now);
         let end = self.counts(now);
         for mark in std::mem::take(&mut self.marks) {
             let from = mark.counts;
+            // A membound tail at 0.97 raised the lanes' rate after its mark 1.47 times and
+            // cut the guest's speed, as measured, to a tenth, and the policy, which priced
+            // that, would have been given both again.
+            let end = self.throttled.filter(|c| c.at > from.at).unwrap_or(end);
             let secs = end.at.duration_since(from.at).as_secs_f64();
-            let delivered = end.delivered - from.delivered;
-            // A throttled tail's pages go with the paused codec, which the policy forecasts
-            // apart ([`Progress::paused_bandwidth`]): the bytes per page are the live codec's.
-            let codec_end = self
-                .codec_settled
-                .filter(|c| c.encoded > from.encoded)
-                .unwrap_or(end);
-            let (wire, pages) = (codec_end.wire - from.wire, codec_end.encoded - from.encoded);
+            let (delivered, wire, pages) = (
+                end.delivered - from.delivered,
+                end.wire - from.wire,
+                end.encoded - from.encoded,
+            );
             if secs < HINDSIGHT_MIN.as_secs_f64() || delivered <= 0.0 || pages <= 0.0 {
                 continue;
             }
