@@ -209,15 +209,25 @@ impl Progress {
 
     /// The same progress with the rates that came after it: the guest `speed` times as fast as
     /// measured (its write model, touched pages' growth and sweeps), the lanes carrying
-    /// `bandwidth` wire bytes/s of `bytes_per_page` while the VM runs, and no over-commit
-    /// ahead (`speed` takes in one that came). A forecast from it is what the policy's model
+    /// `bandwidth` wire bytes/s of `bytes_per_page` while the VM runs, under the same controls
+    /// (an over-commit ahead still foreseen). A forecast from it is what the policy's model
     /// would have forecast had it known the rates: what a forecast missed by splits into its
     /// model's error and the rates' ([`crate::report::Hindsight`]).
     pub fn as_it_went(&self, speed: f64, bandwidth: f64, bytes_per_page: f64) -> Self {
+        // An over-commit ahead slows the guest to a share of its speed as measured: the speed
+        // expected of the packed guest stays what it was.
+        let overcommit_ahead = self.overcommit_ahead.map(|a| Packed {
+            speed: if speed > 0.0 {
+                (a.speed / speed).min(1.0)
+            } else {
+                a.speed
+            },
+            ..a
+        });
         Self {
             bandwidth,
             bytes_per_page,
-            overcommit_ahead: None,
+            overcommit_ahead,
             ..self.at_speed(speed)
         }
     }

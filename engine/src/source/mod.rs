@@ -627,10 +627,11 @@ struct Migration<'a, 'd, 's> {
     forecasts: Vec<ForecastRecord>,
     /// Where each of `forecasts` was made from, for its hindsight at the end of the live phase.
     marks: Vec<Mark>,
-    /// The counts when the policy first throttled the vCPUs, if it did: the policies price a
-    /// throttle's effect themselves (the guest slowed, the workers given the cores, a paused
-    /// codec from [`PAUSED_CODEC_AT`]), so a mark's hindsight takes the rates up to then.
-    throttled: Option<Counts>,
+    /// The counts when the policy first throttled or over-committed the vCPUs, if it did: the
+    /// policies price those controls' effects themselves (the guest slowed, the workers given
+    /// the cores, a paused codec from [`PAUSED_CODEC_AT`]; an over-commit due foreseen), so a
+    /// mark's hindsight takes the rates up to then.
+    controlled: Option<Counts>,
     timeline: Vec<Sample>,
     /// With `--compress auto`, what keeps the codec the fastest one while the VM runs; once
     /// it has ended, the codec it settled on and the trials it made.
@@ -725,7 +726,7 @@ pub fn migrate(
             live_hash_pages: 0,
             forecasts: Vec::new(),
             marks: Vec::new(),
-            throttled: None,
+            controlled: None,
             timeline: Vec::new(),
             tuner: None,
             live_codec: None,
@@ -1262,12 +1263,14 @@ impl Migration<'_, '_, '_> {
 
     /// Applies what changed in the policy's controls to the VM.
     fn apply(&mut self, c: Controls) -> Result<(), MigrateError> {
-        if c.throttle != self.controls.throttle {
-            let now = Instant::now();
+        let now = Instant::now();
+        if (c.throttle, c.cores) != (self.controls.throttle, self.controls.cores) {
             self.count_unthrottled(now);
-            if self.throttled.is_none() {
-                self.throttled = Some(self.counts(now));
+            if self.controlled.is_none() {
+                self.controlled = Some(self.counts(now));
             }
+        }
+        if c.throttle != self.controls.throttle {
             self.vm.set_throttle(c.throttle);
             self.max_throttle = self.max_throttle.max(self.vm.throttle());
             if c.throttle >= PAUSED_CODEC_AT {
@@ -1282,7 +1285,6 @@ impl Migration<'_, '_, '_> {
             // is the lanes' rate, from what the over-commit was expected to leave them (or the
             // rate before): over a window that still held the old cores they would lag the
             // change for a second.
-            let now = Instant::now();
             let bandwidth = self.bandwidth();
             // Only packing foresees the lanes' rate (the controls still hold the old cores).
             let expected = self
@@ -1411,9 +1413,9 @@ impl Migration<'_, '_, '_> {
     }
 
     /// At the end of the live phase (nothing in flight), fills in each progress mark's
-    /// [`Hindsight`]: the rates from the mark to now, or to the policy's first throttle, and
-    /// what the policy as it stood at the mark forecasts from them. A mark less than
-    /// [`HINDSIGHT_MIN`] before either gets none.
+    /// [`Hindsight`]: the rates from the mark to now, or to the policy's first throttle or
+    /// over-commit, and what the policy as it stood at the mark forecasts from them. A mark
+    /// less than [`HINDSIGHT_MIN`] before either gets none.
     fn hindsight(&mut self) {
         let now = Instant::now();
         self.count_unthrottled(now);
@@ -1423,7 +1425,7 @@ impl Migration<'_, '_, '_> {
             // A membound tail at 0.97 raised the lanes' rate after its mark 1.47 times and
             // cut the guest's speed, as measured, to a tenth, and the policy, which priced
             // that, would have been given both again.
-            let end = self.throttled.filter(|c| c.at > from.at).unwrap_or(end);
+            let end = self.controlled.filter(|c| c.at > from.at).unwrap_or(end);
             let secs = end.at.duration_since(from.at).as_secs_f64();
             let (delivered, wire, pages) = (
                 end.delivered - from.delivered,
