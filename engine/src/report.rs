@@ -187,8 +187,8 @@ pub struct ForecastRecord {
     #[serde(default)]
     pub total_range_ms: Option<[f64; 2]>,
     /// The rates the forecast took and those that came, and what it would have forecast with
-    /// the latter; `None` in reports from before it, and at a mark the switchover came too
-    /// soon after to measure them.
+    /// the latter; `None` in reports from before it, and at a mark the switchover (or the
+    /// policy's first throttle or over-commit) came too soon after to measure them.
     #[serde(default)]
     pub hindsight: Option<Hindsight>,
 }
@@ -219,9 +219,9 @@ impl ForecastRecord {
 }
 
 /// What a forecast took the rates to be at its progress mark, what they came to after it
-/// ("after": from the mark to the end of the live phase or, if sooner and later than the mark,
-/// to the policy's first throttle, whose effect the policies price themselves), and the
-/// forecast the policy as it stood at the mark makes from them
+/// (from the mark to the end of the live phase, or to the policy's first throttle or
+/// over-commit if that came after the mark: the policies price those controls' effects
+/// themselves), and the forecast the policy as it stood at the mark makes from them
 /// ([`crate::coordinator::Progress::as_it_went`]). Where `total_ms` holds the actual total and
 /// the forecast did not, the rates moved; where neither holds it, the model missed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -426,16 +426,15 @@ impl Report {
             .filter(|f| f.at_fraction >= 0.25)
             .map(|f| format!("\n{}", f.line()))
             .collect::<String>();
-        let trials = match self.downtime_forecast_ms {
-            Some(d) => format!("{forecasts}\ndowntime forecast at switchover {d:.1} ms{trials}"),
-            None => format!("{forecasts}{trials}"),
-        };
+        let downtime = self.downtime_forecast_ms.map_or(String::new(), |d| {
+            format!("\ndowntime forecast at switchover {d:.1} ms")
+        });
         format!(
             "migration {}: policy {}{}, {} MiB, {} vCPU(s)\n\
              total {:.0} ms (live {:.0} ms, downtime {:.1} ms, eviction {:.0} ms) after {:.0} ms of setup; bound {}\n\
              wire {:.1} MiB at {:.1} MiB/s, compression {:.2}x, {} epochs, {} pages sent ({} in stop-and-copy)\n\
              pages: {} zero, {} duplicate, {} zstd, {} lz4, {} raw\n\
-             memory {} at switchover (verify={}, {} ranges, {:.1} ms){}",
+             memory {} at switchover (verify={}, {} ranges, {:.1} ms){forecasts}{downtime}{}",
             if self.verified { "verified" } else { "NOT verified" },
             self.policy,
             if self.converged { "" } else { " (did not converge: a limit forced the switchover)" },

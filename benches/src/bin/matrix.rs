@@ -421,9 +421,9 @@ fn range_held(v: &Value, mark: f64) -> Option<(bool, f64)> {
 }
 
 /// A progress mark's hindsight (the report's `hindsight`): how the guest's speed and the
-/// lanes' rate after it (to the end of the live phase or the policy's first throttle) compared
-/// with those the forecast measured, and the ETA's error had it known them: what of a miss is
-/// the rates', what is the model's. `None` without one.
+/// lanes' rate after it (to the end of the live phase, or to the policy's first throttle or
+/// over-commit) compared with those the forecast measured, and the ETA's error had it known
+/// them: what of a miss is the rates', what is the model's. `None` without one.
 struct Hindsight {
     speed: f64,
     bandwidth: f64,
@@ -767,8 +767,8 @@ fn summary(rows: &[(String, Option<String>, String, Value)]) -> Vec<String> {
             let errs: Vec<f64> = seen.iter().map(|h| h.eta_error).collect();
             out.push(format!(
                 "  - had it known the rates after the mark (to the end of the live phase or the \
-                 first throttle; against those it measured, the guest's speed {}, the lanes' \
-                 {}): within 10% in {}/{} runs, median error {:.0}%.",
+                 first throttle or over-commit; against those it measured, the guest's speed \
+                 {}, the lanes' {}): within 10% in {}/{} runs, median error {:.0}%.",
                 spread(|h| h.speed),
                 spread(|h| h.bandwidth),
                 within(&errs, 0.1),
