@@ -1263,12 +1263,14 @@ impl Migration<'_, '_, '_> {
 
     /// Applies what changed in the policy's controls to the VM.
     fn apply(&mut self, c: Controls) -> Result<(), MigrateError> {
+        if (c.throttle, c.cores) == (self.controls.throttle, self.controls.cores) {
+            self.controls = c;
+            return Ok(());
+        }
         let now = Instant::now();
-        if (c.throttle, c.cores) != (self.controls.throttle, self.controls.cores) {
-            self.count_unthrottled(now);
-            if self.controlled.is_none() {
-                self.controlled = Some(self.counts(now));
-            }
+        self.count_unthrottled(now);
+        if self.controlled.is_none() {
+            self.controlled = Some(self.counts(now));
         }
         if c.throttle != self.controls.throttle {
             self.vm.set_throttle(c.throttle);
@@ -1328,8 +1330,12 @@ impl Migration<'_, '_, '_> {
     /// The time left by forecast `f`: the policy's pages, what the lanes still carry (the
     /// switchover waits for it before the pause), and the switchover.
     fn time_left(&self, f: &Forecast) -> Duration {
-        let in_flight =
-            Duration::from_secs_f64(self.tx.unacked_bytes() as f64 / self.bandwidth().max(1.0));
+        self.time_left_at(f, self.tx.unacked_bytes(), self.bandwidth())
+    }
+
+    /// [`Self::time_left`] with `unacked` wire bytes in the lanes, carried at `bandwidth`.
+    fn time_left_at(&self, f: &Forecast, unacked: u64, bandwidth: f64) -> Duration {
+        let in_flight = Duration::from_secs_f64(unacked as f64 / bandwidth.max(1.0));
         self.with_switchover(f.remaining, f.downtime)
             .saturating_add(in_flight)
     }
@@ -1454,10 +1460,7 @@ impl Migration<'_, '_, '_> {
             if !f.is_known() {
                 continue;
             }
-            let in_flight = Duration::from_secs_f64(mark.unacked as f64 / bandwidth_after);
-            let left = self
-                .with_switchover(f.remaining, f.downtime)
-                .saturating_add(in_flight);
+            let left = self.time_left_at(&f, mark.unacked, bandwidth_after);
             let record = &mut self.forecasts[mark.record];
             record.hindsight = Some(Hindsight {
                 guest_speed: mark.guest_speed,
