@@ -630,8 +630,24 @@ pub struct SweptPage {
 impl SweptPage {
     /// Whether the sweep writes it in `(from, to]`, seconds from now.
     pub fn written_in(&self, from: f64, to: f64) -> bool {
+        self.write_after(from) <= to
+    }
+
+    /// Seconds from now back to its latest write (negative).
+    pub fn written_last(&self) -> f64 {
+        self.next - self.period
+    }
+
+    /// Seconds from now to its first write after `from`.
+    pub fn write_after(&self, from: f64) -> f64 {
         let laps = ((from - self.next) / self.period).floor() + 1.0;
-        self.next + laps.max(0.0) * self.period <= to
+        self.next + laps.max(0.0) * self.period
+    }
+
+    /// Seconds from now to its last write by `to`; `None` if not written by then.
+    pub fn last_write_by(&self, to: f64) -> Option<f64> {
+        (self.next <= to)
+            .then(|| self.next + ((to - self.next) / self.period).floor() * self.period)
     }
 
     /// Whether the sweep writes it after its send and by `to`.

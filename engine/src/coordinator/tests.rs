@@ -424,12 +424,13 @@ fn a_sweep_faster_before_the_migration_is_followed_in_its_order() {
 /// migration as in the probe. Taken at the speed the log shows it moving on, read after read,
 /// a sweep the model takes for half as fast as it is is forecast about as well as one the
 /// model has right (timebound and mplm over a sweep slower and faster than the link, a 3 s
-/// migration, eight starting points each): 4–11% off on average against 4–9% with the model
+/// migration, eight starting points each): 6–10% off on average against 3–10% with the model
 /// right (the faster sweep comes round during the migration, and after its first lap the
-/// model's speed is kept); 17–22% at the model's speed, 18–20% from the mean model. MPLM
-/// over the slower sweep also needs the live phase no longer than the resends that come
-/// ([`super::multiplexed_forecast`]): with every share of resends taken filled, 25% with the
-/// model right.
+/// model's speed is kept); 17–22% at the model's speed, 18–20% from the mean model. (With
+/// each resend counted off the pages dirty at the last harvest, before
+/// `SweepEnd::resent_in_turn`: 4–11% against 4–9%.) MPLM over the slower sweep also needs
+/// the live phase no longer than the resends that come ([`super::multiplexed_forecast`]):
+/// with every share of resends taken filled, 25% with the model right.
 #[test]
 fn a_sweep_faster_than_its_model_is_followed_at_the_speed_the_log_shows() {
     for kind in [PolicyKind::Timebound, PolicyKind::Mplm] {
@@ -449,7 +450,7 @@ fn a_sweep_faster_than_its_model_is_followed_at_the_speed_the_log_shows() {
             );
             let m = mean_abs(&sweep_errors(kind, off, false));
             assert!(
-                f <= r + 0.03 && f <= 0.12 && f * 1.5 <= m,
+                f <= r + 0.035 && f <= 0.12 && f * 1.5 <= m,
                 "{kind} over {off:?}: {followed:?} ({f:.3}); model right {r:.3}, mean model {m:.3}"
             );
         }
@@ -1734,12 +1735,23 @@ fn two_sweeps_errors(
     last_faster: f64,
     followed: bool,
 ) -> Vec<f64> {
-    let cfg = PolicyConfig {
+    errors_from_eight_starts(kind, &two_sweeps_cfg(), followed, |start| {
+        two_sweeps(start, warmup, last_faster)
+    })
+}
+
+/// The policies' configuration for [`two_sweeps`]: timebound harvesting every second.
+fn two_sweeps_cfg() -> PolicyConfig {
+    PolicyConfig {
         timebound_epoch: Duration::from_secs(1),
         ..PolicyConfig::default()
-    };
+    }
+}
+
+/// The guest of [`two_sweeps_errors`], its sweeps `start` pages in.
+fn two_sweeps(start: u64, warmup: Duration, last_faster: f64) -> SimConfig {
     let memory_secs = 2.4;
-    errors_from_eight_starts(kind, &cfg, followed, |start| SimConfig {
+    SimConfig {
         writes: Some(sweep_probe(0.3)),
         read_log: true,
         vcpus: 2,
@@ -1752,7 +1764,34 @@ fn two_sweeps_errors(
             working_set: N / 4,
             last_faster,
         })
-    })
+    }
+}
+
+/// Timebound over [`two_sweeps`] (the testbed's `seq` 128M; each sweep's period 1.7 s, the
+/// epoch 1 s), from eight starting points: the stop-and-copy forecast at 25% and 50%
+/// against the pages it sent. The dirty sender resends the pages the harvests found, the
+/// oldest first, which are the sweeps' next ones: most of them are written again before the
+/// next harvest. Each resend counted off the pages dirty at the last harvest, the forecast
+/// came out short from every start, by 11% on average (up to 24%); followed in turn
+/// ([`SweepEnd::resent_in_turn`]), off by 4% on average either way (at most 9%).
+#[test]
+fn timebound_forecasts_the_sweeps_writing_again_what_it_resent() {
+    let (kind, cfg) = (PolicyKind::Timebound, two_sweeps_cfg());
+    let mut errors = Vec::new();
+    for k in 0..8 {
+        let sim = two_sweeps(k * N / 8 + 100, Duration::from_secs(1), 1.0);
+        let (out, _) = run(kind, &cfg, sim.clone());
+        let actual = out.final_pages as f64;
+        at_marks(kind, &cfg, sim, Progress::clone, |_, p, f, _| {
+            let pages = f.downtime.as_secs_f64() / page_time(p).unwrap();
+            errors.push(pages / actual - 1.0);
+        });
+    }
+    let mean = errors.iter().sum::<f64>() / errors.len() as f64;
+    assert!(
+        mean_abs(&errors) <= 0.06 && mean.abs() <= 0.03,
+        "{errors:?} (mean {mean:.3})"
+    );
 }
 
 /// Two sweeps, each in its own quarter of memory (the testbed's `seq` 128M), are followed
