@@ -1364,8 +1364,10 @@ impl SweepEnd {
     /// back first to the pages it wrote the longest ago: with a period longer than the epoch,
     /// it writes most of what the last harvest but one found again before the last, resent or
     /// not. Counting each resend off the pages dirty at the last harvest instead, timebound's
-    /// stop-and-copy over two sweeps (the testbed's `seq` 128M) came out short in every run,
-    /// by 11% on average in the simulator and up to a third on the testbed.
+    /// stop-and-copy over two sweeps (the testbed's `seq` 128M) came out short from every
+    /// start in the simulator, by 11% on average, and its ETA at 25% 10–18% short on the
+    /// testbed. The executor resends in address order from a cursor, cold pages before hot
+    /// ones; for a sweep that is its write order up to where it wraps.
     ///
     /// Over at most [`IN_TURN_PAGES`] of the sampled pages, evenly spread.
     fn resent_in_turn(
@@ -1382,15 +1384,50 @@ impl SweepEnd {
             .step_by(step)
             .collect();
         let stride = lw.stride * step as f64;
-        let (h1, e) = (self.next_harvest, self.epoch);
-        let start = if p.epoch == 0 { h1.min(live) } else { 0.0 };
+        let start = if p.epoch == 0 {
+            self.next_harvest.min(live)
+        } else {
+            0.0
+        };
         let rate = self.capacity / stride / (live - start).max(f64::MIN_POSITIVE);
         let gap = if rate > 0.0 {
             1.0 / rate
         } else {
             f64::INFINITY
         };
-        // When the harvests find a page written at `w` (seconds from now).
+        let (writes, last) = self.writes_to_resend(&pages, stride, live);
+        let mut resent = vec![f64::NEG_INFINITY; pages.len()];
+        let mut t = start;
+        for (w, found, i) in writes {
+            if resent[i] >= w {
+                // Resent since this write.
+                continue;
+            }
+            let at = t.max(found);
+            if at > live {
+                break;
+            }
+            resent[i] = at;
+            t = at + gap;
+        }
+        let dirty = (last.iter().zip(&resent))
+            .filter(|(&w, &r)| w.is_finite() && w > r)
+            .count();
+        dirty as f64 * stride
+    }
+
+    /// For [`Self::resent_in_turn`], the writes that make `pages` dirty by `live`, in the
+    /// order they come: when, when a harvest finds them, and the page (its index). The pages
+    /// dirty now come first, oldest first: those in the dirty groups can go at once, the rest
+    /// once the next harvest finds them; then every write after a page's send. With them,
+    /// each page's last write (`-∞` if none).
+    fn writes_to_resend(
+        &self,
+        pages: &[SweptPage],
+        stride: f64,
+        live: f64,
+    ) -> (Vec<(f64, f64, usize)>, Vec<f64>) {
+        let (h1, e) = (self.next_harvest, self.epoch);
         let found_at = |w: f64| {
             if w <= h1 {
                 h1
@@ -1400,8 +1437,6 @@ impl SweepEnd {
                 w
             }
         };
-        // The pages dirty now, oldest first: those in the dirty groups can go at once, the
-        // rest once the next harvest finds them. Then every write after a page's send.
         let mut now: Vec<(f64, usize)> = (pages.iter().enumerate())
             .filter(|(_, pg)| pg.dirty)
             .map(|(i, pg)| (pg.written_last(), i))
@@ -1433,30 +1468,13 @@ impl SweepEnd {
             }
         }
         writes.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let mut resent = vec![f64::NEG_INFINITY; pages.len()];
-        let mut t = start;
-        for (w, found, i) in writes {
-            if resent[i] >= w {
-                // Resent since this write.
-                continue;
-            }
-            let at = t.max(found);
-            if at > live {
-                break;
-            }
-            resent[i] = at;
-            t = at + gap;
-        }
-        let dirty = (last.iter().zip(&resent))
-            .filter(|(&w, &r)| w.is_finite() && w > r)
-            .count();
-        dirty as f64 * stride
+        (writes, last)
     }
 }
 
 /// At most this many of the sampled pages, and of each page's writes, are followed through
 /// the resends in turn ([`SweepEnd::resent_in_turn`]): 8192 pages keep a forecast's cost where
-/// it was (2.2 ms for timebound halfway through a 512 MiB guest), and a sweep's period is at
+/// it was (2.1 ms for timebound halfway through a 512 MiB guest), and a sweep's period is at
 /// least [`SWEEP_MIN_PERIOD`].
 const IN_TURN_PAGES: usize = 8192;
 const IN_TURN_WRITES: usize = 16;
