@@ -1310,16 +1310,21 @@ fn autoconverge_measures_how_the_throttle_slows_the_guest() {
 
 // ---- over-commit ----
 
+/// Four vCPUs packed onto one core from progress `at`, at once.
+fn onto_one_core(at: f64) -> Overcommit {
+    Overcommit {
+        cores: 1,
+        at,
+        stepwise: false,
+        from: 4,
+    }
+}
+
 /// Cores are packed from the progress mark on (at once, or one fewer per harvest), and given
 /// back at the switchover and on abort.
 #[test]
 fn overcommit_packs_from_the_mark_and_restores() {
-    let oc = Overcommit {
-        cores: 1,
-        at: 0.5,
-        stepwise: false,
-        from: 4,
-    };
+    let oc = onto_one_core(0.5);
     let cfg = PolicyConfig::default();
     let mut w = Overcommitted::new(Box::new(Mplm::new(cfg.clone())), oc);
     // The mark is looked at once per 1% of memory sent: not between 49.75% and 50.25%.
@@ -1446,12 +1451,7 @@ fn overcommit_lowers_the_dirty_rate_in_the_simulator() {
     };
     let plain = policy_cfg();
     let packed = PolicyConfig {
-        overcommit: Some(Overcommit {
-            cores: 1,
-            at: 0.0,
-            stepwise: false,
-            from: 4,
-        }),
+        overcommit: Some(onto_one_core(0.0)),
         ..plain.clone()
     };
     let (a, _) = run(PolicyKind::Timebound, &plain, sim.clone());
@@ -1875,12 +1875,7 @@ fn two_sweeps_over_their_halves_are_followed_apart() {
 #[test]
 fn an_over_commit_due_later_is_foreseen() {
     let cfg = PolicyConfig {
-        overcommit: Some(Overcommit {
-            cores: 1,
-            at: 0.5,
-            stepwise: false,
-            from: 4,
-        }),
+        overcommit: Some(onto_one_core(0.5)),
         ..policy_cfg()
     };
     let (mut seen, mut blind) = (Vec::new(), Vec::new());
@@ -1989,12 +1984,7 @@ fn the_forecast_range_is_wide_where_precopy_nears_its_threshold() {
 fn a_snapshot_forecasts_as_the_policy_did_when_it_was_taken() {
     let plain = policy_cfg();
     let overcommitted = PolicyConfig {
-        overcommit: Some(Overcommit {
-            cores: 1,
-            at: 0.9,
-            stepwise: false,
-            from: 4,
-        }),
+        overcommit: Some(onto_one_core(0.9)),
         ..policy_cfg()
     };
     let mut moved = 0;
